@@ -1,0 +1,108 @@
+"""`WeightClusterer`: the one stateful module every integration wraps."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from .config import ClusterConfig, Granularity
+from .core import SolveStats, compute_dtype, from_vectors, hard_assign, init_centroids, lookup, soft_kmeans
+from .core.vectors import vector_shape
+
+
+class WeightClusterer(nn.Module):
+    """Clusters one weight tensor: soft (differentiable) in training, hard in eval.
+
+    Buffers:
+        centroids: [groups, k, d] float32 (float64 for float64 weights); empty until first use,
+            then initialised from the weight and warm-started from the previous step, as DKM does.
+        step: training forwards seen; clustering switches on after `config.start_step` of them.
+
+    forward(weight [out, ...]) -> weight of the same shape and dtype:
+        training: A(C*, W) C* (the soft clustering, differentiable w.r.t. W, updates the centroids);
+        eval: every d-vector snapped to its nearest centroid of the LUT (lut_dtype), i.e. exactly
+            the weight the converted model will use;
+        disabled or before start_step: the weight unchanged.
+    """
+
+    def __init__(self, config: ClusterConfig, name: str = "weight") -> None:
+        super().__init__()
+        self.config = config
+        self.name = name
+        self.enabled = True
+        self.last_stats = SolveStats()
+        self.register_buffer("centroids", torch.empty(0))
+        self.register_buffer("step", torch.zeros((), dtype=torch.long))
+
+    @property
+    def group_size(self) -> int:
+        return self.config.group_size if self.config.granularity is Granularity.PER_GROUPED_CHANNEL else 0
+
+    @property
+    def initialized(self) -> bool:
+        return self.centroids.numel() > 0
+
+    def check_weight(self, weight: torch.Tensor) -> None:
+        """Raise ValueError (naming the layer) if this weight cannot be clustered with the config."""
+        vector_shape(weight.shape, self.config.dim, self.group_size, self.name)
+
+    def vectors(self, weight: torch.Tensor) -> torch.Tensor:
+        """weight -> [groups, m, d]."""
+        return weight.reshape(vector_shape(weight.shape, self.config.dim, self.group_size, self.name))
+
+    def active(self) -> bool:
+        return self.enabled and int(self.step) >= self.config.start_step
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        if self.training and self.enabled:
+            self.step += 1
+        if not self.active():
+            return weight
+        x = self.vectors(weight)
+        self.initialize(weight)
+        if not self.training:
+            return from_vectors(lookup(hard_assign(x, self.lut()), self.lut()).to(weight.dtype), weight.shape)
+        cfg = self.config
+        stats = SolveStats()
+        x_hat, c = soft_kmeans(x, self.centroids, tau=cfg.tau, method=cfg.method, max_iter=cfg.max_iter,
+                               tol=cfg.tol, chunk_size=cfg.chunk_size, uniquify=cfg.uniquify,
+                               adjoint_max_iter=cfg.adjoint_max_iter, adjoint_tol=cfg.adjoint_tol, stats=stats)
+        self.last_stats = stats
+        with torch.no_grad():
+            self.centroids.copy_(c)
+        return from_vectors(x_hat, weight.shape)
+
+    @torch.no_grad()
+    def initialize(self, weight: torch.Tensor, force: bool = False) -> None:
+        """Set the centroids from the weight with the configured init (once, unless force)."""
+        if self.initialized and not force:
+            return
+        x = self.vectors(weight.detach()).to(compute_dtype(weight.dtype))
+        self.centroids = init_centroids(x, self.config.k, self.config.init, self.config.seed)
+
+    def lut(self) -> torch.Tensor:
+        """The lookup table [groups, k, d], rounded to lut_dtype and returned in the centroid dtype."""
+        if not self.initialized:
+            raise RuntimeError(f"{self.name}: the clusterer has no centroids yet; run a forward pass first")
+        return self.centroids.to(self.config.lut_torch_dtype).to(self.centroids.dtype)
+
+    @torch.no_grad()
+    def codes_and_lut(self, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Hard codes [groups, m] (int64) and LUT [groups, k, d] (lut_dtype) for conversion."""
+        self.initialize(weight)
+        lut = self.lut()
+        codes = hard_assign(self.vectors(weight.detach()).to(lut.dtype), lut)
+        return codes, lut.to(self.config.lut_torch_dtype)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs) -> None:
+        key = prefix + "centroids"
+        if key in state_dict and state_dict[key].shape != self.centroids.shape:
+            self.centroids = torch.empty_like(state_dict[key], device=self.centroids.device)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
+
+    def extra_repr(self) -> str:
+        c = self.config
+        return f"method={c.method.value}, bits={c.bits}, dim={c.dim}, enabled={self.enabled}"

@@ -1,0 +1,261 @@
+"""Clustering configuration: one layer (`ClusterConfig`) and a whole model (`ModelConfig`).
+
+Both are frozen dataclasses validated in ``__post_init__``; invalid values raise
+``ValueError`` naming the field, the value and what is allowed.
+"""
+from __future__ import annotations
+
+import enum
+import re
+from dataclasses import asdict, dataclass, field, fields, replace
+from typing import Any, Mapping, Optional
+
+import torch
+
+from .core.enums import Init, Method, Uniquify
+
+
+class Granularity(str, enum.Enum):
+    """One lookup table per tensor, or one per group of `group_size` output channels."""
+
+    PER_TENSOR = "per_tensor"
+    PER_GROUPED_CHANNEL = "per_grouped_channel"
+
+
+_LUT_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def _enum_value(enum_cls: type[enum.Enum], name: str, value: Any) -> enum.Enum:
+    try:
+        return enum_cls(value)
+    except ValueError:
+        allowed = ", ".join(repr(m.value) for m in enum_cls)
+        raise ValueError(f"ClusterConfig.{name}={value!r} is not allowed; use one of {allowed}") from None
+
+
+def _check(ok: bool, name: str, value: Any, allowed: str) -> None:
+    if not ok:
+        raise ValueError(f"ClusterConfig.{name}={value!r} is not allowed; expected {allowed}")
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    """How to cluster one layer's weight.
+
+    Attributes:
+        method: "dkm", "idkm" or "idkm_jfb".
+        bits: bits per code, 1..16; the LUT has k = 2**bits entries.
+        dim: cluster dimension d; each code stands for d consecutive weights (bits/dim bits per weight).
+        tau: softmax temperature on squared distances, absolute as in the DKM paper; None derives it
+            from the weight: tau = 0.5 * Var(W) / k**(2/d), which reproduces DKM's tuned values for
+            typical conv layers and keeps one setting valid across layers of different scale.
+        max_iter: soft k-means iterations (t); for dkm, the number unrolled under autograd.
+        tol: stop when max |C_t+1 - C_t| <= tol * max |W|.
+        init: "kmeans++", "linear", "density" or "random" (used once; later steps warm-start).
+        granularity: "per_tensor" or "per_grouped_channel" (one LUT per `group_size` output channels).
+        group_size: output channels per LUT for "per_grouped_channel".
+        uniquify: "auto", "on" or "off" (eDKM; idkm / idkm_jfb only).
+        chunk_size: rows per chunk in the memory-bounded fixed point and backward; None picks it
+            from a memory budget; 0 keeps the whole attention matrix for backward (the IDKM
+            paper's O(m * 2**bits) mode, faster backward, more memory).
+        adjoint_max_iter, adjoint_tol: the iterative adjoint solve of idkm.
+        lut_dtype: "float32", "float16" or "bfloat16" for the converted lookup table.
+        start_step: training steps to run unclustered before clustering switches on.
+        seed: seed of the initialisation.
+    """
+
+    method: Method | str = Method.IDKM
+    bits: int = 4
+    dim: int = 1
+    tau: Optional[float] = None
+    max_iter: int = 30
+    tol: float = 1e-5
+    init: Init | str = Init.KMEANS_PP
+    granularity: Granularity | str = Granularity.PER_TENSOR
+    group_size: int = 0
+    uniquify: Uniquify | str = Uniquify.AUTO
+    chunk_size: Optional[int] = None
+    adjoint_max_iter: int = 100
+    adjoint_tol: float = 1e-4
+    lut_dtype: str = "float32"
+    start_step: int = 0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "method", _enum_value(Method, "method", self.method))
+        object.__setattr__(self, "init", _enum_value(Init, "init", self.init))
+        object.__setattr__(self, "granularity", _enum_value(Granularity, "granularity", self.granularity))
+        object.__setattr__(self, "uniquify", _enum_value(Uniquify, "uniquify", self.uniquify))
+        _check(_is_int(self.bits) and 1 <= self.bits <= 16, "bits", self.bits, "an integer in 1..16")
+        _check(_is_int(self.dim) and self.dim >= 1, "dim", self.dim, "an integer >= 1")
+        _check(self.tau is None or (_is_num(self.tau) and self.tau > 0), "tau", self.tau,
+               "a positive float, or None for the weight-derived default")
+        _check(_is_int(self.max_iter) and self.max_iter >= 1, "max_iter", self.max_iter, "an integer >= 1")
+        _check(_is_num(self.tol) and self.tol >= 0, "tol", self.tol, "a float >= 0")
+        _check(_is_int(self.group_size) and self.group_size >= 0, "group_size", self.group_size, "an integer >= 0")
+        if self.granularity is Granularity.PER_GROUPED_CHANNEL:
+            _check(self.group_size >= 1, "group_size", self.group_size,
+                   "an integer >= 1 when granularity='per_grouped_channel'")
+        _check(self.chunk_size is None or (_is_int(self.chunk_size) and self.chunk_size >= 0),
+               "chunk_size", self.chunk_size, "None (automatic), 0 (no chunking) or a positive integer")
+        _check(_is_int(self.adjoint_max_iter) and self.adjoint_max_iter >= 1, "adjoint_max_iter",
+               self.adjoint_max_iter, "an integer >= 1")
+        _check(_is_num(self.adjoint_tol) and self.adjoint_tol > 0, "adjoint_tol", self.adjoint_tol, "a float > 0")
+        _check(self.lut_dtype in _LUT_DTYPES, "lut_dtype", self.lut_dtype, f"one of {sorted(_LUT_DTYPES)}")
+        _check(_is_int(self.start_step) and self.start_step >= 0, "start_step", self.start_step, "an integer >= 0")
+        _check(_is_int(self.seed), "seed", self.seed, "an integer")
+        if self.method is Method.DKM and self.uniquify is Uniquify.ON:
+            raise ValueError("ClusterConfig.uniquify='on' is not allowed with method='dkm': uniquification "
+                             "needs the implicit backward; use method='idkm' or 'idkm_jfb'")
+
+    @property
+    def k(self) -> int:
+        """Number of centroids, 2**bits."""
+        return 1 << self.bits
+
+    @property
+    def bits_per_weight(self) -> float:
+        return self.bits / self.dim
+
+    @property
+    def lut_torch_dtype(self) -> torch.dtype:
+        return _LUT_DTYPES[self.lut_dtype]
+
+    def replace(self, **changes: Any) -> "ClusterConfig":
+        return replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: (v.value if isinstance(v, enum.Enum) else v) for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "ClusterConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"ClusterConfig got unknown field(s) {unknown}; allowed: {sorted(known)}")
+        return cls(**dict(data))
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_num(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+_SKIP = "skip"  # marker in dicts / YAML for "leave this layer float"
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Per-layer mixed precision.
+
+    Resolution order (as in coremltools and torchao): exact name in `by_name`, then `re:` keys of
+    `by_name` (re.fullmatch, insertion order), then `by_type` (class name), then the small-layer rule
+    (layers with fewer than `small_layer_params` weights get `small_layer`), then `default`.
+    A value of None leaves the layer float.
+    """
+
+    default: Optional[ClusterConfig] = field(default_factory=ClusterConfig)
+    by_type: Mapping[str, Optional[ClusterConfig]] = field(default_factory=dict)
+    by_name: Mapping[str, Optional[ClusterConfig]] = field(default_factory=dict)
+    small_layer_params: int = 0
+    small_layer: Optional[ClusterConfig] = None
+    skip_unclusterable: bool = False  # True: warn and leave float a layer `dim` does not divide
+
+    def __post_init__(self) -> None:
+        for name, value in [("default", self.default), ("small_layer", self.small_layer)]:
+            if value is not None and not isinstance(value, ClusterConfig):
+                raise ValueError(f"ModelConfig.{name}={value!r} is not allowed; expected a ClusterConfig or None")
+        for table_name in ("by_type", "by_name"):
+            for key, value in getattr(self, table_name).items():
+                if not isinstance(key, str):
+                    raise ValueError(f"ModelConfig.{table_name} key {key!r} is not allowed; expected a string")
+                if value is not None and not isinstance(value, ClusterConfig):
+                    raise ValueError(f"ModelConfig.{table_name}[{key!r}]={value!r} is not allowed; "
+                                     "expected a ClusterConfig or None")
+                if table_name == "by_name" and key.startswith("re:"):
+                    try:
+                        re.compile(key[3:])
+                    except re.error as err:
+                        raise ValueError(f"ModelConfig.by_name key {key!r} is not a valid regex: {err}") from None
+        if not _is_int(self.small_layer_params) or self.small_layer_params < 0:
+            raise ValueError(f"ModelConfig.small_layer_params={self.small_layer_params!r} is not allowed; "
+                             "expected an integer >= 0")
+
+    def resolve(self, name: str, module: torch.nn.Module) -> Optional[ClusterConfig]:
+        """The ClusterConfig for module `name` (None: leave it float)."""
+        if name in self.by_name:
+            return self.by_name[name]
+        for key, value in self.by_name.items():
+            if key.startswith("re:") and re.fullmatch(key[3:], name):
+                return value
+        type_name = type(module).__name__
+        if type_name in self.by_type:
+            return self.by_type[type_name]
+        weight = getattr(module, "weight", None)
+        if self.small_layer_params and weight is not None and weight.numel() < self.small_layer_params:
+            return self.small_layer
+        return self.default
+
+    def to_dict(self) -> dict[str, Any]:
+        def enc(cfg: Optional[ClusterConfig]) -> Any:
+            return _SKIP if cfg is None else cfg.to_dict()
+
+        return {
+            "default": enc(self.default),
+            "by_type": {k: enc(v) for k, v in self.by_type.items()},
+            "by_name": {k: enc(v) for k, v in self.by_name.items()},
+            "small_layer_params": self.small_layer_params,
+            "small_layer": enc(self.small_layer),
+            "skip_unclusterable": self.skip_unclusterable,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "ModelConfig":
+        """Build from a dict; layer entries are ClusterConfig fields, or null / "skip" for float.
+
+        Entries in `by_type`, `by_name` and `small_layer` inherit unspecified fields from `default`.
+        """
+        allowed = {"default", "by_type", "by_name", "small_layer_params", "small_layer", "skip_unclusterable"}
+        unknown = sorted(set(data) - allowed)
+        if unknown:
+            raise ValueError(f"ModelConfig got unknown key(s) {unknown}; allowed: {sorted(allowed)}")
+        default_raw = data.get("default", {})
+        default = None if _is_skip(default_raw) else ClusterConfig.from_dict(default_raw or {})
+        base = default.to_dict() if default is not None else {}
+
+        def dec(raw: Any) -> Optional[ClusterConfig]:
+            if _is_skip(raw):
+                return None
+            if not isinstance(raw, Mapping):
+                raise ValueError(f"ModelConfig entry {raw!r} is not allowed; expected a mapping of "
+                                 "ClusterConfig fields, or null / 'skip'")
+            return ClusterConfig.from_dict({**base, **raw})
+
+        return cls(
+            default=default,
+            by_type={k: dec(v) for k, v in (data.get("by_type") or {}).items()},
+            by_name={k: dec(v) for k, v in (data.get("by_name") or {}).items()},
+            small_layer_params=int(data.get("small_layer_params", 0)),
+            small_layer=dec(data["small_layer"]) if data.get("small_layer") is not None else None,
+            skip_unclusterable=bool(data.get("skip_unclusterable", False)),
+        )
+
+    @classmethod
+    def from_yaml(cls, path: str) -> "ModelConfig":
+        import yaml
+
+        with open(path) as f:
+            return cls.from_dict(yaml.safe_load(f) or {})
+
+    def to_yaml(self, path: str) -> None:
+        import yaml
+
+        with open(path, "w") as f:
+            yaml.safe_dump(self.to_dict(), f, sort_keys=False)
+
+
+def _is_skip(raw: Any) -> bool:
+    return raw is None or raw == _SKIP

@@ -1,0 +1,27 @@
+"""String enums of the clustering options (re-exported by idkm_plugin.config)."""
+import enum
+
+
+class Method(str, enum.Enum):
+    """How the clustering is differentiated."""
+
+    DKM = "dkm"  # unrolled soft k-means under autograd
+    IDKM = "idkm"  # implicit function theorem at the fixed point
+    IDKM_JFB = "idkm_jfb"  # Jacobian-free backprop: one VJP at the fixed point
+
+
+class Init(str, enum.Enum):
+    """Centroid initialisation (Deep Compression's three plus k-means++)."""
+
+    KMEANS_PP = "kmeans++"
+    LINEAR = "linear"
+    DENSITY = "density"
+    RANDOM = "random"
+
+
+class Uniquify(str, enum.Enum):
+    """eDKM weight uniquification: cluster distinct values weighted by their counts."""
+
+    AUTO = "auto"  # on for float16/bfloat16 weights with dim == 1
+    ON = "on"
+    OFF = "off"

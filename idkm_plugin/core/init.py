@@ -1,0 +1,69 @@
+"""Seeded, deterministic centroid initialisations: k-means++, linear, density, random.
+
+Deep Compression compares linear (evenly spaced between min and max), density (evenly spaced
+quantiles) and random (k distinct weights); k-means++ is D^2 sampling (Arthur & Vassilvitskii).
+For d > 1, linear and density space the centroids along the diagonal per coordinate.
+k-means++ with k > 1024 (bits > 10) uses density, as D^2 sampling would take k sequential passes.
+"""
+from __future__ import annotations
+
+import torch
+
+from .enums import Init
+
+_KMEANS_PP_MAX_ROWS = 1 << 16  # k-means++ samples from at most this many rows, for speed
+
+
+def init_centroids(x: torch.Tensor, k: int, method: str, seed: int = 0) -> torch.Tensor:
+    """x [g, m, d] -> centroids [g, k, d] in x's dtype."""
+    gen = torch.Generator(device="cpu").manual_seed(int(seed))
+    fn = _INITS[Init(method)]
+    return torch.stack([fn(xg, k, gen) for xg in x])
+
+
+def _linear(x: torch.Tensor, k: int, gen: torch.Generator) -> torch.Tensor:
+    lo, hi = x.amin(0), x.amax(0)
+    t = torch.linspace(0, 1, k, dtype=x.dtype, device=x.device).unsqueeze(1)
+    return lo + t * (hi - lo)
+
+
+def _density(x: torch.Tensor, k: int, gen: torch.Generator) -> torch.Tensor:
+    q = (torch.arange(k, dtype=torch.float64) + 0.5) / k
+    return torch.quantile(x.double(), q.to(x.device), dim=0).to(x.dtype)
+
+
+def _random(x: torch.Tensor, k: int, gen: torch.Generator) -> torch.Tensor:
+    m = x.shape[0]
+    idx = torch.randperm(m, generator=gen)[:k]
+    if m < k:  # fewer vectors than centroids: repeat some
+        idx = torch.cat([idx, torch.randint(m, (k - m,), generator=gen)])
+    return x[idx.to(x.device)].clone()
+
+
+_KMEANS_PP_MAX_K = 1024  # beyond this D^2 sampling is slow and density init is as good
+
+
+def _kmeans_pp(x: torch.Tensor, k: int, gen: torch.Generator) -> torch.Tensor:
+    if k > _KMEANS_PP_MAX_K:
+        return _density(x, k, gen)
+    m = x.shape[0]
+    if m > _KMEANS_PP_MAX_ROWS:
+        x = x[torch.randperm(m, generator=gen)[:_KMEANS_PP_MAX_ROWS].to(x.device)]
+        m = x.shape[0]
+    xf = x.double()
+    first = int(torch.randint(m, (1,), generator=gen))
+    chosen = [first]
+    d2 = (xf - xf[first]).pow(2).sum(1)
+    for _ in range(1, k):
+        total = float(d2.sum())
+        if total > 0:
+            probs = (d2 / total).cpu()
+            nxt = int(torch.multinomial(probs, 1, generator=gen))
+        else:  # every vector already is a centroid: duplicates are unavoidable
+            nxt = int(torch.randint(m, (1,), generator=gen))
+        chosen.append(nxt)
+        d2 = torch.minimum(d2, (xf - xf[nxt]).pow(2).sum(1))
+    return x[torch.tensor(chosen, device=x.device)].clone()
+
+
+_INITS = {Init.KMEANS_PP: _kmeans_pp, Init.LINEAR: _linear, Init.DENSITY: _density, Init.RANDOM: _random}

@@ -1,0 +1,84 @@
+"""`soft_kmeans`: the one entry point to the three differentiable clusterings."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .enums import Method, Uniquify
+from .implicit import SolveOptions, SolveStats, implicit_soft_kmeans
+from .soft_step import as_tau
+from .unrolled import unrolled_soft_kmeans
+
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float64 stays float64; every other weight dtype is clustered in float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def use_uniquify(uniquify: Uniquify | str, method: Method | str, dtype: torch.dtype, d: int) -> bool:
+    """auto: on for float16/bfloat16 weights with d == 1 under idkm / idkm_jfb."""
+    uniquify, method = Uniquify(uniquify), Method(method)
+    if method is Method.DKM:
+        if uniquify is Uniquify.ON:
+            raise ValueError("uniquify='on' is not allowed with method='dkm'; use 'idkm' or 'idkm_jfb'")
+        return False
+    if uniquify is Uniquify.AUTO:
+        return dtype in _HALF and d == 1
+    return uniquify is Uniquify.ON
+
+
+def soft_kmeans(x: torch.Tensor, init_centroids: torch.Tensor, *, tau: float | torch.Tensor | None = None,
+                method: Method | str = Method.IDKM, max_iter: int = 30, tol: float = 1e-5,
+                chunk_size: Optional[int] = None, uniquify: Uniquify | str = Uniquify.AUTO,
+                adjoint_max_iter: int = 100, adjoint_tol: float = 1e-4,
+                stats: Optional[SolveStats] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Differentiable soft k-means of the rows of x.
+
+    Args:
+        x: [m, d] or [g, m, d] vectors (g independent problems), any float dtype.
+        init_centroids: [k, d] or [g, k, d] starting centroids (a warm start; no gradient).
+        tau: temperature (float, or [g] tensor), or None for the weight-derived default.
+        method: "dkm" (unrolled), "idkm" (implicit) or "idkm_jfb" (Jacobian-free).
+        chunk_size: rows per chunk for idkm / idkm_jfb; None: automatic memory bound;
+            0: keep the attention matrix for backward.
+        stats: a SolveStats filled with iteration counts and residuals.
+
+    Returns:
+        x_hat: the soft-clustered x = A(C*, x) C*, same shape and dtype as x.
+        centroids: C*, [k, d] or [g, k, d] in float32 (float64 for float64 x).
+    """
+    method = Method(method)
+    squeeze = x.dim() == 2
+    x3 = x.unsqueeze(0) if squeeze else x
+    c3 = init_centroids.unsqueeze(0) if init_centroids.dim() == 2 else init_centroids
+    _check_shapes(x3, c3)
+    if tau is not None and not bool(torch.all(torch.as_tensor(tau) > 0)):
+        raise ValueError(f"soft_kmeans: tau={tau!r} is not allowed; expected a positive temperature or None")
+    stats = SolveStats() if stats is None else stats
+    cdtype = compute_dtype(x.dtype)
+    tau3 = as_tau(tau, x3.detach().to(cdtype), c3.shape[1])
+    if method is Method.DKM:
+        use_uniquify(uniquify, method, x.dtype, x3.shape[-1])
+        x_hat, c = unrolled_soft_kmeans(x3.to(cdtype), c3.to(cdtype), tau3, max_iter, tol, stats)
+        x_hat = x_hat.to(x.dtype)
+    else:
+        opts = SolveOptions(max_iter, tol, chunk_size, use_uniquify(uniquify, method, x.dtype, x3.shape[-1]),
+                            method is Method.IDKM_JFB, adjoint_max_iter, adjoint_tol)
+        x_hat, c = implicit_soft_kmeans(x3, c3, tau3, opts, stats)
+    return (x_hat[0], c[0]) if squeeze else (x_hat, c)
+
+
+def _check_shapes(x: torch.Tensor, c: torch.Tensor) -> None:
+    if x.dim() != 3 or c.dim() != 3:
+        raise ValueError(f"soft_kmeans: x must be [m, d] or [g, m, d] and init_centroids [k, d] or [g, k, d]; "
+                         f"got x {list(x.shape)} and init_centroids {list(c.shape)}")
+    if not x.is_floating_point():
+        raise ValueError(f"soft_kmeans: x has dtype {x.dtype}; expected a floating-point tensor")
+    if c.shape[0] != x.shape[0] or c.shape[2] != x.shape[2]:
+        raise ValueError(f"soft_kmeans: init_centroids {list(c.shape)} do not match x {list(x.shape)} "
+                         "(groups and vector dim must agree)")
+    if x.shape[1] == 0:
+        raise ValueError("soft_kmeans: x has no rows")

@@ -1,0 +1,93 @@
+"""One soft k-means step, computed in row chunks.
+
+Shapes: x [g, r, d] vectors, n [g, r] counts (None = all ones), c [g, k, d] centroids,
+tau [g, 1, 1] temperatures, A [g, r, k] attention.
+"""
+from __future__ import annotations
+
+from typing import Iterator, Optional
+
+import torch
+
+# Elements of one [g, rows, k] chunk in the automatic memory bound (32 MiB in float32).
+AUTO_CHUNK_ELEMENTS = 1 << 23
+
+
+def default_tau(x: torch.Tensor, k: int) -> torch.Tensor:
+    """The weight-derived temperature, x [g, m, d] -> tau [g, 1, 1].
+
+    tau = 0.5 * Var(x) / k**(2/d): proportional to the squared spacing of k centroids spread over
+    the weights' range, so one setting gives similarly soft assignments at any weight scale.
+    It reproduces the DKM paper's tuned values (ResNet18: 2e-5 at 2 bits, 5e-5 at 1 bit and 4/4)
+    for conv weights of standard deviation ~0.02. Treated as a constant in differentiation.
+    """
+    d = x.shape[-1]
+    var = x.detach().var(dim=(1, 2), unbiased=False).clamp_min(torch.finfo(x.dtype).eps)
+    return (0.5 * var / k ** (2.0 / d)).view(-1, 1, 1)
+
+
+def as_tau(tau: float | torch.Tensor | None, x: torch.Tensor, k: int) -> torch.Tensor:
+    """Normalise tau (float, [g] tensor or None) to a [g, 1, 1] tensor of x's dtype."""
+    if tau is None:
+        return default_tau(x, k)
+    t = torch.as_tensor(tau, dtype=x.dtype, device=x.device).detach()
+    return t.reshape(-1, 1, 1).expand(x.shape[0], 1, 1)
+
+
+def squared_distances(x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """x [g, r, d], c [g, k, d] -> ||x_i - c_j||^2 [g, r, k]."""
+    if x.shape[-1] == 1:
+        return (x - c.transpose(1, 2)).square()
+    d2 = x.square().sum(-1, keepdim=True) + c.square().sum(-1).unsqueeze(1) - 2 * torch.bmm(x, c.transpose(1, 2))
+    return d2.clamp_min(0)
+
+
+def attention(x: torch.Tensor, c: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
+    """A [g, r, k] = softmax_j(-||x_i - c_j||^2 / tau).
+
+    The row minimum is subtracted first (softmax is shift invariant), so a tiny tau saturates to a
+    hard assignment instead of producing an all -inf row and NaN.
+    """
+    d2 = squared_distances(x, c)
+    d2 = d2 - d2.detach().amin(-1, keepdim=True)
+    return torch.softmax(-d2 / tau, dim=-1)
+
+
+def chunk_rows(chunk_size: Optional[int], g: int, r: int, k: int, d: int) -> int:
+    """Rows per chunk: `chunk_size` if given, else the automatic memory bound."""
+    if chunk_size:
+        return max(1, min(int(chunk_size), r))
+    return max(1, min(r, AUTO_CHUNK_ELEMENTS // max(1, g * k * max(d, 1))))
+
+
+def row_chunks(r: int, rows: int) -> Iterator[slice]:
+    for start in range(0, r, rows):
+        yield slice(start, min(start + rows, r))
+
+
+def mass_floor(dtype: torch.dtype) -> float:
+    """Clusters whose attention mass is below this are treated as empty."""
+    return torch.finfo(dtype).tiny ** 0.5
+
+
+def weighted(a: torch.Tensor, n: Optional[torch.Tensor]) -> torch.Tensor:
+    """a [g, r, k] scaled by counts n [g, r] (n None: unchanged)."""
+    return a if n is None else a * n.unsqueeze(-1)
+
+
+def update_centroids(c: torch.Tensor, num: torch.Tensor, mass: torch.Tensor) -> torch.Tensor:
+    """New centroids num / mass; empty clusters (mass ~ 0) keep their old value. [g, k, d]."""
+    empty = mass <= mass_floor(mass.dtype)
+    return torch.where(empty.unsqueeze(-1), c, num / torch.where(empty, torch.ones_like(mass), mass).unsqueeze(-1))
+
+
+def soft_step(x: torch.Tensor, n: Optional[torch.Tensor], c: torch.Tensor, tau: torch.Tensor,
+              rows: int) -> torch.Tensor:
+    """F(C) = sum_i n_i A_ij x_i / sum_i n_i A_ij, accumulated over row chunks. Returns [g, k, d]."""
+    num = torch.zeros_like(c)
+    mass = torch.zeros(c.shape[:2], dtype=c.dtype, device=c.device)
+    for s in row_chunks(x.shape[1], rows):
+        a = weighted(attention(x[:, s], c, tau), None if n is None else n[:, s])
+        num = num + torch.bmm(a.transpose(1, 2), x[:, s])
+        mass = mass + a.sum(1)
+    return update_centroids(c, num, mass)
