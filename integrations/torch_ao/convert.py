@@ -1,0 +1,143 @@
+"""Eager `convert`: QAT modules with an `IDKMFakeQuantize` weight -> palettized modules.
+
+    deployed = torch.ao.quantization.convert(qat.eval(), mapping=palettize_mapping())
+
+torch.ao's `convert` calls `mapping[type(module)].from_float(module)` on every module that has a
+qconfig; the targets here build `idkm_plugin.nn.Palettized*` modules (packed codes + LUT) from the
+trained clusterer. Fused QAT modules fold their BatchNorm (running statistics) into the weight
+and bias before the codes are taken, and keep their ReLU; an activation fake-quant the QAT module
+carried is kept, frozen, after the layer, so the converted model computes what the eval-mode QAT
+model computes.
+"""
+from __future__ import annotations
+
+import copy
+import warnings
+from typing import Any, Optional
+
+import torch
+from torch import nn
+from torch.ao.nn import intrinsic as nni
+from torch.ao.nn import qat as nnqat
+from torch.ao.nn.intrinsic import qat as nniqat
+from torch.ao.quantization import DeQuantStub, FakeQuantizeBase, QuantStub
+from torch.ao.quantization.quantization_mappings import get_default_qat_module_mappings
+
+from idkm_plugin.nn import palettize_module
+
+from .fake_quantize import IDKMFakeQuantize
+
+__all__ = ["palettize_mapping", "palettize_qat_module", "qat_module_mapping", "folded_weight_and_bias",
+           "QAT_TYPES"]
+
+_RELU_TYPES = (nniqat.ConvBnReLU1d, nniqat.ConvBnReLU2d, nniqat.ConvReLU1d, nniqat.ConvReLU2d, nniqat.LinearReLU)
+_BN_TYPES = (nniqat.ConvBn1d, nniqat.ConvBn2d, nniqat.ConvBnReLU1d, nniqat.ConvBnReLU2d, nniqat.LinearBn1d)
+QAT_TYPES: tuple[type, ...] = (nnqat.Linear, nnqat.Conv1d, nnqat.Conv2d, nnqat.Embedding) + _RELU_TYPES + _BN_TYPES
+_FLOAT_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Embedding, nni.ConvBn1d, nni.ConvBn2d, nni.ConvBnReLU1d,
+                nni.ConvBnReLU2d, nni.ConvReLU1d, nni.ConvReLU2d, nni.LinearReLU, nni.LinearBn1d)
+
+
+def qat_module_mapping() -> dict[type, type]:
+    """torch.ao's default QAT mapping plus Conv1d, ConvReLU1d and Embedding (which it lacks).
+
+    Use as `prepare_qat(model, mapping=qat_module_mapping())` for models with those layers.
+    """
+    mapping = get_default_qat_module_mappings()
+    mapping.update({nn.Conv1d: nnqat.Conv1d, nni.ConvReLU1d: nniqat.ConvReLU1d, nn.Embedding: nnqat.Embedding})
+    return mapping
+
+
+def folded_weight_and_bias(mod: nn.Module) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """The weight handed to the fake-quant in eval mode, and the bias that goes with it.
+
+    For ConvBn* / LinearBn1d that is the BatchNorm-scaled weight W * gamma / sqrt(var + eps)
+    (computed exactly as torch.ao's fused QAT forward does, so the hard codes agree) and the
+    folded bias beta + (b - running_mean) * gamma / sqrt(var + eps); otherwise the layer's own.
+    """
+    if not isinstance(mod, _BN_TYPES):
+        return mod.weight, getattr(mod, "bias", None)
+    bn = mod.bn
+    running_std = torch.sqrt(bn.running_var + bn.eps)
+    scale_factor = bn.weight / running_std
+    shape = [-1] + [1] * (mod.weight.dim() - 1)
+    weight = mod.weight * scale_factor.reshape(shape)
+    conv_bias = mod.bias if mod.bias is not None else torch.zeros_like(bn.running_mean)
+    bias = bn.bias + (conv_bias - bn.running_mean) * scale_factor
+    return weight.detach(), bias.detach()
+
+
+def _frozen_activation(mod: nn.Module) -> Optional[nn.Module]:
+    """A frozen copy of the module's activation fake-quant, or None (weight-only / observer only)."""
+    act = getattr(mod, "activation_post_process", None)
+    if not isinstance(act, FakeQuantizeBase):
+        return None
+    act = copy.deepcopy(act).eval()
+    act.disable_observer()
+    return act
+
+
+def palettize_qat_module(mod: nn.Module) -> nn.Module:
+    """One QAT module (weight fake-quant = IDKMFakeQuantize) -> its palettized form.
+
+    Returns a `Palettized*` module, or `nn.Sequential(palettized, [nn.ReLU()], [frozen act fake-quant])`.
+    """
+    fq = getattr(mod, "weight_fake_quant", None)
+    if not isinstance(fq, IDKMFakeQuantize):
+        raise ValueError(f"{type(mod).__name__} has weight fake-quant {type(fq).__name__}, not IDKMFakeQuantize; "
+                         "convert it with torch.ao's own mapping, or give it an idkm_qconfig")
+    clusterer = fq.clusterer
+    if not clusterer.active():
+        warnings.warn(f"{clusterer.name}: clustering was not active during training (fake quant disabled or "
+                      f"step {int(clusterer.step)} < start_step {clusterer.config.start_step}); palettizing with "
+                      "the LUT as it stands (initialised from the weight if needed)", stacklevel=2)
+    weight, bias = folded_weight_and_bias(mod)
+    with torch.no_grad():
+        layer = palettize_module(mod, clusterer, weight=weight, bias=bias)
+    tail = [nn.ReLU()] if isinstance(mod, _RELU_TYPES) else []
+    act = _frozen_activation(mod)
+    tail += [act] if act is not None else []
+    return nn.Sequential(layer, *tail) if tail else layer
+
+
+class _PalettizeQAT:
+    """Mapping target for QAT modules: `from_float(qat_module)` -> palettized module."""
+
+    @classmethod
+    def from_float(cls, mod: nn.Module) -> nn.Module:
+        return palettize_qat_module(mod)
+
+
+class _Unprepared:
+    """Mapping target for float layers: refuses to let a layer given an IDKM qconfig stay float."""
+
+    @classmethod
+    def from_float(cls, mod: nn.Module) -> nn.Module:
+        qconfig = getattr(mod, "qconfig", None)
+        if qconfig is not None and isinstance(qconfig.weight(), IDKMFakeQuantize):
+            raise ValueError(f"a {type(mod).__name__} with an idkm qconfig was never prepared for QAT (it would stay "
+                             "float): torch.ao's default QAT mapping lacks Conv1d, ConvReLU1d and Embedding; use "
+                             "prepare_qat(model, mapping=qat_module_mapping())")
+        return mod
+
+
+class _QuantStubToActivation:
+    """QuantStub -> its frozen input fake-quant (or Identity when activations are not quantized)."""
+
+    @classmethod
+    def from_float(cls, mod: nn.Module) -> nn.Module:
+        act = _frozen_activation(mod)
+        return nn.Identity() if act is None else act
+
+
+class _ToIdentity:
+    @classmethod
+    def from_float(cls, mod: nn.Module) -> nn.Module:
+        return nn.Identity()
+
+
+def palettize_mapping() -> dict[type, Any]:
+    """The `mapping=` for `torch.ao.quantization.convert(qat.eval(), mapping=palettize_mapping())`."""
+    mapping: dict[type, Any] = {t: _Unprepared for t in _FLOAT_TYPES}
+    mapping.update({t: _PalettizeQAT for t in QAT_TYPES})
+    mapping.update({QuantStub: _QuantStubToActivation, DeQuantStub: _ToIdentity})
+    return mapping

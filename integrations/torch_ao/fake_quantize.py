@@ -1,0 +1,99 @@
+"""`IDKMFakeQuantize`: a torch.ao weight fake-quantize that runs differentiable k-means clustering.
+
+It is a `torch.ao.quantization.FakeQuantizeBase`, so the stock QAT machinery
+(`prepare_qat`, `prepare_qat_fx`, `disable_observer`, `enable_fake_quant`, ...) drives it
+like torch.ao's own `FakeQuantize`:
+
+    fake_quant_enabled == 0  -> the weight passes through unchanged (no clustering; steps do not count);
+    observer_enabled == 1    -> training: DKM / IDKM / IDKM-JFB soft k-means, the LUT (centroids) is updated;
+    observer_enabled == 0    -> training: the LUT is frozen; the weight is softly assigned to it
+                                (A(C, W) C, still differentiable w.r.t. W);
+    eval (any)               -> hard nearest-centroid weight: exactly what the converted model uses.
+"""
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+from torch.ao.quantization import FakeQuantizeBase
+
+from idkm_plugin.clusterer import WeightClusterer
+from idkm_plugin.config import ClusterConfig
+from idkm_plugin.core import attention, default_tau, from_vectors
+
+__all__ = ["IDKMFakeQuantize", "is_idkm_fake_quant"]
+
+
+class IDKMFakeQuantize(FakeQuantizeBase):
+    """Weight fake-quantize with a learned non-uniform codebook (palettization).
+
+    Args:
+        config: the layer's ClusterConfig; None means ClusterConfig() (4-bit IDKM).
+        name: the layer name used in error messages.
+        factory_kwargs: accepted (and ignored) for torch.ao's QAT modules, which pass
+            `factory_kwargs={"device": ..., "dtype": ...}`; the centroid buffer is sized and
+            placed lazily from the first weight it sees.
+        **cluster_kwargs: ClusterConfig fields overriding `config`, e.g. bits=2, method="dkm",
+            so that `IDKMFakeQuantize.with_args(bits=2)` reads like `FakeQuantize.with_args(...)`.
+
+    forward(weight [out, ...]) -> weight of the same shape and dtype (see the module docstring).
+
+    Attributes:
+        clusterer: the core `WeightClusterer` (buffers `centroids` [groups, k, d] and `step`).
+        dtype / qscheme / is_dynamic: what torch.ao inspects on a weight fake-quant. A LUT is a
+            set of float parameters per tensor, hence `torch.per_channel_affine_float_qparams`,
+            the scheme torch.ao's QAT Embedding requires of its weight fake-quant.
+    """
+
+    dtype = torch.quint8
+    qscheme = torch.per_channel_affine_float_qparams
+    is_dynamic = False
+
+    def __init__(self, config: Optional[ClusterConfig] = None, *, name: str = "weight",
+                 factory_kwargs: Optional[dict[str, Any]] = None, **cluster_kwargs: Any) -> None:
+        super().__init__()
+        if config is None:
+            config = ClusterConfig(**cluster_kwargs)
+        elif not isinstance(config, ClusterConfig):
+            raise ValueError(f"IDKMFakeQuantize config={config!r} is not allowed; expected a ClusterConfig or None")
+        elif cluster_kwargs:
+            config = config.replace(**cluster_kwargs)
+        self.clusterer = WeightClusterer(config, name=name)
+
+    @property
+    def config(self) -> ClusterConfig:
+        return self.clusterer.config
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        clusterer = self.clusterer
+        clusterer.enabled = bool(self.fake_quant_enabled[0] == 1)
+        if not clusterer.enabled:
+            return weight
+        if self.training and self.observer_enabled[0] == 0:
+            clusterer.step += 1
+            if not clusterer.active():
+                return weight
+            clusterer.initialize(weight)
+            return self._frozen_soft(weight)
+        return clusterer(weight)
+
+    def _frozen_soft(self, weight: torch.Tensor) -> torch.Tensor:
+        """A(C, W) C with the LUT C frozen: differentiable w.r.t. W, the centroids do not move."""
+        c = self.clusterer.centroids
+        x = self.clusterer.vectors(weight).to(c.dtype)
+        tau = default_tau(x, self.config.k) if self.config.tau is None else self.config.tau
+        x_hat = torch.bmm(attention(x, c, tau), c)
+        return from_vectors(x_hat.to(weight.dtype), weight.shape)
+
+    @torch.no_grad()
+    def calculate_qparams(self, **kwargs: Any) -> torch.Tensor:
+        """The lookup table [groups, 2**bits, d] (the "qparams" of a palettized weight)."""
+        return self.clusterer.lut()
+
+    def extra_repr(self) -> str:
+        return (f"fake_quant_enabled={int(self.fake_quant_enabled[0])}, "
+                f"observer_enabled={int(self.observer_enabled[0])}, name={self.clusterer.name!r}")
+
+
+def is_idkm_fake_quant(module: Any) -> bool:
+    return isinstance(module, IDKMFakeQuantize)
