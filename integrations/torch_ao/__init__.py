@@ -13,5 +13,17 @@ from .fx import convert_fx_palettized
 from .fake_quantize import IDKMFakeQuantize
 from .qconfig import idkm_qconfig
 
-__all__ = ["IDKMFakeQuantize", "assign_qconfigs", "convert_fx_palettized", "idkm_qconfig", "palettize_mapping", "palettize_qat_module",
+_PT2E = ("IDKMQuantizer", "PalettizedWeight", "convert_pt2e_palettized", "pt2e_eval", "pt2e_train")
+
+
+def __getattr__(name: str):
+    """PT2E names import torchao on first use, so this package works without torchao."""
+    if name in _PT2E:
+        from . import pt2e
+
+        return getattr(pt2e, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+__all__ = [*_PT2E, "IDKMFakeQuantize", "assign_qconfigs", "convert_fx_palettized", "idkm_qconfig", "palettize_mapping", "palettize_qat_module",
            "qat_module_mapping", "qconfig_mapping"]

@@ -33,6 +33,8 @@ class IDKMFakeQuantize(FakeQuantizeBase):
         factory_kwargs: accepted (and ignored) for torch.ao's QAT modules, which pass
             `factory_kwargs={"device": ..., "dtype": ...}`; the centroid buffer is sized and
             placed lazily from the first weight it sees.
+        dtype, quant_min, quant_max, qscheme, is_dynamic: the QuantizationSpec fields torchao's
+            PT2E prepare passes to every fake-quant constructor; ignored (a LUT has no integer grid).
         **cluster_kwargs: ClusterConfig fields overriding `config`, e.g. bits=2, method="dkm",
             so that `IDKMFakeQuantize.with_args(bits=2)` reads like `FakeQuantize.with_args(...)`.
 
@@ -50,8 +52,12 @@ class IDKMFakeQuantize(FakeQuantizeBase):
     is_dynamic = False
 
     def __init__(self, config: Optional[ClusterConfig] = None, *, name: str = "weight",
-                 factory_kwargs: Optional[dict[str, Any]] = None, **cluster_kwargs: Any) -> None:
+                 factory_kwargs: Optional[dict[str, Any]] = None, dtype: Any = None, quant_min: Any = None,
+                 quant_max: Any = None, qscheme: Any = None, is_dynamic: bool = False,
+                 **cluster_kwargs: Any) -> None:
         super().__init__()
+        if is_dynamic:
+            raise ValueError("IDKMFakeQuantize is_dynamic=True is not allowed; weight clustering is static")
         if config is None:
             config = ClusterConfig(**cluster_kwargs)
         elif not isinstance(config, ClusterConfig):

@@ -1,0 +1,220 @@
+"""PT2E (torchao's `prepare_qat_pt2e` / `convert_pt2e` on a `torch.export`ed model).
+
+    exported = torch.export.export(model, example_inputs).module()
+    qat = prepare_qat_pt2e(exported, IDKMQuantizer(model_config))
+    ...train...
+    pt2e_eval(qat)                               # eval-mode QAT model (hard assignment)
+    deployed = convert_pt2e_palettized(qat)      # codes + LUT stay in the graph
+
+`IDKMQuantizer` annotates the weight input of every linear / conv1d / conv2d / embedding node
+with an `IDKMFakeQuantize` (config resolved per layer by its module path, as in eager mode).
+`convert_pt2e_palettized` replaces each of those fake-quant calls by a `PalettizedWeight`
+submodule (packed uint8 codes + LUT buffers, dequantized in the graph) and then runs torchao's
+own `convert_pt2e` for everything else (activation fake-quants, if the quantizer was composed
+with one that quantizes activations).
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Optional
+
+import torch
+from torch import fx, nn
+
+from idkm_plugin.config import ClusterConfig, ModelConfig
+from idkm_plugin.core import lookup
+from idkm_plugin.export.packing import pack_codes, unpack_codes
+
+from .assign import ConfigLike, _as_model_config, _checked
+from .fake_quantize import IDKMFakeQuantize
+
+from torchao.quantization.pt2e.observer import _with_args  # noqa: E402
+from torchao.quantization.pt2e.quantizer import QuantizationAnnotation, QuantizationSpec, Quantizer  # noqa: E402
+
+__all__ = ["IDKMQuantizer", "PalettizedWeight", "convert_pt2e_palettized", "pt2e_eval", "pt2e_train"]
+
+_aten = torch.ops.aten
+# op -> (index of the weight argument, the layer type name used by ModelConfig.by_type)
+_WEIGHT_OPS = {
+    _aten.linear.default: (1, "Linear"),
+    _aten.conv1d.default: (1, "Conv1d"),
+    _aten.conv2d.default: (1, "Conv2d"),
+    _aten.embedding.default: (0, "Embedding"),
+}
+
+
+def _layer_name(node: fx.Node) -> str:
+    stack = node.meta.get("nn_module_stack") or {}
+    if not stack:
+        return node.name
+    path = list(stack.values())[-1][0]
+    return path.replace("L['self'].", "").replace("L__self___", "")
+
+
+def _stand_in(type_name: str, weight: torch.Tensor) -> nn.Module:
+    """An object ModelConfig.resolve can read: type name (by_type) and weight size (small-layer rule)."""
+    layer = type(type_name, (nn.Module,), {})()
+    layer.weight = nn.Parameter(weight.detach(), requires_grad=False)
+    return layer
+
+
+class IDKMQuantizer(Quantizer):
+    """Annotates linear / conv1d / conv2d / embedding weights with `IDKMFakeQuantize` (weight-only).
+
+    Args:
+        model_config: a ModelConfig (per-layer, resolved by module path such as "features.0") or
+            one ClusterConfig for every layer.
+    Compose with a torchao activation quantizer (ComposableQuantizer) to quantize activations too.
+    """
+
+    def __init__(self, model_config: ConfigLike) -> None:
+        super().__init__()
+        self.model_config = _as_model_config(model_config)
+
+    def annotate(self, model: fx.GraphModule) -> fx.GraphModule:
+        for node in model.graph.nodes:
+            spec = _WEIGHT_OPS.get(node.target) if node.op == "call_function" else None
+            if spec is None:
+                continue
+            index, type_name = spec
+            weight = node.args[index]
+            if not (isinstance(weight, fx.Node) and weight.op == "get_attr"):
+                continue
+            name = _layer_name(node)
+            layer = _stand_in(type_name, _get_attr(model, weight.target))
+            cfg = self.model_config.resolve(name, layer)
+            cfg = None if cfg is None else _checked(name, layer, cfg, self.model_config)
+            if cfg is None:
+                continue
+            # torchao's own PartialWrapper: its prepare reads the class name through `.p.func`
+            ctr = _with_args(IDKMFakeQuantize, config=cfg, name=name)
+            qspec = QuantizationSpec(dtype=torch.uint8, observer_or_fake_quant_ctr=ctr)
+            annotation = node.meta.setdefault("quantization_annotation", QuantizationAnnotation())
+            annotation.input_qspec_map = _with_weight_spec(node, index, annotation.input_qspec_map, qspec)
+            annotation._annotated = True
+        return model
+
+    def validate(self, model: fx.GraphModule) -> None:
+        pass
+
+
+def _with_weight_spec(node: fx.Node, index: int, qspec_map: dict, qspec: QuantizationSpec) -> dict:
+    """input_qspec_map with the weight's spec, ordered (input, weight, rest) as torchao's conv-bn
+    QAT rewrite expects; an input nobody quantizes gets None (no observer)."""
+    if index == 0:  # embedding(weight, indices)
+        return {**qspec_map, node.args[0]: qspec}
+    x = node.args[0]
+    rest = {k: v for k, v in qspec_map.items() if k is not x and k is not node.args[1]}
+    return {x: qspec_map.get(x), node.args[1]: qspec, **rest}
+
+
+def _get_attr(model: nn.Module, target: str) -> Any:
+    obj: Any = model
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+class PalettizedWeight(nn.Module):
+    """A weight stored as packed n-bit codes + LUT; forward() returns the dense weight.
+
+    Buffers: codes uint8 [ceil(numel / d * bits / 8)], lut [groups, 2**bits, d] (lut_dtype).
+    forward() -> weight [weight_shape] in `dtype`.
+    """
+
+    def __init__(self, codes: torch.Tensor, lut: torch.Tensor, bits: int, weight_shape: tuple[int, ...],
+                 dtype: torch.dtype) -> None:
+        super().__init__()
+        self.bits, self.weight_shape, self.dtype = int(bits), tuple(weight_shape), dtype
+        self.num_codes = codes.numel()
+        self.register_buffer("codes", pack_codes(codes, bits))
+        self.register_buffer("lut", lut.detach().clone())
+
+    def forward(self) -> torch.Tensor:
+        codes = unpack_codes(self.codes, self.bits, self.num_codes).view(self.lut.shape[0], -1)
+        return lookup(codes, self.lut).reshape(self.weight_shape).to(self.dtype)
+
+    def extra_repr(self) -> str:
+        return f"weight_shape={list(self.weight_shape)}, bits={self.bits}, lut={list(self.lut.shape)}"
+
+
+def _evaluate(model: fx.GraphModule, node: Any, cache: dict) -> Any:
+    """Value of a node computed from parameters / buffers only (the weight subgraph)."""
+    if not isinstance(node, fx.Node):
+        if isinstance(node, (list, tuple)):
+            return type(node)(_evaluate(model, n, cache) for n in node)
+        return node
+    if node in cache:
+        return cache[node]
+    if node.op == "get_attr":
+        value = _get_attr(model, node.target)
+    elif node.op == "call_function":
+        args = _evaluate(model, node.args, cache)
+        kwargs = {k: _evaluate(model, v, cache) for k, v in node.kwargs.items()}
+        value = node.target(*args, **kwargs)
+    else:
+        raise ValueError(f"the weight of {node.name} depends on {node.op} {node.target}; expected parameters only")
+    cache[node] = value
+    return value
+
+
+def _free_name(model: nn.Module, base: str) -> str:
+    name, i = base, 1
+    while hasattr(model, name):
+        name, i = f"{base}_{i}", i + 1
+    return name
+
+
+def _set_fake_quant_training(model: nn.Module, mode: bool) -> None:
+    for module in model.modules():
+        if isinstance(module, IDKMFakeQuantize):
+            module.train(mode)
+
+
+def pt2e_eval(model: fx.GraphModule) -> fx.GraphModule:
+    """torchao's move_exported_model_to_eval, plus the IDKM fake-quants to eval (hard assignment)."""
+    from torchao.quantization.pt2e import move_exported_model_to_eval
+
+    move_exported_model_to_eval(model)
+    _set_fake_quant_training(model, False)
+    return model
+
+
+def pt2e_train(model: fx.GraphModule) -> fx.GraphModule:
+    """torchao's move_exported_model_to_train, plus the IDKM fake-quants to training (soft clustering)."""
+    from torchao.quantization.pt2e import move_exported_model_to_train
+
+    move_exported_model_to_train(model)
+    _set_fake_quant_training(model, True)
+    return model
+
+
+@torch.no_grad()
+def convert_pt2e_palettized(model: fx.GraphModule, **convert_kwargs: Any) -> fx.GraphModule:
+    """Replace every IDKM fake-quant call by a `PalettizedWeight` (codes + LUT), then `convert_pt2e`.
+
+    The codes are the hard nearest-centroid assignment of exactly the tensor the fake-quant sees
+    in the graph (for a conv followed by BatchNorm, the BN-scaled weight of torchao's QAT conv-bn
+    pattern), so the result equals the eval-mode QAT model (`pt2e_eval`). `convert_kwargs` go to
+    torchao's convert_pt2e. Modifies and returns `model`.
+    """
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e
+
+    pt2e_eval(model)
+    cache: dict = {}
+    for node in list(model.graph.nodes):
+        if node.op != "call_module":
+            continue
+        fq = model.get_submodule(node.target)
+        if not isinstance(fq, IDKMFakeQuantize):
+            continue
+        weight = _evaluate(model, node.args[0], cache)
+        codes, lut = fq.clusterer.codes_and_lut(weight)
+        pal = PalettizedWeight(codes, lut, fq.config.bits, tuple(weight.shape), weight.dtype)
+        target = _free_name(model, fq.clusterer.name.replace(".", "_") + "_palettized_weight")
+        model.add_submodule(target, pal)
+        node.target, node.args = target, ()
+    model.graph.eliminate_dead_code()
+    model.delete_all_unused_submodules()
+    model.recompile()
+    return convert_pt2e(model, **convert_kwargs)
