@@ -9,5 +9,6 @@ def import_brevitas() -> ModuleType:
         import brevitas
         import brevitas.nn  # noqa: F401
     except ImportError as err:
-        raise ImportError("idkm_plugin.integrations.brevitas needs Brevitas: pip install 'idkm-plugin[brevitas]'") from err
+        raise ImportError("idkm_plugin.integrations.brevitas needs Brevitas: "
+                          "pip install 'idkm-plugin[brevitas]'") from err
     return brevitas
