@@ -11,7 +11,6 @@ model computes.
 """
 from __future__ import annotations
 
-import copy
 import warnings
 from typing import Any, Optional
 
@@ -27,7 +26,7 @@ from idkm_plugin.nn import palettize_module
 
 from .fake_quantize import IDKMFakeQuantize
 
-__all__ = ["palettize_mapping", "palettize_qat_module", "qat_module_mapping", "folded_weight_and_bias",
+__all__ = ["FrozenActivationFakeQuant", "palettize_mapping", "palettize_qat_module", "qat_module_mapping", "folded_weight_and_bias",
            "QAT_TYPES"]
 
 _RELU_TYPES = (nniqat.ConvBnReLU1d, nniqat.ConvBnReLU2d, nniqat.ConvReLU1d, nniqat.ConvReLU2d, nniqat.LinearReLU)
@@ -66,14 +65,42 @@ def folded_weight_and_bias(mod: nn.Module) -> tuple[torch.Tensor, Optional[torch
     return weight.detach(), bias.detach()
 
 
+class FrozenActivationFakeQuant(nn.Module):
+    """An activation fake-quant with its trained scale / zero point frozen (no observer).
+
+    Computes what torch.ao's FakeQuantize computes in eval mode with its observer disabled;
+    x -> x of the same shape. (A frozen copy of the FakeQuantize itself would not survive
+    `convert`, which strips every `activation_post_process`, including the fake-quant's observer.)
+    """
+
+    def __init__(self, fq: nn.Module) -> None:
+        super().__init__()
+        if not all(hasattr(fq, a) for a in ("scale", "zero_point", "quant_min", "quant_max")):
+            raise ValueError(f"activation fake-quant {type(fq).__name__} has no scale / zero_point / quant range; "
+                             "supported: torch.ao FakeQuantize and its subclasses")
+        self.register_buffer("scale", fq.scale.detach().clone())
+        self.register_buffer("zero_point", fq.zero_point.detach().clone())
+        self.quant_min, self.quant_max = int(fq.quant_min), int(fq.quant_max)
+        self.ch_axis = int(getattr(fq, "ch_axis", -1))
+        self.per_channel = bool(getattr(fq, "is_per_channel", False))
+        self.enabled = bool(fq.fake_quant_enabled[0] == 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.enabled:
+            return x
+        if self.per_channel:
+            return torch.fake_quantize_per_channel_affine(x, self.scale, self.zero_point, self.ch_axis,
+                                                          self.quant_min, self.quant_max)
+        return torch.fake_quantize_per_tensor_affine(x, self.scale, self.zero_point, self.quant_min, self.quant_max)
+
+    def extra_repr(self) -> str:
+        return f"quant_min={self.quant_min}, quant_max={self.quant_max}, per_channel={self.per_channel}"
+
+
 def _frozen_activation(mod: nn.Module) -> Optional[nn.Module]:
-    """A frozen copy of the module's activation fake-quant, or None (weight-only / observer only)."""
+    """The module's activation fake-quant, frozen, or None (weight-only: placeholder / observer only)."""
     act = getattr(mod, "activation_post_process", None)
-    if not isinstance(act, FakeQuantizeBase):
-        return None
-    act = copy.deepcopy(act).eval()
-    act.disable_observer()
-    return act
+    return FrozenActivationFakeQuant(act) if isinstance(act, FakeQuantizeBase) else None
 
 
 def palettize_qat_module(mod: nn.Module) -> nn.Module:
