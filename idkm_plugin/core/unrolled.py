@@ -14,7 +14,7 @@ def unrolled_soft_kmeans(x: torch.Tensor, c0: torch.Tensor, tau: torch.Tensor, m
     Every iteration stays on the autograd tape, as in the DKM paper; the initial centroids are a
     warm start and receive no gradient.
     """
-    c = c0.detach()
+    c = c0.detach().clone()  # the caller may update its centroid buffer in place after forward
     scale = x.detach().abs().amax().clamp_min(torch.finfo(x.dtype).tiny)
     stats.forward_iters = 0
     for it in range(1, max_iter + 1):

@@ -103,12 +103,7 @@ def test_issue_examples_and_overrides_read_back():
                            **weight_quant_kwargs(cfg)).weight_quant.cluster_config == cfg
 
 
-DKM_DIM2_BUG = pytest.mark.xfail(
-    raises=RuntimeError, reason="core bug: unrolled_soft_kmeans keeps c0.detach(), which shares the centroid "
-    "buffer's version counter; WeightClusterer's centroids.copy_ then breaks backward when dim > 1")
-
-
-@pytest.mark.parametrize("quant", [IDKMWeightQuant, JFBWeightQuant, pytest.param(DKMWeightQuant, marks=DKM_DIM2_BUG)])
+@pytest.mark.parametrize("quant", [IDKMWeightQuant, JFBWeightQuant, DKMWeightQuant])
 def test_overrides_change_the_trained_lut(quant):
     torch.manual_seed(0)
     layer = qnn.QuantConv2d(4, 8, 3, weight_quant=quant, weight_bit_width=3, weight_cluster_dim=2)
