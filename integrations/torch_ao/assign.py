@@ -89,15 +89,18 @@ def _unclusterable(mp: ModelConfig, message: str) -> None:
 
 
 def assign_qconfigs(model: nn.Module, model_config: ConfigLike, *,
-                    activation: Optional[Callable[..., Any]] = None) -> nn.Module:
+                    activation: Optional[Callable[..., Any]] = None,
+                    mapping: Optional[dict[type, type]] = None) -> nn.Module:
     """Set `.qconfig` of every clusterable layer of `model` (in place) from the per-layer config.
 
     Call it after `fuse_modules_qat` and before `torch.ao.quantization.prepare_qat`. A layer
     resolved to None gets `qconfig = None` (stays float, even under a parent's qconfig).
     `activation`: optional torch.ao activation fake-quant constructor for the clustered layers.
+    `mapping`: the QAT mapping you will hand to prepare_qat (default: torch.ao's); clustered layers
+    it does not swap (Conv1d, Embedding under torch.ao's default) are warned about here.
     Returns `model`.
     """
-    default_qat = get_default_qat_module_mappings()
+    default_qat = get_default_qat_module_mappings() if mapping is None else mapping
     not_default: list[str] = []
     for name, module, cfg in resolve_layers(model, model_config):
         module.qconfig = None if cfg is None else idkm_qconfig(cfg, activation=activation, name=name)

@@ -158,6 +158,15 @@ def _evaluate(model: fx.GraphModule, node: Any, cache: dict) -> Any:
     return value
 
 
+def _delete_unused_attrs(model: fx.GraphModule, targets: set[str]) -> None:
+    """Delete the parameters / buffers in `targets` that no get_attr node reads any more."""
+    used = {n.target for n in model.graph.nodes if n.op == "get_attr"}
+    for target in targets - used:
+        owner_name, _, attr = target.rpartition(".")
+        owner = model.get_submodule(owner_name) if owner_name else model
+        delattr(owner, attr)
+
+
 def _free_name(model: nn.Module, base: str) -> str:
     name, i = base, 1
     while hasattr(model, name):
@@ -215,6 +224,22 @@ def convert_pt2e_palettized(model: fx.GraphModule, **convert_kwargs: Any) -> fx.
         model.add_submodule(target, pal)
         node.target, node.args = target, ()
     model.graph.eliminate_dead_code()
+    _delete_unused_attrs(model, {n.target for n in cache if n.op == "get_attr"})
     model.delete_all_unused_submodules()
     model.recompile()
+    if not _has_other_quantizers(model):
+        # Weight-only: nothing left for torchao to convert. (Its convert_pt2e would spend about a
+        # second per conv-bn pattern export in _fold_conv_bn_qat, whose q/dq patterns cannot
+        # match a palettized weight; the BatchNorm stays a separate eval-mode op.)
+        return model
     return convert_pt2e(model, **convert_kwargs)
+
+
+def _has_other_quantizers(model: nn.Module) -> bool:
+    """Whether activation observers / fake-quants (torch.ao's or torchao's) remain in the model."""
+    import torchao.quantization.pt2e as ao_pt2e
+    from torch.ao.quantization import FakeQuantizeBase as TorchFakeQuantizeBase
+    from torch.ao.quantization.observer import ObserverBase as TorchObserverBase
+
+    kinds = (ao_pt2e.ObserverBase, ao_pt2e.FakeQuantizeBase, TorchObserverBase, TorchFakeQuantizeBase)
+    return any(isinstance(m, kinds) for m in model.modules())

@@ -69,7 +69,7 @@ def ddp_worker(rank: int, world: int, init_file: str, out_dir: str, x: torch.Ten
     try:
         torch.manual_seed(0)  # identical initial weights on every rank
         model = fused(MnistNet())
-        assign_qconfigs(model, ClusterConfig(method="idkm", bits=2, max_iter=10))
+        assign_qconfigs(model, ClusterConfig(method="idkm", bits=2, max_iter=10), mapping=qat_module_mapping())
         qat = prepare_qat(model, mapping=qat_module_mapping())
         ddp = DistributedDataParallel(qat)
         shard = slice(rank * 32 * 20, (rank + 1) * 32 * 20)

@@ -1,0 +1,66 @@
+"""Mixed precision from a ModelConfig: assign_qconfigs (eager) reads back exactly from the converted model."""
+import pytest
+import torch
+from torch import nn
+
+tq = pytest.importorskip("torch.ao.quantization")
+
+from mnist_data import mnist  # noqa: E402
+from torch_ao_models import MnistNet, fused, train  # noqa: E402
+
+from idkm_plugin import ClusterConfig, ModelConfig  # noqa: E402
+from idkm_plugin.export import size_report  # noqa: E402
+from idkm_plugin.integrations.torch_ao import assign_qconfigs, palettize_mapping, qat_module_mapping  # noqa: E402
+from idkm_plugin.nn import PalettizedModule  # noqa: E402
+
+YAML = """
+default: {method: idkm, bits: 4, max_iter: 10}
+by_type:
+  Linear: {bits: 2, dim: 4}
+by_name:
+  "re:conv1d|dw": {bits: 3, dim: 3}
+  emb: skip
+small_layer_params: 100
+small_layer: {bits: 8}
+"""
+
+
+def mixed_config(tmp_path) -> ModelConfig:
+    path = tmp_path / "mixed.yaml"
+    path.write_text(YAML)
+    return ModelConfig.from_yaml(str(path))
+
+
+def test_mixed_precision_bits_and_dims_read_back(tmp_path):
+    mp = mixed_config(tmp_path)
+    torch.manual_seed(0)
+    model = assign_qconfigs(fused(MnistNet()), mp, mapping=qat_module_mapping())
+    qat = tq.prepare_qat(model, mapping=qat_module_mapping())
+    x, y = mnist("train", 320)
+    train(qat, x, y, steps=3)
+    deployed = tq.convert(qat.eval(), mapping=palettize_mapping())
+    got = {n: (m.bits, m.dim) for n, m in deployed.named_modules() if isinstance(m, PalettizedModule)}
+    # conv (72 weights) < 100: small-layer rule; dw matches the regex before by_type; emb is None
+    assert got == {"conv.0": (8, 1), "dw": (3, 3), "conv1d": (3, 3), "fc": (2, 4)}
+    assert type(deployed.emb) is nn.Embedding
+
+    report = size_report(deployed)
+    assert {layer.name: (layer.bits, layer.dim) for layer in report.layers} == got
+    for layer in report.layers:
+        module = deployed.get_submodule(layer.name)
+        assert layer.code_bytes == module.codes.numel() == -(-module.num_codes * module.bits // 8)
+        assert layer.lut_bytes == module.lut.numel() * module.lut.element_size()
+    stored = sum(t.numel() * t.element_size() for t in deployed.state_dict().values() if t.is_floating_point()
+                 or t.dtype == torch.uint8)
+    assert report.total_bytes == stored
+
+
+def test_fused_layer_resolves_by_its_name_and_conv_type():
+    torch.manual_seed(0)
+    model = fused(MnistNet())
+    mp = ModelConfig(default=None, by_type={"Conv2d": ClusterConfig(bits=2)})
+    assign_qconfigs(model, mp)
+    assert model.conv.qconfig.weight().config.bits == 2  # ConvBnReLU2d resolved as its Conv2d
+    assert model.dw.qconfig.weight().config.bits == 2
+    assert model.fc.qconfig is None and model.emb.qconfig is None and model.conv1d.qconfig is None
+    assert model.conv.qconfig.weight().clusterer.name == "conv"
