@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import copy
 
-from torch import fx, nn
+from torch import fx
 from torch.ao.quantization import FakeQuantizeBase
 
 from .convert import QAT_TYPES, palettize_qat_module

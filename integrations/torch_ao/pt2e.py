@@ -15,13 +15,11 @@ with one that quantizes activations).
 """
 from __future__ import annotations
 
-import math
-from typing import Any, Optional
+from typing import Any
 
 import torch
 from torch import fx, nn
 
-from idkm_plugin.config import ClusterConfig, ModelConfig
 from idkm_plugin.core import lookup
 from idkm_plugin.export.packing import pack_codes, unpack_codes
 
