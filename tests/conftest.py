@@ -4,4 +4,5 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))  # tests/mnist_data.py for every test folder
-torch.set_num_threads(min(2, torch.get_num_threads()))
+# One intra-op thread: the tests are many small ops, where threads cost more than they give.
+torch.set_num_threads(1)

@@ -70,18 +70,19 @@ def output_pass(x: torch.Tensor, n: Optional[torch.Tensor], c: torch.Tensor, tau
                 keep_attention: bool):
     """X~ = A(C) C [g, r, d], cluster masses S [g, k], F(C) [g, k, d], and A [g, r, k] if kept."""
     x_hat = torch.empty_like(x)
-    num = torch.zeros_like(c)
-    mass = torch.zeros(c.shape[:2], dtype=c.dtype, device=c.device)
+    num = torch.zeros(c.shape, dtype=torch.float64, device=c.device)
+    mass = torch.zeros(c.shape[:2], dtype=torch.float64, device=c.device)
     kept = []
     for s in row_chunks(x.shape[1], rows):
         a = attention(x[:, s], c, tau)
         x_hat[:, s] = torch.bmm(a, c)
         aw = weighted(a, None if n is None else n[:, s])
-        num += torch.bmm(aw.transpose(1, 2), x[:, s])
-        mass += aw.sum(1)
+        num += torch.bmm(aw.transpose(1, 2), x[:, s]).double()
+        mass += aw.sum(1).double()
         if keep_attention:
             kept.append(a)
-    f = update_centroids(c, num, mass)
+    mass = mass.to(c.dtype)
+    f = update_centroids(c, num.to(c.dtype), mass)
     return x_hat, mass, f, (torch.cat(kept, 1) if keep_attention else None)
 
 

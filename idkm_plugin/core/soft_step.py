@@ -11,6 +11,9 @@ import torch
 
 # Elements of one [g, rows, k] chunk in the automatic memory bound (32 MiB in float32).
 AUTO_CHUNK_ELEMENTS = 1 << 23
+# Rows per automatic chunk at most: float32 sums over longer runs of rows lose accuracy
+# (partial sums are accumulated across chunks in float64).
+AUTO_CHUNK_MAX_ROWS = 8192
 
 
 def default_tau(x: torch.Tensor, k: int) -> torch.Tensor:
@@ -57,7 +60,7 @@ def chunk_rows(chunk_size: Optional[int], g: int, r: int, k: int, d: int) -> int
     """Rows per chunk: `chunk_size` if given, else the automatic memory bound."""
     if chunk_size:
         return max(1, min(int(chunk_size), r))
-    return max(1, min(r, AUTO_CHUNK_ELEMENTS // max(1, g * k * max(d, 1))))
+    return max(1, min(r, AUTO_CHUNK_MAX_ROWS, AUTO_CHUNK_ELEMENTS // max(1, g * k * max(d, 1))))
 
 
 def row_chunks(r: int, rows: int) -> Iterator[slice]:
@@ -84,10 +87,9 @@ def update_centroids(c: torch.Tensor, num: torch.Tensor, mass: torch.Tensor) -> 
 def soft_step(x: torch.Tensor, n: Optional[torch.Tensor], c: torch.Tensor, tau: torch.Tensor,
               rows: int) -> torch.Tensor:
     """F(C) = sum_i n_i A_ij x_i / sum_i n_i A_ij, accumulated over row chunks. Returns [g, k, d]."""
-    num = torch.zeros_like(c)
-    mass = torch.zeros(c.shape[:2], dtype=c.dtype, device=c.device)
+    num, mass = 0, 0
     for s in row_chunks(x.shape[1], rows):
         a = weighted(attention(x[:, s], c, tau), None if n is None else n[:, s])
-        num = num + torch.bmm(a.transpose(1, 2), x[:, s])
-        mass = mass + a.sum(1)
-    return update_centroids(c, num, mass)
+        num = num + torch.bmm(a.transpose(1, 2), x[:, s]).double()
+        mass = mass + a.sum(1).double()
+    return update_centroids(c, num.to(c.dtype), mass.to(c.dtype))
