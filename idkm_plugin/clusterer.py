@@ -52,12 +52,19 @@ class WeightClusterer(nn.Module):
         return weight.reshape(vector_shape(weight.shape, self.config.dim, self.group_size, self.name))
 
     def active(self) -> bool:
+        """Enabled, and `start_step` training forwards have already run unclustered."""
         return self.enabled and int(self.step) >= self.config.start_step
 
-    def forward(self, weight: torch.Tensor) -> torch.Tensor:
-        if self.training and self.enabled:
+    def count_step(self) -> bool:
+        """Count one training forward; True if clustering applies to it."""
+        on = self.active()
+        if self.enabled:
             self.step += 1
-        if not self.active():
+        return on
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        on = self.count_step() if self.training else self.active()
+        if not on:
             return weight
         x = self.vectors(weight)
         self.initialize(weight)

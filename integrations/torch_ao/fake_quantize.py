@@ -76,8 +76,7 @@ class IDKMFakeQuantize(FakeQuantizeBase):
         if not clusterer.enabled:
             return weight
         if self.training and self.observer_enabled[0] == 0:
-            clusterer.step += 1
-            if not clusterer.active():
+            if not clusterer.count_step():
                 return weight
             clusterer.initialize(weight)
             return self._frozen_soft(weight)

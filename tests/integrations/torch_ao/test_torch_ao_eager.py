@@ -133,10 +133,10 @@ def test_start_step_switches_clustering_on_after_n_training_forwards():
     lin.qconfig = idkm_qconfig(bits=2, start_step=3, **FAST)
     qat = tq.prepare_qat(nn.Sequential(lin).train())
     fq, w = qat[0].weight_fake_quant, qat[0].weight
-    for _ in range(2):
+    for _ in range(3):  # start_step training forwards run unclustered
         assert torch.equal(fq(w), w)
-    assert not torch.equal(fq(w), w)  # third training forward: clustering is on
-    assert int(fq.clusterer.step) == 3
+    assert not torch.equal(fq(w), w)  # the fourth is clustered
+    assert int(fq.clusterer.step) == 4
 
 
 def test_activation_fake_quant_is_kept_frozen_after_convert():
