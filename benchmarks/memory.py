@@ -54,7 +54,7 @@ def make_problem(run: Run, device: str, seed: int = 0) -> tuple[torch.Tensor, to
 
 
 def measure(run: Run, device: str, timed: bool = True) -> tuple[int, float]:
-    """(bytes held for backward, seconds of forward + backward)."""
+    """(bytes held for backward, seconds of forward + backward; forward only when not timed)."""
     x, c0 = make_problem(run, device)
     x.requires_grad_()
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
@@ -70,7 +70,12 @@ def measure(run: Run, device: str, timed: bool = True) -> tuple[int, float]:
 
 
 def held_bytes(run: Run, device: str, limit: int) -> tuple[int, bool]:
-    """Held bytes, measured, or extrapolated (affine in m) from two small sizes when over the limit."""
+    """Held bytes, measured, or extrapolated (affine in m) from two small sizes when over the limit.
+
+    idkm / idkm_jfb hold the same bytes at any t (tests/core/test_memory.py), so they run t = 3.
+    """
+    if run.method != "dkm":
+        run = Run(**{**run.__dict__, "t": 3})
     small = [Run(**{**run.__dict__, "m": m}) for m in (4096, 8192)]
     b1, b2 = (measure(r, device, timed=False)[0] for r in small)
     per_row = (b2 - b1) / 4096
@@ -131,7 +136,7 @@ def budget_table(device: str, budget: int) -> str:
     """Largest m each method can cluster at 8 bits, d = 1, t = 30 with `budget` bytes held."""
     rows = []
     for method, chunk in [("dkm", None), ("idkm", 0), ("idkm", None), ("idkm_jfb", None)]:
-        runs = [Run(method, m, 8, 1, 30, chunk) for m in (4096, 8192)]
+        runs = [Run(method, m, 8, 1, 30 if method == "dkm" else 3, chunk) for m in (4096, 8192)]
         b1, b2 = (measure(r, device, timed=False)[0] for r in runs)
         per_row = (b2 - b1) / 4096
         largest = int((budget - (b1 - per_row * 4096)) // per_row)
@@ -157,7 +162,8 @@ def uniquify_table(device: str, side: int, t: int) -> str:
     (t_plain, c_plain, g_plain), (t_uniq, c_uniq, g_uniq) = results["off"], results["on"]
     rel_c = float(torch.linalg.norm(c_uniq - c_plain) / torch.linalg.norm(c_plain))
     rel_g = float(torch.linalg.norm((g_uniq - g_plain).float()) / torch.linalg.norm(g_plain.float()))
-    header = ["weight", "plain fwd+bwd (s)", "uniquified fwd+bwd (s)", "speed-up", "centroid rel. diff", "grad rel. diff"]
+    header = ["weight", "plain fwd+bwd (s)", "uniquified fwd+bwd (s)", "speed-up", "centroid rel. diff",
+              "grad rel. diff (bf16 grads)"]
     row = [f"bf16 {side}x{side}, 4 bits, t={t}", f"{t_plain:.2f}", f"{t_uniq:.3f}", f"{t_plain / t_uniq:.0f}x",
            f"{rel_c:.1e}", f"{rel_g:.1e}"]
     return table(header, [row])
@@ -193,8 +199,11 @@ def main() -> None:
     parser.add_argument("--budget-gib", type=float, default=4.0, help="memory budget of the headline table")
     parser.add_argument("--measure-limit-gib", type=float, default=2.0,
                         help="extrapolate (affine in m) instead of running configurations holding more than this")
+    parser.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
     parser.add_argument("--out", default=RESULTS)
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     os.makedirs(args.out, exist_ok=True)
     quick = args.quick
     limit = int(args.measure_limit_gib * GIB)
@@ -217,7 +226,8 @@ def main() -> None:
         "### Held for backward vs iterations (m = {:,}, 4 bits, d = 1)\n\n".format(4096 if quick else 65536) + iter_md,
         "### Held for backward vs layer size (t = 30)\n\n" + scale_md +
         "\n\n\\* extrapolated: held bytes are affine in m (checked on every measured size), "
-        "from exact measurements at m = 4,096 and 8,192.",
+        "from exact measurements at m = 4,096 and 8,192. idkm / idkm_jfb hold the same bytes at any t "
+        "(asserted in tests/core/test_memory.py) and are measured at t = 3.",
         f"### Largest layer under a {args.budget_gib:g} GiB budget held for backward (8 bits, d = 1, t = 30)\n\n" +
         budget_md,
         "### eDKM uniquification (idkm, memory-bounded)\n\n" + uniq_md,
