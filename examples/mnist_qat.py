@@ -156,7 +156,7 @@ def main(argv=None) -> dict:
     with open(os.path.join(args.out, "report.json"), "w") as f:
         json.dump(report, f, indent=2, default=str)
     with open(os.path.join(args.out, "report.md"), "w") as f:
-        f.write(f"# MNIST CNN palettized with {rows[1]['model']}\n\n{table}\n\n"
+        f.write(f"# MNIST CNN: {rows[1]['model']} through torch.ao QAT\n\n{table}\n\n"
                 f"Fine-tuning: {args.steps} steps of batch {args.batch_size} (lr {args.lr}, seed {args.seed}), "
                 f"median step {train.step_seconds * 1e3:.0f} ms; whole script {elapsed:.0f} s on {device}.\n\n"
                 f"## Layers\n\n{layers.to_markdown()}\n")
