@@ -2,8 +2,8 @@
 from .hard import hard_assign, lookup
 from .implicit import SolveStats
 from .init import init_centroids
-from .soft_kmeans import compute_dtype, soft_kmeans, use_uniquify
-from .soft_step import attention, default_tau, soft_step
+from .soft_kmeans import soft_kmeans, use_uniquify
+from .soft_step import attention, compute_dtype, default_tau, soft_step
 from .vectors import from_vectors, to_vectors, vector_shape
 
 __all__ = ["SolveStats", "attention", "compute_dtype", "default_tau", "from_vectors", "hard_assign",

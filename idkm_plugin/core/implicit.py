@@ -26,7 +26,8 @@ from typing import NamedTuple, Optional
 import torch
 
 from .gmres import gmres
-from .soft_step import attention, chunk_rows, mass_floor, row_chunks, soft_step, update_centroids, weighted
+from .soft_step import (attention, chunk_rows, compute_dtype, mass_floor, row_chunks, soft_step, update_centroids,
+                        weighted)
 from .uniquify import gather_rows, scatter_rows, uniquify_rows
 
 
@@ -123,7 +124,7 @@ class ImplicitSoftKMeans(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, c0, tau, opts: SolveOptions, stats: SolveStats):
-        cdtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+        cdtype = compute_dtype(x.dtype)
         if opts.uniquify:
             rows_x, n, inv = uniquify_rows(x.detach(), cdtype)
             rows_x = rows_x.to(cdtype)

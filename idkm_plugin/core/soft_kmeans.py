@@ -7,15 +7,10 @@ import torch
 
 from .enums import Method, Uniquify
 from .implicit import SolveOptions, SolveStats, implicit_soft_kmeans
-from .soft_step import as_tau
+from .soft_step import as_tau, compute_dtype
 from .unrolled import unrolled_soft_kmeans
 
 _HALF = (torch.float16, torch.bfloat16)
-
-
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """float64 stays float64; every other weight dtype is clustered in float32."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def use_uniquify(uniquify: Uniquify | str, method: Method | str, dtype: torch.dtype, d: int) -> bool:

@@ -16,6 +16,11 @@ AUTO_CHUNK_ELEMENTS = 1 << 23
 AUTO_CHUNK_MAX_ROWS = 8192
 
 
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float64 stays float64; every other weight dtype is clustered in float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def default_tau(x: torch.Tensor, k: int) -> torch.Tensor:
     """The weight-derived temperature, x [g, m, d] -> tau [g, 1, 1].
 
