@@ -35,6 +35,7 @@ from ptq import ptq_kmeans  # noqa: E402
 
 from idkm_plugin import ClusterConfig, ModelConfig  # noqa: E402
 from idkm_plugin.export import size_report  # noqa: E402
+from idkm_plugin.profiling import SavedTensorBytes  # noqa: E402
 
 ALL_CONFIGS = "1/1,2/1,4/4,8/8,4/1"
 ALL_METHODS = "float,ptq,uniform,dkm_t3,dkm_t30,idkm_t30,idkm_jfb_t30"
@@ -51,18 +52,11 @@ def model_config(bits: int, dim: int, method: str = "idkm", max_iter: int = 30) 
 
 def held_for_backward(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> int:
     """Bytes of the unique storages autograd saves for backward in one training step."""
-    storages: dict[int, int] = {}
-
-    def pack(t: torch.Tensor):
-        s = t.untyped_storage()
-        storages[s.data_ptr()] = max(storages.get(s.data_ptr(), 0), s.nbytes())
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    with SavedTensorBytes() as saved:
         loss = nn.functional.cross_entropy(model(x), y)
     loss.backward()
     model.zero_grad(set_to_none=True)
-    return sum(storages.values())
+    return saved.bytes
 
 
 def uniform_qat(model: nn.Module, bits: int):
@@ -89,8 +83,9 @@ def uniform_size(model: nn.Module, bits: int) -> tuple[int, int]:
         if isinstance(module, (nn.Linear, nn.Conv2d)):
             b = bits if module.weight.numel() >= 4096 else SMALL_BITS
             total += math.ceil(module.weight.numel() * b / 8) + 8 * module.weight.shape[0]
-            total += 4 * module.bias.numel()
-            f32 += 4 * (module.weight.numel() + module.bias.numel())
+            bias = 0 if module.bias is None else module.bias.numel()
+            total += 4 * bias
+            f32 += 4 * (module.weight.numel() + bias)
     return total, f32
 
 

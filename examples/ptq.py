@@ -6,6 +6,7 @@ configured init, linear by default as in Deep Compression) and replaced by its p
 from __future__ import annotations
 
 import copy
+from typing import Optional
 
 import torch
 from torch import nn
@@ -35,7 +36,8 @@ def lloyd(x: torch.Tensor, c: torch.Tensor, iters: int = 50) -> torch.Tensor:
 
 
 @torch.no_grad()
-def ptq_kmeans(model: nn.Module, model_config: ModelConfig, init: str = "linear", iters: int = 50) -> nn.Module:
+def ptq_kmeans(model: nn.Module, model_config: ModelConfig, init: Optional[str] = "linear",
+               iters: int = 50) -> nn.Module:
     """A palettized copy of `model`: every layer the ModelConfig clusters gets k-means codes + LUT."""
     model = copy.deepcopy(model).eval()
     for name, module in list(model.named_modules()):
@@ -44,7 +46,7 @@ def ptq_kmeans(model: nn.Module, model_config: ModelConfig, init: str = "linear"
         cfg = model_config.resolve(name, module)
         if cfg is None:
             continue
-        clusterer = WeightClusterer(cfg.replace(init=init), name=name).eval()
+        clusterer = WeightClusterer(cfg if init is None else cfg.replace(init=init), name=name).eval()
         clusterer.initialize(module.weight)
         x = clusterer.vectors(module.weight.detach()).to(clusterer.centroids.dtype)
         clusterer.centroids = lloyd(x, clusterer.centroids, iters)

@@ -19,7 +19,8 @@ from torch.ao.quantization import FakeQuantizeBase
 
 from idkm_plugin.clusterer import WeightClusterer
 from idkm_plugin.config import ClusterConfig
-from idkm_plugin.core import attention, default_tau, from_vectors
+from idkm_plugin.core import attention, from_vectors
+from idkm_plugin.core.soft_step import as_tau
 
 __all__ = ["IDKMFakeQuantize", "is_idkm_fake_quant"]
 
@@ -86,7 +87,7 @@ class IDKMFakeQuantize(FakeQuantizeBase):
         """A(C, W) C with the LUT C frozen: differentiable w.r.t. W, the centroids do not move."""
         c = self.clusterer.centroids
         x = self.clusterer.vectors(weight).to(c.dtype)
-        tau = default_tau(x, self.config.k) if self.config.tau is None else self.config.tau
+        tau = as_tau(self.config.tau, x, self.config.k)
         x_hat = torch.bmm(attention(x, c, tau), c)
         return from_vectors(x_hat.to(weight.dtype), weight.shape)
 

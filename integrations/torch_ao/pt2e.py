@@ -20,8 +20,7 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from idkm_plugin.core import lookup
-from idkm_plugin.export.packing import pack_codes, unpack_codes
+from idkm_plugin.nn import PalettizedModule
 
 from .assign import ConfigLike, _as_model_config, _checked
 from .fake_quantize import IDKMFakeQuantize
@@ -113,8 +112,8 @@ def _get_attr(model: nn.Module, target: str) -> Any:
     return obj
 
 
-class PalettizedWeight(nn.Module):
-    """A weight stored as packed n-bit codes + LUT; forward() returns the dense weight.
+class PalettizedWeight(PalettizedModule):
+    """A weight stored as packed n-bit codes + LUT (no layer around it); forward() returns the dense weight.
 
     Buffers: codes uint8 [ceil(numel / d * bits / 8)], lut [groups, 2**bits, d] (lut_dtype).
     forward() -> weight [weight_shape] in `dtype`.
@@ -122,18 +121,10 @@ class PalettizedWeight(nn.Module):
 
     def __init__(self, codes: torch.Tensor, lut: torch.Tensor, bits: int, weight_shape: tuple[int, ...],
                  dtype: torch.dtype) -> None:
-        super().__init__()
-        self.bits, self.weight_shape, self.dtype = int(bits), tuple(weight_shape), dtype
-        self.num_codes = codes.numel()
-        self.register_buffer("codes", pack_codes(codes, bits))
-        self.register_buffer("lut", lut.detach().clone())
+        super().__init__(weight_shape, codes, lut, bits, None, dtype)
 
     def forward(self) -> torch.Tensor:
-        codes = unpack_codes(self.codes, self.bits, self.num_codes).view(self.lut.shape[0], -1)
-        return lookup(codes, self.lut).reshape(self.weight_shape).to(self.dtype)
-
-    def extra_repr(self) -> str:
-        return f"weight_shape={list(self.weight_shape)}, bits={self.bits}, lut={list(self.lut.shape)}"
+        return self.dequantize_weight()
 
 
 def _evaluate(model: fx.GraphModule, node: Any, cache: dict) -> Any:

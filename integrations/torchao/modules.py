@@ -109,19 +109,15 @@ class IDKMFakeQuantEmbedding(IDKMFakeQuantMixin, nn.Embedding):
                            self.scale_grad_by_freq, self.sparse)
 
 
-# Most specific first: the fake-quant classes are subclasses of the float ones.
-_FAKE_QUANT = [(nn.Linear, IDKMFakeQuantLinear), (nn.Conv1d, IDKMFakeQuantConv1d),
-               (nn.Conv2d, IDKMFakeQuantConv2d), (nn.Embedding, IDKMFakeQuantEmbedding)]
+# Exact float types only: subclasses (torch.ao QAT layers, Brevitas layers, MultiheadAttention's out_proj,
+# user layers with their own forward) are not float layers to swap.
+_FAKE_QUANT = {nn.Linear: IDKMFakeQuantLinear, nn.Conv1d: IDKMFakeQuantConv1d,
+               nn.Conv2d: IDKMFakeQuantConv2d, nn.Embedding: IDKMFakeQuantEmbedding}
 
 
 def fake_quant_class(module: nn.Module) -> Optional[type[IDKMFakeQuantMixin]]:
     """The fake-quantized class for a float layer, or None when the layer is not supported."""
-    if isinstance(module, nn.modules.linear.NonDynamicallyQuantizableLinear):
-        return None  # MultiheadAttention's out_proj: its weight is read directly, never through forward
-    for float_cls, fq_cls in _FAKE_QUANT:
-        if type(module) is float_cls or (isinstance(module, float_cls) and not isinstance(module, IDKMFakeQuantMixin)):
-            return fq_cls
-    return None
+    return _FAKE_QUANT.get(type(module))
 
 
 def layer_label(module: nn.Module) -> str:
