@@ -19,15 +19,6 @@ from idkm_plugin.nn import PalettizedConv2d, PalettizedEmbedding, PalettizedLine
 QUANTS = {"dkm": DKMWeightQuant, "idkm": IDKMWeightQuant, "idkm_jfb": JFBWeightQuant}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The training tests are tiny; extra threads only contend for the shared cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def tiny_net(weight_quant, **kw) -> nn.Sequential:
     """conv (1->4, 3x3, stride 2) + linear (676->10), Brevitas layers, int8 input activations."""
     torch.manual_seed(0)

@@ -20,15 +20,6 @@ from idkm_plugin.nn import (PalettizedConv1d, PalettizedConv2d, PalettizedEmbedd
                             PalettizedModule)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The training tests are tiny; extra threads only contend for the shared cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 class TinyNet(nn.Module):
     """conv (1->4, 3x3, stride 2) + linear (676->10): 4,406 weights."""
 
