@@ -59,34 +59,27 @@ class IDKMFakeQuantLinear(IDKMFakeQuantMixin, nn.Linear):
         return F.linear(x, self.clustered_weight(), self.bias)
 
 
-class IDKMFakeQuantConv1d(IDKMFakeQuantMixin, nn.Conv1d):
+class _IDKMFakeQuantConvNd(IDKMFakeQuantMixin):
+    """from_float and forward shared by the fake-quantized Conv1d and Conv2d."""
+
+    @classmethod
+    def from_float(cls, module: nn.Module, config: ClusterConfig, name: str = "weight") -> "_IDKMFakeQuantConvNd":
+        new = cls(module.in_channels, module.out_channels, module.kernel_size, module.stride, module.padding,
+                  module.dilation, module.groups, module.bias is not None, module.padding_mode, device="meta")
+        _share_parameters(new, module)
+        new._attach(config, name)
+        return new
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._conv_forward(x, self.clustered_weight(), self.bias)
+
+
+class IDKMFakeQuantConv1d(_IDKMFakeQuantConvNd, nn.Conv1d):
     """nn.Conv1d whose weight [out, in/groups, k] is clustered on the fly. x [N, C, L] -> [N, out, L']."""
 
-    @classmethod
-    def from_float(cls, module: nn.Conv1d, config: ClusterConfig, name: str = "weight") -> "IDKMFakeQuantConv1d":
-        new = cls(module.in_channels, module.out_channels, module.kernel_size, module.stride, module.padding,
-                  module.dilation, module.groups, module.bias is not None, module.padding_mode, device="meta")
-        _share_parameters(new, module)
-        new._attach(config, name)
-        return new
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._conv_forward(x, self.clustered_weight(), self.bias)
-
-
-class IDKMFakeQuantConv2d(IDKMFakeQuantMixin, nn.Conv2d):
+class IDKMFakeQuantConv2d(_IDKMFakeQuantConvNd, nn.Conv2d):
     """nn.Conv2d whose weight [out, in/groups, kh, kw] is clustered on the fly. x [N, C, H, W] -> [N, out, H', W']."""
-
-    @classmethod
-    def from_float(cls, module: nn.Conv2d, config: ClusterConfig, name: str = "weight") -> "IDKMFakeQuantConv2d":
-        new = cls(module.in_channels, module.out_channels, module.kernel_size, module.stride, module.padding,
-                  module.dilation, module.groups, module.bias is not None, module.padding_mode, device="meta")
-        _share_parameters(new, module)
-        new._attach(config, name)
-        return new
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._conv_forward(x, self.clustered_weight(), self.bias)
 
 
 class IDKMFakeQuantEmbedding(IDKMFakeQuantMixin, nn.Embedding):
