@@ -5,6 +5,8 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
+from ..nn.palettized import PalettizedModule
+
 
 @dataclass
 class LayerSize:
@@ -62,8 +64,6 @@ class SizeReport:
 
 def size_report(model: nn.Module) -> SizeReport:
     """Walk `model` and account for every stored parameter and buffer exactly once."""
-    from ..nn.palettized import PalettizedModule
-
     report = SizeReport()
     seen: set[int] = set()
     for name, module in model.named_modules():

@@ -1,7 +1,11 @@
-"""Converted modules holding packed codes + lookup tables."""
-from .convert import palettize_module, palettized_class
+"""Converted modules holding packed codes + lookup tables, and the bit packing they use.
+
+(`palettize_module`, which builds them from a float layer and its clusterer, is in `idkm_plugin.layers`.)
+"""
+from .dequantize import dequantize_packed
+from .packing import pack_codes, packed_nbytes, unpack_codes
 from .palettized import (PalettizedConv1d, PalettizedConv2d, PalettizedEmbedding, PalettizedLinear,
-                         PalettizedModule)
+                         PalettizedModule, PalettizedWeight)
 
 __all__ = ["PalettizedConv1d", "PalettizedConv2d", "PalettizedEmbedding", "PalettizedLinear", "PalettizedModule",
-           "palettize_module", "palettized_class"]
+           "PalettizedWeight", "dequantize_packed", "pack_codes", "packed_nbytes", "unpack_codes"]

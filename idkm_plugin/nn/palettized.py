@@ -4,36 +4,60 @@ Each module stores
     codes: uint8 [ceil(numel / d * bits / 8)]  the packed code of every d-vector,
     lut:   [groups, 2**bits, d]                 the lookup table(s), in lut_dtype,
 and rebuilds the dense weight in `dequantize_weight()`: lut[codes] reshaped to the weight shape.
+`forward` uses `dense_weight()`, which keeps that dense weight in a cache (a plain attribute, so
+it is in no state_dict, size report or `torch.export`ed program) until codes or LUT change.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.utils import _pair, _reverse_repeat_tuple, _single
 
-from ..core import lookup
-from ..export.packing import pack_codes, unpack_codes
-
+from .dequantize import dequantize_packed
+from .packing import pack_codes, packed_nbytes, unpack_codes
 
 class PalettizedModule(nn.Module):
-    """Common storage and dequantization of the palettized layers."""
+    """Common storage, dequantization and dense-weight cache of the palettized layers.
+
+    cache_weight (default True): keep the dense weight after the first forward, so later forwards
+    cost what the float layer costs; it is rebuilt after `load_state_dict`, `.to()` / `.half()` /
+    any `_apply`, assigning or writing in place to `codes` or `lut`. False: dequantize on every
+    forward (the lowest memory: only the packed form stays resident).
+    """
 
     def __init__(self, weight_shape: tuple[int, ...], codes: torch.Tensor, lut: torch.Tensor, bits: int,
-                 bias: Optional[torch.Tensor], dtype: torch.dtype = torch.float32) -> None:
-        """codes [groups, m] int (values < 2**bits), lut [groups, 2**bits, d]."""
+                 bias: Optional[torch.Tensor], dtype: torch.dtype = torch.float32, cache_weight: bool = True) -> None:
+        """codes: [groups, m] integer codes (values < 2**bits), or the already packed uint8 bytes
+        [packed_nbytes(groups * m, bits)] as `pack_codes` writes them; lut [groups, 2**bits, d]."""
         super().__init__()
-        groups, m = codes.shape
-        if lut.shape[0] != groups or lut.shape[1] != 1 << bits:
-            raise ValueError(f"codes {list(codes.shape)} and lut {list(lut.shape)} do not match bits={bits}")
+        groups = lut.shape[0]
+        if lut.dim() != 3 or lut.shape[1] != 1 << bits:
+            raise ValueError(f"lut {list(lut.shape)} does not match bits={bits}: expected [groups, {1 << bits}, d]")
         self.weight_shape = tuple(int(s) for s in weight_shape)
         self.bits = int(bits)
         self.dim = int(lut.shape[2])
-        self.num_codes = groups * m
+        numel = 1
+        for s in self.weight_shape:
+            numel *= s
+        self.num_codes = numel // self.dim
         self.weight_dtype = dtype
-        self.register_buffer("codes", pack_codes(codes, bits))
+        self.cache_weight = cache_weight
+        self._cache: Optional[torch.Tensor] = None
+        self._cache_key: Optional[tuple] = None
+        if codes.dim() == 1 and codes.dtype == torch.uint8:
+            if codes.numel() != packed_nbytes(self.num_codes, self.bits):
+                raise ValueError(f"{codes.numel()} packed bytes do not hold the {self.num_codes} codes of "
+                                 f"{self.bits} bits of a {list(self.weight_shape)} weight with dim={self.dim}")
+            packed = codes.detach().clone()
+        else:
+            if codes.dim() != 2 or codes.shape[0] != groups or codes.numel() != self.num_codes:
+                raise ValueError(f"codes {list(codes.shape)} and lut {list(lut.shape)} do not match a "
+                                 f"{list(self.weight_shape)} weight: expected codes [{groups}, {self.num_codes // groups}]")
+            packed = pack_codes(codes, bits)
+        self.register_buffer("codes", packed)
         self.register_buffer("lut", lut.detach().clone())
         if bias is not None:
             self.bias = nn.Parameter(bias.detach().clone().to(dtype), requires_grad=False)
@@ -49,18 +73,96 @@ class PalettizedModule(nn.Module):
         return unpack_codes(self.codes, self.bits, self.num_codes).view(self.groups_lut, -1)
 
     def dequantize_weight(self) -> torch.Tensor:
-        """The dense weight [weight_shape] in the layer's dtype."""
-        return lookup(self.unpacked_codes(), self.lut).reshape(self.weight_shape).to(self.weight_dtype)
+        """The dense weight [weight_shape] in the layer's dtype, decoded now (never from the cache)."""
+        dense = dequantize_packed(self.codes, self.bits, self.num_codes, self.lut, self.weight_dtype)
+        return dense.view(self.weight_shape)
+
+    # ---- dense-weight cache -------------------------------------------------------------------
+    def dense_weight(self) -> torch.Tensor:
+        """The dense weight [weight_shape]: from the cache when it is valid, else decoded (and cached)."""
+        if not self._cacheable():
+            return self.dequantize_weight()
+        key = self._state_key()
+        cache = self._cache
+        if cache is None or key != self._cache_key or (cache.is_inference() and not torch.is_inference_mode_enabled()):
+            cache = self.dequantize_weight()
+            self._cache, self._cache_key = cache, key
+        return cache
+
+    def clear_weight_cache(self) -> None:
+        self._cache, self._cache_key = None, None
+
+    def _cacheable(self) -> bool:
+        if not self.cache_weight or torch.jit.is_tracing() or torch.jit.is_scripting():
+            return False
+        if torch.compiler.is_compiling():  # torch.export / torch.compile: keep the LUT lookup in the graph
+            return False
+        return not (self.lut.requires_grad and torch.is_grad_enabled())  # a LUT being trained
+
+    def _state_key(self) -> tuple:
+        """Changes whenever codes or LUT are replaced or written in place."""
+        return tuple((id(t), t.device, t.dtype, -1 if t.is_inference() else t._version) for t in (self.codes, self.lut))
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in ("codes", "lut"):
+            self.__dict__["_cache"] = None
+        super().__setattr__(name, value)
+
+    def _apply(self, fn, recurse: bool = True):
+        self.clear_weight_cache()
+        return super()._apply(fn, recurse)
+
+    def _load_from_state_dict(self, *args, **kwargs) -> None:
+        self.clear_weight_cache()
+        super()._load_from_state_dict(*args, **kwargs)
+
+    # ---- description, for files and exporters --------------------------------------------------
+    def hyperparameters(self) -> dict:
+        """JSON-able constructor arguments besides codes / lut / bits / bias / dtype."""
+        return {"weight_shape": list(self.weight_shape)}
+
+    @classmethod
+    def from_hyperparameters(cls, hyperparameters: dict, codes: torch.Tensor, lut: torch.Tensor, bits: int,
+                             bias: Optional[torch.Tensor], dtype: torch.dtype) -> "PalettizedModule":
+        """Inverse of `hyperparameters()` (codes may be packed bytes)."""
+        raise NotImplementedError
+
+    @classmethod
+    def float_hyperparameters(cls, module: nn.Module) -> dict:
+        """`hyperparameters()` that palettizing the float layer `module` gives."""
+        raise NotImplementedError
 
     def extra_repr(self) -> str:
         return (f"weight_shape={list(self.weight_shape)}, bits={self.bits}, dim={self.dim}, "
-                f"luts={self.groups_lut}, lut_dtype={self.lut.dtype}")
+                f"luts={self.groups_lut}, lut_dtype={self.lut.dtype}, cache_weight={self.cache_weight}")
+
+
+class PalettizedWeight(PalettizedModule):
+    """A weight stored as packed n-bit codes + LUT (no layer around it); forward() returns the dense weight.
+
+    Buffers: codes uint8 [ceil(numel / d * bits / 8)], lut [groups, 2**bits, d] (lut_dtype).
+    forward() -> weight [weight_shape] in `dtype`. PT2E graphs call it where the float graph read a weight.
+    """
+
+    def __init__(self, codes: torch.Tensor, lut: torch.Tensor, bits: int, weight_shape: tuple[int, ...],
+                 dtype: torch.dtype, cache_weight: bool = True) -> None:
+        super().__init__(weight_shape, codes, lut, bits, None, dtype, cache_weight)
+
+    @classmethod
+    def from_hyperparameters(cls, hyperparameters, codes, lut, bits, bias, dtype) -> "PalettizedWeight":
+        return cls(codes, lut, bits, tuple(hyperparameters["weight_shape"]), dtype)
+
+    def forward(self) -> torch.Tensor:
+        return self.dense_weight()
 
 
 class PalettizedLinear(PalettizedModule):
+    """y [..., out] = x [..., in] @ W.T + bias, W [out, in] decoded from codes + LUT."""
+
     def __init__(self, in_features: int, out_features: int, codes: torch.Tensor, lut: torch.Tensor, bits: int,
-                 bias: Optional[torch.Tensor] = None, dtype: torch.dtype = torch.float32) -> None:
-        super().__init__((out_features, in_features), codes, lut, bits, bias, dtype)
+                 bias: Optional[torch.Tensor] = None, dtype: torch.dtype = torch.float32,
+                 cache_weight: bool = True) -> None:
+        super().__init__((out_features, in_features), codes, lut, bits, bias, dtype, cache_weight)
         self.in_features, self.out_features = in_features, out_features
 
     @classmethod
@@ -69,17 +171,30 @@ class PalettizedLinear(PalettizedModule):
         bias = module.bias if bias is None else bias
         return cls(module.in_features, module.out_features, codes, lut, bits, bias, module.weight.dtype)
 
+    def hyperparameters(self) -> dict:
+        return {"in_features": self.in_features, "out_features": self.out_features}
+
+    @classmethod
+    def float_hyperparameters(cls, module: nn.Linear) -> dict:
+        return {"in_features": module.in_features, "out_features": module.out_features}
+
+    @classmethod
+    def from_hyperparameters(cls, hyperparameters, codes, lut, bits, bias, dtype) -> "PalettizedLinear":
+        return cls(hyperparameters["in_features"], hyperparameters["out_features"], codes, lut, bits, bias, dtype)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.dequantize_weight(), self.bias)
+        return F.linear(x, self.dense_weight(), self.bias)
 
 
 class _PalettizedConvNd(PalettizedModule):
+    """y [N, out, *L'] = conv(x [N, in, *L], W [out, in / groups, *kernel]) + bias."""
+
     _conv = None  # F.conv1d / F.conv2d
     _tuple = None
 
     def __init__(self, weight_shape, codes, lut, bits, bias, stride, padding, dilation, groups,
-                 padding_mode: str = "zeros", dtype: torch.dtype = torch.float32) -> None:
-        super().__init__(weight_shape, codes, lut, bits, bias, dtype)
+                 padding_mode: str = "zeros", dtype: torch.dtype = torch.float32, cache_weight: bool = True) -> None:
+        super().__init__(weight_shape, codes, lut, bits, bias, dtype, cache_weight)
         self.out_channels, in_per_group = weight_shape[0], weight_shape[1]
         self.in_channels = in_per_group * groups
         self.kernel_size = tuple(weight_shape[2:])
@@ -97,8 +212,29 @@ class _PalettizedConvNd(PalettizedModule):
         return cls(tuple(module.weight.shape), codes, lut, bits, bias, module.stride, module.padding,
                    module.dilation, module.groups, module.padding_mode, module.weight.dtype)
 
+    @staticmethod
+    def _conv_hyperparameters(module) -> dict:
+        padding = module.padding if isinstance(module.padding, str) else list(module.padding)
+        return {"weight_shape": list(module.weight_shape if isinstance(module, PalettizedModule) else module.weight.shape),
+                "stride": list(module.stride), "padding": padding, "dilation": list(module.dilation),
+                "groups": module.groups, "padding_mode": module.padding_mode}
+
+    def hyperparameters(self) -> dict:
+        return self._conv_hyperparameters(self)
+
+    @classmethod
+    def float_hyperparameters(cls, module) -> dict:
+        return cls._conv_hyperparameters(module)
+
+    @classmethod
+    def from_hyperparameters(cls, hyperparameters, codes, lut, bits, bias, dtype):
+        h = hyperparameters
+        padding = h["padding"] if isinstance(h["padding"], str) else tuple(h["padding"])
+        return cls(tuple(h["weight_shape"]), codes, lut, bits, bias, tuple(h["stride"]), padding,
+                   tuple(h["dilation"]), h["groups"], h["padding_mode"], dtype)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = self.dequantize_weight()
+        w = self.dense_weight()
         if self.padding_mode != "zeros":
             x = F.pad(x, self._pad, mode=self.padding_mode)
             return type(self)._conv(x, w, self.bias, self.stride, 0, self.dilation, self.groups)
@@ -120,9 +256,12 @@ class PalettizedConv2d(_PalettizedConvNd):
 
 
 class PalettizedEmbedding(PalettizedModule):
+    """y [..., embedding_dim] = W[ids [...]], W [num_embeddings, embedding_dim] decoded from codes + LUT."""
+
     def __init__(self, num_embeddings: int, embedding_dim: int, codes: torch.Tensor, lut: torch.Tensor, bits: int,
-                 padding_idx: Optional[int] = None, dtype: torch.dtype = torch.float32) -> None:
-        super().__init__((num_embeddings, embedding_dim), codes, lut, bits, None, dtype)
+                 padding_idx: Optional[int] = None, dtype: torch.dtype = torch.float32,
+                 cache_weight: bool = True) -> None:
+        super().__init__((num_embeddings, embedding_dim), codes, lut, bits, None, dtype, cache_weight)
         self.num_embeddings, self.embedding_dim, self.padding_idx = num_embeddings, embedding_dim, padding_idx
 
     @classmethod
@@ -133,5 +272,19 @@ class PalettizedEmbedding(PalettizedModule):
         return cls(module.num_embeddings, module.embedding_dim, codes, lut, bits, module.padding_idx,
                    module.weight.dtype)
 
+    def hyperparameters(self) -> dict:
+        return {"num_embeddings": self.num_embeddings, "embedding_dim": self.embedding_dim,
+                "padding_idx": self.padding_idx}
+
+    @classmethod
+    def float_hyperparameters(cls, module: nn.Embedding) -> dict:
+        return {"num_embeddings": module.num_embeddings, "embedding_dim": module.embedding_dim,
+                "padding_idx": module.padding_idx}
+
+    @classmethod
+    def from_hyperparameters(cls, hyperparameters, codes, lut, bits, bias, dtype) -> "PalettizedEmbedding":
+        h = hyperparameters
+        return cls(h["num_embeddings"], h["embedding_dim"], codes, lut, bits, h["padding_idx"], dtype)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.embedding(x, self.dequantize_weight(), self.padding_idx)
+        return F.embedding(x, self.dense_weight(), self.padding_idx)

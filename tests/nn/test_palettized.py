@@ -6,8 +6,8 @@ from torch import nn
 
 from idkm_plugin import ClusterConfig
 from idkm_plugin.clusterer import WeightClusterer
-from idkm_plugin.nn import (PalettizedConv1d, PalettizedConv2d, PalettizedEmbedding, PalettizedLinear,
-                            palettize_module)
+from idkm_plugin.layers import palettize_module
+from idkm_plugin.nn import PalettizedConv1d, PalettizedConv2d, PalettizedEmbedding, PalettizedLinear
 
 CASES = [
     (lambda: nn.Linear(40, 12), lambda: torch.randn(5, 40), PalettizedLinear),

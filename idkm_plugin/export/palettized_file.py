@@ -1,0 +1,186 @@
+"""Self-describing files of palettized models: `save_palettized` / `load_palettized`.
+
+The file is a safetensors file holding the model's whole state_dict as it is (for a palettized
+layer: its packed uint8 codes, LUT and bias; for every other module: its float tensors) and, in
+the header's `__metadata__["idkm_plugin.layers"]`, a JSON description of each palettized layer:
+
+    {"features.0": {"kind": "PalettizedConv2d", "bits": 8, "dim": 1, "weight_shape": [32, 1, 3, 3],
+                    "lut_groups": 1, "weight_dtype": "float32", "lut_dtype": "float32",
+                    "hyperparameters": {"stride": [1, 1], "padding": [0, 0], ...}}, ...}
+
+so `load_palettized(path, FloatModel())` rebuilds the palettized layers from the float skeleton
+without any QAT or conversion code.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..layers import layer_kinds
+from ..nn.palettized import PalettizedModule, PalettizedWeight
+from .safetensors_format import read_safetensors, write_safetensors
+
+__all__ = ["FORMAT", "load_palettized", "palettized_layers", "save_palettized"]
+
+FORMAT = "idkm_plugin.palettized/1"
+_LAYERS_KEY = "idkm_plugin.layers"
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _dtype(name: str) -> torch.dtype:
+    dtype = getattr(torch, name, None)
+    if not isinstance(dtype, torch.dtype):
+        raise ValueError(f"unknown dtype {name!r} in the file's metadata")
+    return dtype
+
+
+def layer_metadata(module: PalettizedModule) -> dict[str, Any]:
+    """The JSON description of one palettized layer."""
+    return {"kind": type(module).__name__, "bits": module.bits, "dim": module.dim,
+            "weight_shape": list(module.weight_shape), "lut_groups": module.groups_lut,
+            "weight_dtype": _dtype_name(module.weight_dtype), "lut_dtype": _dtype_name(module.lut.dtype),
+            "hyperparameters": module.hyperparameters()}
+
+
+def palettized_layers(model: nn.Module) -> dict[str, PalettizedModule]:
+    """name -> palettized module, in `named_modules` order."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, PalettizedModule)}
+
+
+def save_palettized(model: nn.Module, path: str | os.PathLike) -> int:
+    """Write `model` (with its palettized layers) to a safetensors file, atomically; returns its size in bytes."""
+    layers = palettized_layers(model)
+    if not layers:
+        raise ValueError("save_palettized: the model has no palettized layer; convert it first "
+                         "(or save a float model with torch.save / safetensors directly)")
+    tensors = {}
+    for key, value in model.state_dict().items():
+        if not isinstance(value, torch.Tensor):
+            raise ValueError(f"save_palettized: state_dict entry {key!r} is a {type(value).__name__}, not a tensor")
+        tensors[key] = value
+    described = {name: layer_metadata(module) for name, module in layers.items()}
+    metadata = {"format": "pt", "idkm_plugin.format": FORMAT, _LAYERS_KEY: json.dumps(described)}
+    return write_safetensors(path, tensors, metadata)
+
+
+def _palettized_classes() -> dict[str, type]:
+    found, stack = {}, [PalettizedModule]
+    while stack:
+        cls = stack.pop()
+        for sub in cls.__subclasses__():
+            found[sub.__name__] = sub
+            stack.append(sub)
+    return found
+
+
+def _float_type(cls: type) -> type:
+    for kind in layer_kinds():
+        if kind.palettized_type is cls:
+            return kind.float_type
+    raise ValueError(f"{cls.__name__} has no registered float layer kind")
+
+
+def _describe_mismatch(name: str, cls: type, found: dict, expected: dict, target: nn.Module) -> str:
+    keys = sorted(set(found) | set(expected))
+    diffs = ", ".join(f"{k}: file {expected.get(k)!r} vs model {found.get(k)!r}" for k in keys
+                      if found.get(k) != expected.get(k))
+    return f"layer {name!r}: the file's {cls.__name__} does not match the model's {type(target).__name__} ({diffs})"
+
+
+def _check_target(name: str, cls: type, hyperparameters: dict, target: nn.Module) -> None:
+    """Raise ValueError naming the layer if `target` in the skeleton cannot take the saved layer."""
+    if isinstance(target, cls):
+        found = json.loads(json.dumps(target.hyperparameters()))
+    elif cls is PalettizedWeight:
+        raise ValueError(f"layer {name!r}: the file holds a PalettizedWeight (a weight inside a PT2E graph); "
+                         f"load it into the converted graph module, which has one at this path, not into "
+                         f"a {type(target).__name__}")
+    else:
+        float_type = _float_type(cls)
+        if not isinstance(target, float_type):
+            raise ValueError(f"layer {name!r}: the file holds a {cls.__name__} but the model has a "
+                             f"{type(target).__name__} there (expected {float_type.__name__})")
+        found = json.loads(json.dumps(cls.float_hyperparameters(target)))
+    if found != hyperparameters:
+        raise ValueError(_describe_mismatch(name, cls, found, hyperparameters, target))
+
+
+def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, attr = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, attr, module)
+
+
+def _read_layers(path: str | os.PathLike, metadata: dict) -> dict[str, dict]:
+    if metadata.get("idkm_plugin.format") != FORMAT or _LAYERS_KEY not in metadata:
+        raise ValueError(f"{path}: not a palettized model file (no {FORMAT!r} metadata); "
+                         "write it with idkm_plugin.export.save_palettized")
+    return json.loads(metadata[_LAYERS_KEY])
+
+
+def _build_layer(name: str, meta: dict, tensors: dict, classes: dict) -> PalettizedModule:
+    cls = classes.get(meta["kind"])
+    if cls is None:
+        raise ValueError(f"layer {name!r}: unknown palettized kind {meta['kind']!r}; known: {sorted(classes)}")
+    prefix = f"{name}." if name else ""
+    try:
+        codes, lut = tensors[prefix + "codes"], tensors[prefix + "lut"]
+    except KeyError as missing:
+        raise ValueError(f"layer {name!r}: the file lacks tensor {missing.args[0]!r}") from None
+    if list(lut.shape) != [meta["lut_groups"], 1 << meta["bits"], meta["dim"]]:
+        raise ValueError(f"layer {name!r}: lut {list(lut.shape)} does not match its metadata "
+                         f"(lut_groups={meta['lut_groups']}, bits={meta['bits']}, dim={meta['dim']})")
+    layer = cls.from_hyperparameters(meta["hyperparameters"], codes, lut, meta["bits"], tensors.get(prefix + "bias"),
+                                     _dtype(meta["weight_dtype"]))
+    if list(layer.weight_shape) != meta["weight_shape"]:
+        raise ValueError(f"layer {name!r}: weight shape {list(layer.weight_shape)} does not match its "
+                         f"metadata {meta['weight_shape']}")
+    return layer
+
+
+def load_palettized(path: str | os.PathLike, model: nn.Module) -> nn.Module:
+    """The float skeleton `model` with its layers replaced by the file's palettized ones and every
+    other tensor loaded from the file; returns it (a new module only when the root itself is palettized).
+
+    The skeleton must have the structure of the saved model (same module names; a float layer of the
+    matching kind and hyperparameters, or the same palettized kind, where the file has a palettized
+    layer). Any mismatch raises ValueError naming the layer or tensor.
+    """
+    tensors, metadata = read_safetensors(path)
+    layers = _read_layers(path, metadata)
+    classes = _palettized_classes()
+    modules = dict(model.named_modules())
+    for name, meta in layers.items():
+        if name not in modules:
+            raise ValueError(f"layer {name!r}: the file has a {meta['kind']} there but the model has no such module")
+        cls = classes.get(meta["kind"])
+        if cls is not None:
+            _check_target(name, cls, meta["hyperparameters"], modules[name])
+        layer = _build_layer(name, meta, tensors, classes)
+        if name:
+            _set_submodule(model, name, layer)
+        else:
+            model = layer
+    _load_rest(model, tensors)
+    return model
+
+
+def _load_rest(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+    """Load every tensor of the file, requiring exactly the model's state_dict keys and shapes."""
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    if missing or unexpected:
+        raise ValueError(f"the file does not match the model's structure: missing {missing[:8]}, "
+                         f"unexpected {unexpected[:8]}")
+    for key, value in expected.items():
+        if value.shape != tensors[key].shape:
+            raise ValueError(f"tensor {key!r}: the file has shape {list(tensors[key].shape)}, "
+                             f"the model {list(value.shape)}")
+    model.load_state_dict(tensors, strict=True)
