@@ -14,10 +14,7 @@ from torch import nn
 from idkm_plugin import ModelConfig
 from idkm_plugin.clusterer import WeightClusterer
 from idkm_plugin.core import hard_assign
-from idkm_plugin.nn import palettize_module
-
-_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Embedding)
-
+from idkm_plugin.layers import palettize_module, resolve_layers
 
 @torch.no_grad()
 def lloyd(x: torch.Tensor, c: torch.Tensor, iters: int = 50) -> torch.Tensor:
@@ -40,10 +37,7 @@ def ptq_kmeans(model: nn.Module, model_config: ModelConfig, init: Optional[str] 
                iters: int = 50) -> nn.Module:
     """A palettized copy of `model`: every layer the ModelConfig clusters gets k-means codes + LUT."""
     model = copy.deepcopy(model).eval()
-    for name, module in list(model.named_modules()):
-        if not isinstance(module, _LAYERS):
-            continue
-        cfg = model_config.resolve(name, module)
+    for name, module, cfg in list(resolve_layers(model, model_config, flow="post-training k-means")):
         if cfg is None:
             continue
         clusterer = WeightClusterer(cfg if init is None else cfg.replace(init=init), name=name).eval()

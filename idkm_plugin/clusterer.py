@@ -6,8 +6,9 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .config import ClusterConfig, Granularity
+from .config import ClusterConfig
 from .core import SolveStats, compute_dtype, from_vectors, hard_assign, init_centroids, lookup, soft_kmeans
+from .core.frozen import frozen_soft_assign
 from .core.vectors import vector_shape
 
 
@@ -23,7 +24,11 @@ class WeightClusterer(nn.Module):
         training: A(C*, W) C* (the soft clustering, differentiable w.r.t. W, updates the centroids);
         eval: every d-vector snapped to its nearest centroid of the LUT (lut_dtype), i.e. exactly
             the weight the converted model will use;
+        training with the LUT frozen (`freeze_lut()`, torch.ao's `disable_observer`): A(C, W) C with C
+            fixed, still differentiable w.r.t. W;
         disabled or before start_step: the weight unchanged.
+
+    Adapters only set `enabled` / `lut_frozen` and call it; it is the one door to the math.
     """
 
     def __init__(self, config: ClusterConfig, name: str = "weight") -> None:
@@ -31,13 +36,14 @@ class WeightClusterer(nn.Module):
         self.config = config
         self.name = name
         self.enabled = True
+        self.lut_frozen = False
         self.last_stats = SolveStats()
         self.register_buffer("centroids", torch.empty(0))
         self.register_buffer("step", torch.zeros((), dtype=torch.long))
 
     @property
     def group_size(self) -> int:
-        return self.config.group_size if self.config.granularity is Granularity.PER_GROUPED_CHANNEL else 0
+        return self.config.lut_group_size
 
     @property
     def initialized(self) -> bool:
@@ -71,6 +77,9 @@ class WeightClusterer(nn.Module):
         if not self.training:
             return from_vectors(lookup(hard_assign(x, self.lut()), self.lut()).to(weight.dtype), weight.shape)
         cfg = self.config
+        if self.lut_frozen:
+            x_hat = frozen_soft_assign(x, self.centroids, tau=cfg.tau, chunk_size=cfg.chunk_size)
+            return from_vectors(x_hat, weight.shape)
         stats = SolveStats()
         x_hat, c = soft_kmeans(x, self.centroids, tau=cfg.tau, method=cfg.method, max_iter=cfg.max_iter,
                                tol=cfg.tol, chunk_size=cfg.chunk_size, uniquify=cfg.uniquify,
@@ -79,6 +88,11 @@ class WeightClusterer(nn.Module):
         with torch.no_grad():
             self.centroids.copy_(c)
         return from_vectors(x_hat, weight.shape)
+
+    def freeze_lut(self, frozen: bool = True) -> "WeightClusterer":
+        """Stop (or resume) updating the LUT; training then fine-tunes the weights against it."""
+        self.lut_frozen = frozen
+        return self
 
     @torch.no_grad()
     def initialize(self, weight: torch.Tensor, force: bool = False) -> None:
@@ -112,4 +126,15 @@ class WeightClusterer(nn.Module):
 
     def extra_repr(self) -> str:
         c = self.config
-        return f"method={c.method.value}, bits={c.bits}, dim={c.dim}, enabled={self.enabled}"
+        return f"method={c.method.value}, bits={c.bits}, dim={c.dim}, enabled={self.enabled}, lut_frozen={self.lut_frozen}"
+
+
+def freeze_luts(model: nn.Module, frozen: bool = True) -> nn.Module:
+    """Freeze (or unfreeze) the LUT of every clusterer in `model`, whichever toolkit prepared it.
+
+    (torch.ao fake-quants follow their observer switch instead: use `disable_observer`.) Returns `model`.
+    """
+    for module in model.modules():
+        if isinstance(module, WeightClusterer):
+            module.freeze_lut(frozen)
+    return model

@@ -6,9 +6,10 @@ Both are frozen dataclasses validated in ``__post_init__``; invalid values raise
 from __future__ import annotations
 
 import enum
+import math
 import re
 from dataclasses import asdict, dataclass, field, fields, replace
-from typing import Any, Mapping, Optional
+from typing import Any, Mapping, Optional, Sequence
 
 import torch
 
@@ -118,6 +119,11 @@ class ClusterConfig:
         return self.bits / self.dim
 
     @property
+    def lut_group_size(self) -> int:
+        """Output channels per LUT: 0 for one LUT per tensor."""
+        return self.group_size if self.granularity is Granularity.PER_GROUPED_CHANNEL else 0
+
+    @property
     def lut_torch_dtype(self) -> torch.dtype:
         return _LUT_DTYPES[self.lut_dtype]
 
@@ -184,20 +190,32 @@ class ModelConfig:
             raise ValueError(f"ModelConfig.small_layer_params={self.small_layer_params!r} is not allowed; "
                              "expected an integer >= 0")
 
-    def resolve(self, name: str, module: torch.nn.Module) -> Optional[ClusterConfig]:
-        """The ClusterConfig for module `name` (None: leave it float)."""
+    def resolve(self, name: str, layer: torch.nn.Module | str,
+                weight_shape: Optional[Sequence[int]] = None) -> Optional[ClusterConfig]:
+        """The ClusterConfig for layer `name` (None: leave it float).
+
+        `layer` is the module, or (where only a graph is at hand, as in PT2E) its class name with the
+        weight's shape in `weight_shape`.
+        """
+        return self.resolve_rule(name, layer, weight_shape)[0]
+
+    def resolve_rule(self, name: str, layer: torch.nn.Module | str,
+                     weight_shape: Optional[Sequence[int]] = None) -> tuple[Optional[ClusterConfig], str]:
+        """(config, the rule that gave it): "by_name:<key>", "by_type:<type>", "small_layer" or "default"."""
         if name in self.by_name:
-            return self.by_name[name]
+            return self.by_name[name], f"by_name:{name}"
         for key, value in self.by_name.items():
             if key.startswith("re:") and re.fullmatch(key[3:], name):
-                return value
-        type_name = type(module).__name__
+                return value, f"by_name:{key}"
+        type_name = layer if isinstance(layer, str) else type(layer).__name__
         if type_name in self.by_type:
-            return self.by_type[type_name]
-        weight = getattr(module, "weight", None)
-        if self.small_layer_params and weight is not None and weight.numel() < self.small_layer_params:
-            return self.small_layer
-        return self.default
+            return self.by_type[type_name], f"by_type:{type_name}"
+        if weight_shape is None and not isinstance(layer, str):
+            weight = getattr(layer, "weight", None)
+            weight_shape = None if weight is None else weight.shape
+        if self.small_layer_params and weight_shape is not None and math.prod(weight_shape) < self.small_layer_params:
+            return self.small_layer, "small_layer"
+        return self.default, "default"
 
     def to_dict(self) -> dict[str, Any]:
         def enc(cfg: Optional[ClusterConfig]) -> Any:

@@ -33,7 +33,7 @@ from torch import nn
 import idkm_plugin
 from idkm_plugin import ClusterConfig, ModelConfig, soft_kmeans
 from idkm_plugin.clusterer import WeightClusterer
-from idkm_plugin.nn import palettize_module
+from idkm_plugin.layers import palettize_module
 from idkm_plugin.export import size_report
 import idkm_plugin.integrations
 

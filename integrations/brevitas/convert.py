@@ -6,7 +6,8 @@ from typing import Optional
 import torch
 from torch import nn
 
-from idkm_plugin.nn import PalettizedModule, palettize_module
+from idkm_plugin.layers import palettize_module
+from idkm_plugin.nn import PalettizedModule
 
 from ._import import import_brevitas
 from .proxy import ClusterWeightQuantProxy, check_layer_supported

@@ -9,12 +9,13 @@ go on the name blacklist and stay float.
 from __future__ import annotations
 
 import warnings
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 from torch import nn
 
-from idkm_plugin.clusterer import WeightClusterer
 from idkm_plugin.config import ClusterConfig, ModelConfig
+from idkm_plugin.layers import LayerKind, layer_kinds
+from idkm_plugin.layers import resolve_layers as _resolve_layers
 
 from ._import import import_brevitas
 from .quantizers import FIELD_TO_ATTR, ClusterWeightQuant
@@ -22,34 +23,27 @@ from .quantizers import FIELD_TO_ATTR, ClusterWeightQuant
 import_brevitas()
 import brevitas.nn as qnn  # noqa: E402
 
-with warnings.catch_warnings():  # brevitas.graph warns about an optional CUDA package at import
+with warnings.catch_warnings():  # brevitas.graph warns at import about an optional CUDA package and its own fx
     warnings.filterwarnings("ignore", message="fast_hadamard_transform package not found")
+    warnings.filterwarnings("ignore", message="brevitas.fx is deprecated", category=DeprecationWarning)
     from brevitas.graph.quantize import layerwise_quantize  # noqa: E402
 
-_QUANT_CLASS = {nn.Linear: qnn.QuantLinear, nn.Conv1d: qnn.QuantConv1d, nn.Conv2d: qnn.QuantConv2d,
-                nn.Embedding: qnn.QuantEmbedding}
+def quant_class(kind: LayerKind) -> Optional[type]:
+    """Brevitas' Quant layer for a registry kind (`brevitas.nn.Quant<Name>`), or None when it has none."""
+    cls = getattr(qnn, f"Quant{kind.name}", None)
+    return cls if isinstance(cls, type) and issubclass(cls, kind.float_type) else None
 
 
 def resolve_layers(model: nn.Module, model_config: ModelConfig) -> tuple[dict[str, ClusterConfig], list[str]]:
-    """(name -> ClusterConfig for layers to cluster, names to leave float) over the supported layers.
+    """(name -> ClusterConfig for layers to cluster, names to leave float), by `idkm_plugin.layers.resolve_layers`.
 
-    A layer the resolved dim / group_size does not divide raises ValueError naming it, or warns
-    and stays float with `model_config.skip_unclusterable`.
+    A layer the config cannot cluster (including a registered kind Brevitas has no Quant layer for)
+    raises ValueError naming it, or warns and stays float with `model_config.skip_unclusterable`.
     """
     configs: dict[str, ClusterConfig] = {}
     skipped: list[str] = []
-    for name, module in model.named_modules():
-        if type(module) not in _QUANT_CLASS:
-            continue
-        cfg = model_config.resolve(name, module)
-        if cfg is not None:
-            try:
-                WeightClusterer(cfg, name=name).check_weight(module.weight)
-            except ValueError as err:
-                if not model_config.skip_unclusterable:
-                    raise
-                warnings.warn(f"{err}; leaving {name} float (skip_unclusterable=True)", stacklevel=3)
-                cfg = None
+    for name, _, cfg in _resolve_layers(model, model_config, supports=lambda kind: quant_class(kind) is not None,
+                                        flow="the Brevitas flow"):
         if cfg is None:
             skipped.append(name)
         else:
@@ -72,8 +66,8 @@ def compute_layer_map(configs: dict[str, ClusterConfig], weight_quant: type = Cl
     weight_kwargs: dict[str, Any] = {"weight_quant": weight_quant, "weight_layer_name": lambda module, name: name}
     for field in ClusterConfig().to_dict():
         weight_kwargs[f"weight_{FIELD_TO_ATTR.get(field, field)}"] = _per_layer(configs, field)
-    return {float_cls: (quant_cls, {**weight_kwargs, **({} if float_cls is nn.Embedding else layer_kwargs)})
-            for float_cls, quant_cls in _QUANT_CLASS.items()}
+    return {kind.float_type: (quant_class(kind), {**weight_kwargs, **({} if kind.name == "Embedding" else layer_kwargs)})
+            for kind in layer_kinds() if quant_class(kind) is not None}
 
 
 def quantize_model(model: nn.Module, model_config: ModelConfig, weight_quant: type = ClusterWeightQuant,

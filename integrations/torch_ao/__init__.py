@@ -8,9 +8,10 @@
 PT2E (`IDKMQuantizer`, `convert_pt2e_palettized`) needs torchao and is imported on first use.
 """
 from .assign import assign_qconfigs, qconfig_mapping
-from .convert import palettize_mapping, palettize_qat_module, qat_module_mapping
+from .convert import palettize_mapping, palettize_qat_module
 from .fx import convert_fx_palettized
 from .fake_quantize import IDKMFakeQuantize
+from .qat import qat_module_mapping
 from .qconfig import idkm_qconfig
 
 _PT2E = ("IDKMQuantizer", "PalettizedWeight", "convert_pt2e_palettized", "pt2e_eval", "pt2e_train")

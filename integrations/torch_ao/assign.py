@@ -7,85 +7,39 @@ are those of its conv, so `by_type={"Conv2d": ...}` and the small-layer rule sti
 from __future__ import annotations
 
 import warnings
-from typing import Any, Callable, Iterator, Optional, Union
+from typing import Any, Callable, Iterator, Optional
 
 from torch import nn
 from torch.ao.nn import intrinsic as nni
 from torch.ao.quantization import QConfigMapping
 from torch.ao.quantization.quantization_mappings import get_default_qat_module_mappings
 
-from idkm_plugin.clusterer import WeightClusterer
-from idkm_plugin.config import ClusterConfig, ModelConfig
+from idkm_plugin.config import ClusterConfig
+from idkm_plugin.layers import ConfigLike, layer_kinds, resolve_layers as _resolve_layers
 
 from .qconfig import idkm_qconfig
 
-__all__ = ["CLUSTERABLE_TYPES", "FUSED_TYPES", "assign_qconfigs", "qconfig_mapping", "resolve_layers"]
+__all__ = ["FUSED_TYPES", "assign_qconfigs", "clusterable_types", "qconfig_mapping", "resolve_layers"]
 
-# Float layer types whose QAT counterpart calls `weight_fake_quant(weight)` in forward.
-CLUSTERABLE_TYPES: tuple[type, ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Embedding)
 # Float fused types from fuse_modules_qat: module[0] is the layer that holds the weight.
-FUSED_TYPES: tuple[type, ...] = (nni.ConvBn1d, nni.ConvBn2d, nni.ConvBnReLU1d, nni.ConvBnReLU2d, nni.ConvReLU1d,
-                                 nni.ConvReLU2d, nni.LinearReLU, nni.LinearBn1d)
-# Weight-bearing layers the palettized modules cannot represent (or whose weight is read
-# outside forward, as nn.MultiheadAttention does with its out_proj).
-_UNSUPPORTED_TYPES: tuple[type, ...] = (nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d,
-                                        nn.EmbeddingBag, nn.Bilinear, nn.modules.linear.NonDynamicallyQuantizableLinear,
-                                        nni.ConvBn3d, nni.ConvBnReLU3d, nni.ConvReLU3d)
-
-ConfigLike = Union[ModelConfig, ClusterConfig]
+FUSED_TYPES: tuple[type, ...] = (nni.ConvBn1d, nni.ConvBn2d, nni.ConvBn3d, nni.ConvBnReLU1d, nni.ConvBnReLU2d,
+                                 nni.ConvBnReLU3d, nni.ConvReLU1d, nni.ConvReLU2d, nni.ConvReLU3d, nni.LinearReLU,
+                                 nni.LinearBn1d)
 
 
-def _as_model_config(model_config: ConfigLike) -> ModelConfig:
-    if isinstance(model_config, ClusterConfig):
-        return ModelConfig(default=model_config)
-    if not isinstance(model_config, ModelConfig):
-        raise ValueError(f"model_config={model_config!r} is not allowed; expected a ModelConfig or ClusterConfig")
-    return model_config
+def clusterable_types() -> tuple[type, ...]:
+    """Float layer types (from the layer registry) and the fusions of them torch.ao builds."""
+    return tuple(kind.float_type for kind in layer_kinds()) + FUSED_TYPES
 
 
-def _weight_layer(module: nn.Module) -> nn.Module:
-    return module[0] if type(module) in FUSED_TYPES else module
+def _fused_layer(module: nn.Module) -> Optional[nn.Module]:
+    return module[0] if type(module) in FUSED_TYPES else None
 
 
 def resolve_layers(model: nn.Module, model_config: ConfigLike) -> Iterator[tuple[str, nn.Module, Optional[ClusterConfig]]]:
-    """Yield (name, module, config or None) for every layer that holds a clusterable weight.
-
-    Raises ValueError naming the layer when a config asks to cluster a layer that cannot be
-    clustered (unsupported type, or `dim` / `group_size` do not divide its weight), unless
-    `model_config.skip_unclusterable`, in which case it warns and yields None (layer stays float).
-    """
-    mp = _as_model_config(model_config)
-    fused_children: set[int] = set()
-    for name, module in model.named_modules():
-        if id(module) in fused_children:
-            continue
-        kind = type(module)
-        if kind in FUSED_TYPES:
-            fused_children.update(id(m) for m in module.children())
-        if kind in FUSED_TYPES or kind in CLUSTERABLE_TYPES:
-            layer = _weight_layer(module)
-            cfg = mp.resolve(name, layer)
-            yield name, module, (None if cfg is None else _checked(name, layer, cfg, mp))
-        elif isinstance(module, _UNSUPPORTED_TYPES) and mp.resolve(name, module) is not None:
-            _unclusterable(mp, f"layer {name!r} ({kind.__name__}) cannot be clustered: supported layers are "
-                               "Linear, Conv1d, Conv2d, Embedding and their fuse_modules_qat fusions; "
-                               f"map it to None in the ModelConfig (by_name={{{name!r}: None}})")
-            yield name, module, None
-
-
-def _checked(name: str, layer: nn.Module, cfg: ClusterConfig, mp: ModelConfig) -> Optional[ClusterConfig]:
-    try:
-        WeightClusterer(cfg, name=f"layer {name!r} ({type(layer).__name__})").check_weight(layer.weight)
-    except ValueError as err:
-        _unclusterable(mp, str(err))
-        return None
-    return cfg
-
-
-def _unclusterable(mp: ModelConfig, message: str) -> None:
-    if not mp.skip_unclusterable:
-        raise ValueError(message + " (or set ModelConfig.skip_unclusterable=True to leave it float)")
-    warnings.warn(message + "; skip_unclusterable=True: leaving it float", stacklevel=3)
+    """`idkm_plugin.layers.resolve_layers` over a torch.ao model: a fused module (ConvBnReLU2d, ...)
+    is resolved by its own name with the type and weight of the layer it wraps."""
+    return _resolve_layers(model, model_config, unwrap=_fused_layer, flow="the torch.ao flow")
 
 
 def assign_qconfigs(model: nn.Module, model_config: ConfigLike, *,

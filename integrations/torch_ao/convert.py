@@ -16,34 +16,26 @@ from typing import Any, Optional
 
 import torch
 from torch import nn
-from torch.ao.nn import intrinsic as nni
-from torch.ao.nn import qat as nnqat
 from torch.ao.nn.intrinsic import qat as nniqat
 from torch.ao.quantization import DeQuantStub, FakeQuantizeBase, QuantStub
-from torch.ao.quantization.quantization_mappings import get_default_qat_module_mappings
 
-from idkm_plugin.nn import palettize_module
+from idkm_plugin.layers import palettize_module
 
+from .assign import clusterable_types
 from .fake_quantize import IDKMFakeQuantize
+from .qat import qat_module_mapping
 
-__all__ = ["FrozenActivationFakeQuant", "palettize_mapping", "palettize_qat_module", "qat_module_mapping", "folded_weight_and_bias",
-           "QAT_TYPES"]
+__all__ = ["FrozenActivationFakeQuant", "folded_weight_and_bias", "palettize_mapping", "palettize_qat_module",
+           "qat_types"]
 
 _RELU_TYPES = (nniqat.ConvBnReLU1d, nniqat.ConvBnReLU2d, nniqat.ConvReLU1d, nniqat.ConvReLU2d, nniqat.LinearReLU)
 _BN_TYPES = (nniqat.ConvBn1d, nniqat.ConvBn2d, nniqat.ConvBnReLU1d, nniqat.ConvBnReLU2d, nniqat.LinearBn1d)
-QAT_TYPES: tuple[type, ...] = (nnqat.Linear, nnqat.Conv1d, nnqat.Conv2d, nnqat.Embedding) + _RELU_TYPES + _BN_TYPES
-_FLOAT_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Embedding, nni.ConvBn1d, nni.ConvBn2d, nni.ConvBnReLU1d,
-                nni.ConvBnReLU2d, nni.ConvReLU1d, nni.ConvReLU2d, nni.LinearReLU, nni.LinearBn1d)
 
 
-def qat_module_mapping() -> dict[type, type]:
-    """torch.ao's default QAT mapping plus Conv1d, ConvReLU1d and Embedding (which it lacks).
-
-    Use as `prepare_qat(model, mapping=qat_module_mapping())` for models with those layers.
-    """
-    mapping = get_default_qat_module_mappings()
-    mapping.update({nn.Conv1d: nnqat.Conv1d, nni.ConvReLU1d: nniqat.ConvReLU1d, nn.Embedding: nnqat.Embedding})
-    return mapping
+def qat_types() -> tuple[type, ...]:
+    """The QAT classes `qat_module_mapping()` turns clusterable float (and fused) layers into."""
+    mapping = qat_module_mapping()
+    return tuple({mapping[t] for t in clusterable_types() if t in mapping})
 
 
 def folded_weight_and_bias(mod: nn.Module) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
@@ -164,7 +156,7 @@ class _ToIdentity:
 
 def palettize_mapping() -> dict[type, Any]:
     """The `mapping=` for `torch.ao.quantization.convert(qat.eval(), mapping=palettize_mapping())`."""
-    mapping: dict[type, Any] = {t: _Unprepared for t in _FLOAT_TYPES}
-    mapping.update({t: _PalettizeQAT for t in QAT_TYPES})
+    mapping: dict[type, Any] = {t: _Unprepared for t in clusterable_types()}
+    mapping.update({t: _PalettizeQAT for t in qat_types()})
     mapping.update({QuantStub: _QuantStubToActivation, DeQuantStub: _ToIdentity})
     return mapping

@@ -19,10 +19,8 @@ from torch.ao.quantization import FakeQuantizeBase
 
 from idkm_plugin.clusterer import WeightClusterer
 from idkm_plugin.config import ClusterConfig
-from idkm_plugin.core import attention, from_vectors
-from idkm_plugin.core.soft_step import as_tau
 
-__all__ = ["IDKMFakeQuantize", "is_idkm_fake_quant"]
+__all__ = ["IDKMFakeQuantize"]
 
 
 class IDKMFakeQuantize(FakeQuantizeBase):
@@ -72,24 +70,9 @@ class IDKMFakeQuantize(FakeQuantizeBase):
         return self.clusterer.config
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
-        clusterer = self.clusterer
-        clusterer.enabled = bool(self.fake_quant_enabled[0] == 1)
-        if not clusterer.enabled:
-            return weight
-        if self.training and self.observer_enabled[0] == 0:
-            if not clusterer.count_step():
-                return weight
-            clusterer.initialize(weight)
-            return self._frozen_soft(weight)
-        return clusterer(weight)
-
-    def _frozen_soft(self, weight: torch.Tensor) -> torch.Tensor:
-        """A(C, W) C with the LUT C frozen: differentiable w.r.t. W, the centroids do not move."""
-        c = self.clusterer.centroids
-        x = self.clusterer.vectors(weight).to(c.dtype)
-        tau = as_tau(self.config.tau, x, self.config.k)
-        x_hat = torch.bmm(attention(x, c, tau), c)
-        return from_vectors(x_hat.to(weight.dtype), weight.shape)
+        self.clusterer.enabled = bool(self.fake_quant_enabled[0] == 1)
+        self.clusterer.lut_frozen = bool(self.observer_enabled[0] == 0)
+        return self.clusterer(weight)
 
     @torch.no_grad()
     def calculate_qparams(self, **kwargs: Any) -> torch.Tensor:
@@ -100,6 +83,3 @@ class IDKMFakeQuantize(FakeQuantizeBase):
         return (f"fake_quant_enabled={int(self.fake_quant_enabled[0])}, "
                 f"observer_enabled={int(self.observer_enabled[0])}, name={self.clusterer.name!r}")
 
-
-def is_idkm_fake_quant(module: Any) -> bool:
-    return isinstance(module, IDKMFakeQuantize)

@@ -14,7 +14,7 @@ import copy
 from torch import fx
 from torch.ao.quantization import FakeQuantizeBase
 
-from .convert import QAT_TYPES, palettize_qat_module
+from .convert import palettize_qat_module
 from .fake_quantize import IDKMFakeQuantize
 
 __all__ = ["convert_fx_palettized"]
@@ -32,7 +32,7 @@ def convert_fx_palettized(prepared: fx.GraphModule, inplace: bool = False) -> fx
     gm = prepared if inplace else copy.deepcopy(prepared)
     gm.eval()
     for name, module in list(gm.named_modules()):
-        if type(module) in QAT_TYPES and isinstance(getattr(module, "weight_fake_quant", None), IDKMFakeQuantize):
+        if isinstance(getattr(module, "weight_fake_quant", None), IDKMFakeQuantize):
             gm.set_submodule(name, palettize_qat_module(module))
         elif isinstance(module, FakeQuantizeBase) and not isinstance(module, IDKMFakeQuantize):
             module.disable_observer()

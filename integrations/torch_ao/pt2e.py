@@ -20,9 +20,10 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from idkm_plugin.nn import PalettizedModule
+from idkm_plugin.nn import PalettizedWeight
 
-from .assign import ConfigLike, _as_model_config, _checked
+from idkm_plugin.layers import ConfigLike, as_model_config, checked_config, layer_kinds
+
 from .fake_quantize import IDKMFakeQuantize
 
 from torchao.quantization.pt2e.observer import _with_args  # noqa: E402
@@ -30,14 +31,6 @@ from torchao.quantization.pt2e.quantizer import QuantizationAnnotation, Quantiza
 
 __all__ = ["IDKMQuantizer", "PalettizedWeight", "convert_pt2e_palettized", "pt2e_eval", "pt2e_train"]
 
-_aten = torch.ops.aten
-# op -> (index of the weight argument, the layer type name used by ModelConfig.by_type)
-_WEIGHT_OPS = {
-    _aten.linear.default: (1, "Linear"),
-    _aten.conv1d.default: (1, "Conv1d"),
-    _aten.conv2d.default: (1, "Conv2d"),
-    _aten.embedding.default: (0, "Embedding"),
-}
 
 
 def _layer_name(node: fx.Node) -> str:
@@ -46,13 +39,6 @@ def _layer_name(node: fx.Node) -> str:
         return node.name
     path = list(stack.values())[-1][0]
     return path.replace("L['self'].", "").replace("L__self___", "")
-
-
-def _stand_in(type_name: str, weight: torch.Tensor) -> nn.Module:
-    """An object ModelConfig.resolve can read: type name (by_type) and weight size (small-layer rule)."""
-    layer = type(type_name, (nn.Module,), {})()
-    layer.weight = nn.Parameter(weight.detach(), requires_grad=False)
-    return layer
 
 
 class IDKMQuantizer(Quantizer):
@@ -66,21 +52,22 @@ class IDKMQuantizer(Quantizer):
 
     def __init__(self, model_config: ConfigLike) -> None:
         super().__init__()
-        self.model_config = _as_model_config(model_config)
+        self.model_config = as_model_config(model_config)
 
     def annotate(self, model: fx.GraphModule) -> fx.GraphModule:
+        kinds = {kind.aten_op: kind for kind in layer_kinds() if kind.aten_op is not None}
         for node in model.graph.nodes:
-            spec = _WEIGHT_OPS.get(node.target) if node.op == "call_function" else None
-            if spec is None:
+            kind = kinds.get(node.target) if node.op == "call_function" else None
+            if kind is None:
                 continue
-            index, type_name = spec
+            index = kind.weight_arg
             weight = node.args[index]
             if not (isinstance(weight, fx.Node) and weight.op == "get_attr"):
                 continue
             name = _layer_name(node)
-            layer = _stand_in(type_name, _get_attr(model, weight.target))
-            cfg = self.model_config.resolve(name, layer)
-            cfg = None if cfg is None else _checked(name, layer, cfg, self.model_config)
+            shape = _get_attr(model, weight.target).shape
+            cfg = self.model_config.resolve(name, kind.name, shape)
+            cfg = None if cfg is None else checked_config(self.model_config, name, kind.name, shape, cfg)
             if cfg is None:
                 continue
             # torchao's own PartialWrapper: its prepare reads the class name through `.p.func`
@@ -110,21 +97,6 @@ def _get_attr(model: nn.Module, target: str) -> Any:
     for part in target.split("."):
         obj = getattr(obj, part)
     return obj
-
-
-class PalettizedWeight(PalettizedModule):
-    """A weight stored as packed n-bit codes + LUT (no layer around it); forward() returns the dense weight.
-
-    Buffers: codes uint8 [ceil(numel / d * bits / 8)], lut [groups, 2**bits, d] (lut_dtype).
-    forward() -> weight [weight_shape] in `dtype`.
-    """
-
-    def __init__(self, codes: torch.Tensor, lut: torch.Tensor, bits: int, weight_shape: tuple[int, ...],
-                 dtype: torch.dtype) -> None:
-        super().__init__(weight_shape, codes, lut, bits, None, dtype)
-
-    def forward(self) -> torch.Tensor:
-        return self.dequantize_weight()
 
 
 def _evaluate(model: fx.GraphModule, node: Any, cache: dict) -> Any:

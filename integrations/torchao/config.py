@@ -20,7 +20,7 @@ from typing import Optional
 from torch import nn
 
 from idkm_plugin.config import ClusterConfig
-from idkm_plugin.nn import palettize_module
+from idkm_plugin.layers import palettize_module
 
 from ._import import import_torchao
 from .modules import IDKMFakeQuantMixin, fake_quant_class, layer_label

@@ -9,6 +9,7 @@ pytest.importorskip("brevitas")
 import brevitas.nn as qnn  # noqa: E402
 from brevitas.quant import Int8ActPerTensorFloat, Int8Bias, Int8BiasPerTensorFloatInternalScaling  # noqa: E402
 from mnist_data import mnist  # noqa: E402
+from qat_helpers import assert_at_most_k_vectors, train  # noqa: E402
 
 from idkm_plugin import ClusterConfig, ModelConfig  # noqa: E402
 from idkm_plugin.integrations.brevitas import (ActQuantPalettized, ClusterWeightQuantProxy,  # noqa: E402
@@ -29,32 +30,15 @@ def tiny_net(weight_quant, **kw) -> nn.Sequential:
                         bias_quant=Int8BiasPerTensorFloatInternalScaling, **kw))
 
 
-def train(model: nn.Module, steps: int = 50, batch: int = 32) -> list[float]:
-    x, y = mnist("train", steps * batch)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    model.train()
-    losses = []
-    for i in range(steps):
-        loss = F.cross_entropy(model(x[i * batch:(i + 1) * batch]), y[i * batch:(i + 1) * batch])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-    return losses
-
-
-def assert_at_most_k_vectors(layer: PalettizedModule) -> None:
-    vectors = layer.dequantize_weight().reshape(layer.groups_lut, -1, layer.dim)
-    for group in vectors:
-        assert torch.unique(group, dim=0).shape[0] <= 1 << layer.bits
-    assert int(layer.unpacked_codes().max()) < 1 << layer.bits
+def train_mnist(model: nn.Module, steps: int = 50, batch: int = 32) -> list[float]:
+    return train(model.train(), *mnist("train", steps * batch), steps, batch=batch, lr=1e-2)
 
 
 @pytest.mark.parametrize("method", ["dkm", "idkm", "idkm_jfb"])
 def test_mnist_train_and_palettize(method):
     model = tiny_net(QUANTS[method], weight_bit_width=2, weight_max_iter=10)
     assert model[0].weight_quant.cluster_config.method.value == method
-    losses = train(model)
+    losses = train_mnist(model)
     assert sum(losses[-5:]) / 5 < 0.7 * sum(losses[:5]) / 5, losses
 
     x_test, y_test = mnist("test", 256)
@@ -98,10 +82,21 @@ def test_issue_examples_and_overrides_read_back():
 def test_overrides_change_the_trained_lut(quant):
     torch.manual_seed(0)
     layer = qnn.QuantConv2d(4, 8, 3, weight_quant=quant, weight_bit_width=3, weight_cluster_dim=2)
-    layer.train()(torch.randn(2, 4, 6, 6)).sum().backward()
-    assert layer.weight_quant.clusterer.centroids.shape == (1, 8, 2)
+    clusterer = layer.weight_quant.clusterer
+    x = torch.randn(2, 4, 6, 6)
+    layer.train()(x).sum().backward()
+    initial = clusterer.centroids.clone()
+    assert initial.shape == (1, 8, 2)  # 2**3 centroids of 2-vectors, as the overrides ask
+    opt = torch.optim.SGD(layer.parameters(), lr=0.5)
+    for _ in range(3):
+        opt.zero_grad()
+        layer(x).square().mean().backward()
+        opt.step()
+    assert not torch.equal(clusterer.centroids, initial)  # the LUT is trained with the weights
     deployed = palettize(layer.eval())
     assert isinstance(deployed, PalettizedConv2d) and (deployed.bits, deployed.dim) == (3, 2)
+    assert torch.equal(deployed.lut, clusterer.lut())  # the trained LUT is the deployed one
+    assert_at_most_k_vectors(deployed)
 
 
 def test_invalid_overrides_raise_clear_errors():
@@ -158,7 +153,7 @@ def test_palettize_plain_layers_and_embedding():
 
 def test_quantizer_state_dict_round_trip():
     model = tiny_net(IDKMWeightQuant, weight_bit_width=2, weight_max_iter=5)
-    train(model, steps=3)
+    train_mnist(model, steps=3)
     fresh = tiny_net(IDKMWeightQuant, weight_bit_width=2, weight_max_iter=5)
     fresh.load_state_dict(model.state_dict())
     x = mnist("test", 16)[0]
@@ -206,9 +201,9 @@ def test_quantize_model_applies_model_config_through_layer_map():
 
 def test_quantize_model_unclusterable_layer():
     mc = ModelConfig(default=ClusterConfig(bits=2), by_name={"head": ClusterConfig(dim=3)})
-    with pytest.raises(ValueError, match="head: cluster dim=3 does not divide"):
+    with pytest.raises(ValueError, match=r"layer 'head' \(Linear\): cluster dim=3 does not divide"):
         quantize_model(FloatNet(), mc)
     skipping = ModelConfig(default=mc.default, by_name=dict(mc.by_name), skip_unclusterable=True)
-    with pytest.warns(UserWarning, match="leaving head float"):
+    with pytest.warns(UserWarning, match=r"'head'.*leaving it float"):
         model = quantize_model(FloatNet(), skipping)
     assert type(model.head) is nn.Linear and isinstance(model.features[0], qnn.QuantConv2d)

@@ -1,7 +1,6 @@
 """Eager-mode torch.ao QAT with IDKMFakeQuantize: prepare_qat -> train -> convert(mapping=palettize_mapping())."""
 import copy
 import io
-import warnings
 
 import pytest
 import torch
@@ -10,7 +9,8 @@ from torch import nn
 tq = pytest.importorskip("torch.ao.quantization")
 
 from mnist_data import mnist  # noqa: E402
-from torch_ao_models import MnistNet, fused, train  # noqa: E402
+from qat_helpers import train  # noqa: E402
+from torch_ao_models import MnistNet, fused  # noqa: E402
 
 from idkm_plugin import ClusterConfig, ModelConfig  # noqa: E402
 from idkm_plugin.integrations.torch_ao.convert import FrozenActivationFakeQuant  # noqa: E402
@@ -183,8 +183,6 @@ def test_state_dicts_round_trip_and_training_resumes(tmp_path):
     torch.save(deployed.state_dict(), buf)
     buf.seek(0)
     fresh = convert(prepared(cfg, seed=2))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
     fresh.load_state_dict(torch.load(buf, weights_only=True))
     xt = mnist("test", 64)[0]
     assert torch.equal(fresh(xt), deployed(xt))

@@ -7,7 +7,8 @@ tq = pytest.importorskip("torch.ao.quantization")
 from torch.ao.quantization.quantize_fx import prepare_qat_fx  # noqa: E402
 
 from mnist_data import mnist  # noqa: E402
-from torch_ao_models import MnistNet, train  # noqa: E402
+from qat_helpers import train  # noqa: E402
+from torch_ao_models import MnistNet  # noqa: E402
 
 from idkm_plugin import ClusterConfig, ModelConfig  # noqa: E402
 from idkm_plugin.integrations.torch_ao import IDKMFakeQuantize, convert_fx_palettized, qconfig_mapping  # noqa: E402

@@ -6,7 +6,8 @@ from torch import nn
 tq = pytest.importorskip("torch.ao.quantization")
 
 from mnist_data import mnist  # noqa: E402
-from torch_ao_models import MnistNet, fused, train  # noqa: E402
+from qat_helpers import train  # noqa: E402
+from torch_ao_models import MnistNet, fused  # noqa: E402
 
 from idkm_plugin import ClusterConfig, ModelConfig  # noqa: E402
 from idkm_plugin.export import size_report  # noqa: E402

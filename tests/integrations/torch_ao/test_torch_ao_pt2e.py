@@ -9,7 +9,8 @@ logging.getLogger("torchao").setLevel(logging.ERROR)
 from torchao.quantization.pt2e.quantize_pt2e import prepare_qat_pt2e  # noqa: E402
 
 from mnist_data import mnist  # noqa: E402
-from torch_ao_models import MnistNet, train  # noqa: E402
+from qat_helpers import train  # noqa: E402
+from torch_ao_models import MnistNet  # noqa: E402
 
 from idkm_plugin import ClusterConfig, ModelConfig  # noqa: E402
 from idkm_plugin.integrations.torch_ao import (IDKMFakeQuantize, IDKMQuantizer, PalettizedWeight,  # noqa: E402

@@ -4,7 +4,7 @@ from __future__ import annotations
 import os
 
 import torch
-import torch.nn.functional as F
+from qat_helpers import train
 from torch import nn
 
 
@@ -38,21 +38,6 @@ def fused(model: MnistNet) -> MnistNet:
 
     names = ["conv", "bn", "relu"] if isinstance(model.bn, nn.BatchNorm2d) else ["conv", "relu"]
     return fuse_modules_qat(model.train(), [names], inplace=True)
-
-
-def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int, batch: int = 64,
-          lr: float = 3e-3) -> list[float]:
-    """Adam on minibatches cycling through (x, y); returns the loss of every step."""
-    opt = torch.optim.Adam(model.parameters(), lr=lr)
-    losses = []
-    for step in range(steps):
-        i = (step * batch) % len(x)
-        loss = F.cross_entropy(model(x[i:i + batch]), y[i:i + batch])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-    return losses
 
 
 def ddp_worker(rank: int, world: int, init_file: str, out_dir: str, x: torch.Tensor, y: torch.Tensor) -> None:

@@ -8,7 +8,7 @@ pytest.importorskip("torchao")
 
 from idkm_plugin import ClusterConfig  # noqa: E402
 from idkm_plugin.clusterer import WeightClusterer  # noqa: E402
-from idkm_plugin.nn import palettize_module  # noqa: E402
+from idkm_plugin.layers import palettize_module  # noqa: E402
 
 codebook = pytest.importorskip("idkm_plugin.integrations.torchao.codebook")
 try:

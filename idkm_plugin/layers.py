@@ -1,0 +1,261 @@
+"""The one registry of supported layer kinds, and the one walk that picks each layer's config.
+
+Every integration selects layers through `resolve_layers` and reads the supported kinds from
+`layer_kinds()`; nothing else lists layer types. Adding a kind is one `register_layer_kind` call
+plus its palettized class:
+
+    register_layer_kind(LayerKind(
+        name="MyLinear", float_type=MyLinear, palettized_type=PalettizedMyLinear,
+        forward_with_weight=lambda m, x, w: F.linear(x, w, m.bias)))
+
+after which torchao's `quantize_`, torch.ao's `prepare_qat(mapping=qat_module_mapping())` and every
+`palettize_*` convert handle it (Brevitas only where it has a Quant layer for the kind; otherwise
+the walk names the layer in a clear error).
+"""
+from __future__ import annotations
+
+import functools
+import warnings
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator, Optional, Sequence, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .clusterer import WeightClusterer
+from .config import ClusterConfig, ModelConfig
+from .core.vectors import vector_shape
+from .nn.palettized import (PalettizedConv1d, PalettizedConv2d, PalettizedEmbedding, PalettizedLinear,
+                            PalettizedModule)
+
+__all__ = ["ConfigLike", "LayerKind", "UNSUPPORTED_TYPES", "as_model_config", "check_clusterable", "checked_config",
+           "kind_named", "kind_of", "layer_kinds", "palettize_module", "palettized_class", "register_layer_kind", "resolve_layers",
+           "subclass_instance", "unregister_layer_kind"]
+
+ConfigLike = Union[ModelConfig, ClusterConfig]
+
+
+def _no_check(module: nn.Module, name: str) -> None:
+    return None
+
+
+@dataclass(frozen=True)
+class LayerKind:
+    """One supported layer kind.
+
+    Attributes:
+        name: the class name `ModelConfig.by_type` uses ("Linear").
+        float_type: the float layer class; matched exactly (subclasses with their own forward, such
+            as torch.ao QAT layers or MultiheadAttention's out_proj, are not this kind).
+        palettized_type: the converted class (`from_float(module, codes, lut, bits, weight, bias)`).
+        forward_with_weight: (module, input, weight) -> output: the float forward with `weight` in place
+            of `module.weight` (the fake-quantized layers of every toolkit run this).
+        aten_op, weight_arg: the op a `torch.export`ed graph calls for this layer and the index of its
+            weight argument (PT2E annotates those); None when the kind has no single op.
+        check: (module, name) -> None, raising ValueError when this instance cannot be palettized.
+    """
+
+    name: str
+    float_type: type
+    palettized_type: type
+    forward_with_weight: Callable[[nn.Module, Any, torch.Tensor], Any]
+    aten_op: Optional[Any] = None
+    weight_arg: int = 1
+    check: Callable[[nn.Module, str], None] = _no_check
+
+
+def _conv_forward(module: nn.Module, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    return module._conv_forward(x, weight, module.bias)
+
+
+def _embedding_forward(module: nn.Embedding, ids: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    return F.embedding(ids, weight, module.padding_idx, None, module.norm_type, module.scale_grad_by_freq,
+                       module.sparse)
+
+
+def _check_embedding(module: nn.Embedding, name: str) -> None:
+    if module.max_norm is not None:
+        raise ValueError(f"layer {name!r} (Embedding) has max_norm={module.max_norm}, which renormalises its weight "
+                         "in place; a palettized embedding cannot, so use max_norm=None or leave this layer float")
+
+
+_aten = torch.ops.aten
+_KINDS: dict[type, LayerKind] = {}
+
+# Weight-bearing layers the palettized modules cannot represent (or whose weight is read outside
+# forward, as nn.MultiheadAttention does with its out_proj): asking to cluster one is an error.
+UNSUPPORTED_TYPES: tuple[type, ...] = (nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d,
+                                       nn.EmbeddingBag, nn.Bilinear, nn.modules.linear.NonDynamicallyQuantizableLinear)
+
+
+def register_layer_kind(kind: LayerKind) -> LayerKind:
+    """Add (or replace) a supported layer kind. Returns it."""
+    if not issubclass(kind.palettized_type, PalettizedModule):
+        raise ValueError(f"LayerKind {kind.name!r}: palettized_type {kind.palettized_type.__name__} is not a "
+                         "PalettizedModule")
+    _KINDS[kind.float_type] = kind
+    return kind
+
+
+def unregister_layer_kind(kind: LayerKind) -> None:
+    """Remove a kind added with `register_layer_kind`."""
+    if _KINDS.get(kind.float_type) is kind:
+        del _KINDS[kind.float_type]
+
+
+def layer_kinds() -> tuple[LayerKind, ...]:
+    """Every supported kind, in registration order."""
+    return tuple(_KINDS.values())
+
+
+def kind_named(name: str) -> LayerKind:
+    """The registered kind whose `by_type` name is `name` ("Linear")."""
+    for kind in _KINDS.values():
+        if kind.name == name:
+            return kind
+    raise ValueError(f"no layer kind named {name!r}; registered: {', '.join(k.name for k in _KINDS.values())}")
+
+
+def kind_of(module: nn.Module, exact: bool = True) -> Optional[LayerKind]:
+    """The kind of a float layer (exact type), or with exact=False of any subclass instance
+    (a QAT or fake-quantized layer); None when unsupported."""
+    if exact:
+        return _KINDS.get(type(module))
+    for cls in type(module).__mro__:  # the most specific registered base
+        if cls in _KINDS:
+            return _KINDS[cls]
+    return None
+
+
+for _kind in (
+    LayerKind("Linear", nn.Linear, PalettizedLinear, lambda m, x, w: F.linear(x, w, m.bias), _aten.linear.default),
+    LayerKind("Conv1d", nn.Conv1d, PalettizedConv1d, _conv_forward, _aten.conv1d.default),
+    LayerKind("Conv2d", nn.Conv2d, PalettizedConv2d, _conv_forward, _aten.conv2d.default),
+    LayerKind("Embedding", nn.Embedding, PalettizedEmbedding, _embedding_forward, _aten.embedding.default,
+              weight_arg=0, check=_check_embedding),
+):
+    register_layer_kind(_kind)
+
+
+def as_model_config(model_config: ConfigLike) -> ModelConfig:
+    """A ModelConfig from a ModelConfig or one ClusterConfig for every layer."""
+    if isinstance(model_config, ClusterConfig):
+        return ModelConfig(default=model_config)
+    if not isinstance(model_config, ModelConfig):
+        raise ValueError(f"model_config={model_config!r} is not allowed; expected an idkm_plugin.ModelConfig or "
+                         "ClusterConfig")
+    return model_config
+
+
+def check_clusterable(name: str, type_name: str, weight_shape: Sequence[int], config: ClusterConfig) -> None:
+    """Raise ValueError naming the layer if `config` cannot cluster a weight of this shape."""
+    vector_shape(tuple(weight_shape), config.dim, config.lut_group_size, f"layer {name!r} ({type_name})")
+
+
+def checked_config(model_config: ModelConfig, name: str, type_name: str, weight_shape: Sequence[int],
+                   config: ClusterConfig, check: Callable[[], None] = lambda: None) -> Optional[ClusterConfig]:
+    """`config` if it can cluster the layer; otherwise the one policy: raise ValueError naming the layer,
+    or with `skip_unclusterable` warn and return None (the layer stays float).
+
+    `check` runs first (kind-specific limits; raises ValueError).
+    """
+    try:
+        check()
+        check_clusterable(name, type_name, weight_shape, config)
+    except ValueError as err:
+        if not model_config.skip_unclusterable:
+            raise ValueError(f"{err} (or set ModelConfig.skip_unclusterable=True to leave it float)") from None
+        warnings.warn(f"{err}; skip_unclusterable=True: leaving it float", stacklevel=4)
+        return None
+    return config
+
+
+def _supported_names(supports: Callable[[LayerKind], bool]) -> str:
+    return ", ".join(k.name for k in layer_kinds() if supports(k))
+
+
+def _all_kinds(kind: LayerKind) -> bool:
+    return True
+
+
+def resolve_layers(model: nn.Module, model_config: ConfigLike, *,
+                   unwrap: Optional[Callable[[nn.Module], Optional[nn.Module]]] = None,
+                   supports: Callable[[LayerKind], bool] = _all_kinds, flow: str = "this flow",
+                   ) -> Iterator[tuple[str, nn.Module, Optional[ClusterConfig]]]:
+    """Yield (name, module, config or None) for every weight-bearing layer `model_config` could cluster.
+
+    Layers of a supported kind are always yielded (None: leave float). A layer the resolved config
+    cannot cluster (unsupported or unknown-to-`flow` type, `dim` / `group_size` that do not divide the
+    weight, a kind-specific limit) raises ValueError naming it, or with `skip_unclusterable` warns and
+    is yielded with None.
+
+    Args:
+        unwrap: module -> the float layer it wraps (torch.ao fused modules: their conv / linear), or None
+            when it wraps none; the wrapper's children are then not visited again.
+        supports: which registry kinds this flow can cluster (Brevitas has no layer for some).
+        flow: the flow's name for error messages.
+    """
+    mp = as_model_config(model_config)
+    wrapped: set[int] = set()
+    for name, module in model.named_modules():
+        if id(module) in wrapped:
+            continue
+        layer = unwrap(module) if unwrap is not None else None
+        if layer is not None:
+            wrapped.update(id(m) for m in module.modules() if m is not module)
+        else:
+            layer = module
+        kind = kind_of(layer)
+        if kind is None and not isinstance(layer, UNSUPPORTED_TYPES):
+            continue
+        type_name = type(layer).__name__
+        cfg = mp.resolve(name, layer)
+        if cfg is None:
+            if kind is not None:
+                yield name, module, None
+            continue
+        yield name, module, checked_config(mp, name, type_name, layer.weight.shape, cfg,
+                                           functools.partial(_check_kind, kind, layer, name, supports, flow))
+
+
+def _check_kind(kind: Optional[LayerKind], layer: nn.Module, name: str, supports: Callable[[LayerKind], bool],
+                flow: str) -> None:
+    if kind is None or not supports(kind):
+        raise ValueError(f"layer {name!r} ({type(layer).__name__}) cannot be clustered in {flow}: supported layers "
+                         f"are {_supported_names(supports)}; map it to None in the ModelConfig "
+                         f"(by_name={{{name!r}: None}})")
+    kind.check(layer, name)
+
+
+def subclass_instance(module: nn.Module, cls: type) -> nn.Module:
+    """A new `cls` instance (a subclass of type(module)) sharing `module`'s parameters, buffers,
+    children and attributes: the toolkits' fake-quantized layers are built this way for any kind."""
+    new = cls.__new__(cls)
+    state = dict(module.__dict__)
+    for key, value in state.items():
+        if isinstance(value, dict):  # parameters, buffers, children, hooks: own containers, same tensors
+            state[key] = type(value)(value)
+    new.__dict__.update(state)
+    return new
+
+
+def palettized_class(module: nn.Module) -> type:
+    """The palettized class for a float, QAT or fake-quantized layer of a registered kind."""
+    kind = kind_of(module, exact=False)
+    if kind is None:
+        supported = ", ".join(k.name for k in layer_kinds())
+        raise ValueError(f"{type(module).__name__} cannot be palettized; supported: {supported}")
+    return kind.palettized_type
+
+
+def palettize_module(module: nn.Module, clusterer: WeightClusterer, weight: Optional[torch.Tensor] = None,
+                     bias: Optional[torch.Tensor] = None) -> PalettizedModule:
+    """The palettized form of `module` from `clusterer`'s LUT (every toolkit converts through this).
+
+    weight / bias override the module's own (e.g. with BatchNorm folded in); the codes are the hard
+    nearest-centroid assignment of that weight, so the result computes what the eval-mode QAT layer does.
+    """
+    weight = module.weight if weight is None else weight
+    codes, lut = clusterer.codes_and_lut(weight)
+    return palettized_class(module).from_float(module, codes, lut, clusterer.config.bits, weight, bias)
