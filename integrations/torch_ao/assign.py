@@ -12,6 +12,7 @@ from typing import Any, Callable, Iterator, Optional
 from torch import nn
 from torch.ao.nn import intrinsic as nni
 from torch.ao.quantization import QConfigMapping
+from torch.ao.quantization.fx.tracer import QuantizationTracer
 from torch.ao.quantization.quantization_mappings import get_default_qat_module_mappings
 
 from idkm_plugin.config import ClusterConfig
@@ -19,7 +20,8 @@ from idkm_plugin.layers import ConfigLike, layer_kinds, resolve_layers as _resol
 
 from .qconfig import idkm_qconfig
 
-__all__ = ["FUSED_TYPES", "assign_qconfigs", "clusterable_types", "qconfig_mapping", "resolve_layers"]
+__all__ = ["FUSED_TYPES", "assign_qconfigs", "check_fx_traceable", "clusterable_types", "qconfig_mapping",
+           "resolve_layers"]
 
 # Float fused types from fuse_modules_qat: module[0] is the layer that holds the weight.
 FUSED_TYPES: tuple[type, ...] = (nni.ConvBn1d, nni.ConvBn2d, nni.ConvBn3d, nni.ConvBnReLU1d, nni.ConvBnReLU2d,
@@ -72,9 +74,22 @@ def qconfig_mapping(model_config: ConfigLike, model: nn.Module, *,
     """The FX `QConfigMapping` for `prepare_qat_fx`: one `set_module_name` entry per layer.
 
     `model` is the float model that will be traced (names as in `model.named_modules()`); the
-    global qconfig is None, so only the resolved layers are clustered.
+    global qconfig is None, so only the resolved layers are clustered. Raises ValueError (keeping the
+    tracer's message) when `model` cannot be symbolically traced, as most Hugging Face models cannot.
     """
+    check_fx_traceable(model)
     mapping = QConfigMapping().set_global(None)
     for name, _, cfg in resolve_layers(model, model_config):
         mapping.set_module_name(name, None if cfg is None else idkm_qconfig(cfg, activation=activation, name=name))
     return mapping
+
+
+def check_fx_traceable(model: nn.Module) -> None:
+    """Trace `model` as `prepare_qat_fx` will (torch.ao's QuantizationTracer); ValueError if it cannot."""
+    try:
+        QuantizationTracer(skipped_module_names=[], skipped_module_classes=[]).trace(model)
+    except Exception as err:  # the tracer fails with whatever the model's Python does on a Proxy
+        raise ValueError(f"{type(model).__name__} could not be traced by torch.fx, which FX graph mode "
+                         "(prepare_qat_fx) needs: use the torchao flow (quantize_ with IDKMQATConfig / "
+                         "fqn_to_config) or PT2E (torch.export + IDKMQuantizer), which take untraceable models; "
+                         f"the tracer said: {type(err).__name__}: {err}") from err

@@ -141,20 +141,63 @@ def _set_fake_quant_training(model: nn.Module, mode: bool) -> None:
             module.train(mode)
 
 
+_aten = torch.ops.aten
+# op -> (position, keyword) of the argument that switches its dropout, and that argument's "off" value
+_DROPOUT_SWITCH = {op: (2, "train", False) for op in (_aten.dropout.default, _aten.native_dropout.default,
+                                                     _aten.feature_dropout.default, _aten.alpha_dropout.default,
+                                                     _aten.feature_alpha_dropout.default)}
+_DROPOUT_SWITCH[_aten.scaled_dot_product_attention.default] = (4, "dropout_p", 0.0)
+_SAVED_DROPOUT = "idkm_dropout_switch"
+
+
+def _set_dropout(model: fx.GraphModule, training: bool) -> None:
+    """Turn every dropout of the graph off (training=False), remembering its value, or restore it.
+
+    `torch.export` of a model in train mode bakes dropout into the graph, including attention's
+    `dropout_p`, which torchao's move_exported_model_to_eval does not reach.
+    """
+    changed = False
+    for node in model.graph.nodes:
+        switch = _DROPOUT_SWITCH.get(node.target) if node.op == "call_function" else None
+        if switch is None:
+            continue
+        index, key, off = switch
+        if training:
+            if _SAVED_DROPOUT not in node.meta:
+                continue
+            value = node.meta.pop(_SAVED_DROPOUT)
+        else:
+            current = node.args[index] if len(node.args) > index else node.kwargs.get(key)
+            if current is None or current == off:
+                continue
+            node.meta[_SAVED_DROPOUT], value = current, off
+        if len(node.args) > index:
+            node.args = node.args[:index] + (value,) + node.args[index + 1:]
+        else:
+            node.kwargs = {**node.kwargs, key: value}
+        changed = True
+    if changed:
+        model.recompile()
+
+
 def pt2e_eval(model: fx.GraphModule) -> fx.GraphModule:
-    """torchao's move_exported_model_to_eval, plus the IDKM fake-quants to eval (hard assignment)."""
+    """torchao's move_exported_model_to_eval, every dropout off (nn.Dropout and attention's dropout_p),
+    and the IDKM fake-quants to eval (hard assignment): the eval-mode QAT model is deterministic."""
     from torchao.quantization.pt2e import move_exported_model_to_eval
 
     move_exported_model_to_eval(model)
+    _set_dropout(model, training=False)
     _set_fake_quant_training(model, False)
     return model
 
 
 def pt2e_train(model: fx.GraphModule) -> fx.GraphModule:
-    """torchao's move_exported_model_to_train, plus the IDKM fake-quants to training (soft clustering)."""
+    """torchao's move_exported_model_to_train, the dropouts `pt2e_eval` turned off back on, and the IDKM
+    fake-quants to training (soft clustering)."""
     from torchao.quantization.pt2e import move_exported_model_to_train
 
     move_exported_model_to_train(model)
+    _set_dropout(model, training=True)
     _set_fake_quant_training(model, True)
     return model
 
