@@ -18,6 +18,7 @@ from torch.nn.modules.utils import _pair, _reverse_repeat_tuple, _single
 
 from .dequantize import dequantize_packed
 from .packing import pack_codes, packed_nbytes, unpack_codes
+from .portable_dequantize import dequantize_portable
 
 class PalettizedModule(nn.Module):
     """Common storage, dequantization and dense-weight cache of the palettized layers.
@@ -73,8 +74,13 @@ class PalettizedModule(nn.Module):
         return unpack_codes(self.codes, self.bits, self.num_codes).view(self.groups_lut, -1)
 
     def dequantize_weight(self) -> torch.Tensor:
-        """The dense weight [weight_shape] in the layer's dtype, decoded now (never from the cache)."""
-        dense = dequantize_packed(self.codes, self.bits, self.num_codes, self.lut, self.weight_dtype)
+        """The dense weight [weight_shape] in the layer's dtype, decoded now (never from the cache).
+
+        Under `torch.export` / `torch.compile` it is decoded with Core ATen ops only, so the traced
+        program keeps codes + LUT and runs on ExecuTorch's portable kernels.
+        """
+        decode = dequantize_portable if torch.compiler.is_compiling() else dequantize_packed
+        dense = decode(self.codes, self.bits, self.num_codes, self.lut, self.weight_dtype)
         return dense.view(self.weight_shape)
 
     # ---- dense-weight cache -------------------------------------------------------------------

@@ -1,0 +1,45 @@
+"""Dense weight from packed codes + LUT with Core ATen ops only, for `torch.export`ed programs.
+
+The eager path (`dequantize.py`) reinterprets bytes (`view(dtype)`, complex128 rows), which
+runtimes such as ExecuTorch do not run. Here the bytes are unpacked with integer arithmetic
+(floor division by powers of two, remainder, multiply-add: all Core ATen, all in ExecuTorch's
+portable kernels) and looked up with `embedding`, so a program keeps the packed codes + LUT as
+its constants and decodes them when it runs. Same layout, same result, bit for bit.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["dequantize_portable", "unpack_codes_portable"]
+
+
+def unpack_codes_portable(packed: torch.Tensor, bits: int, count: int) -> torch.Tensor:
+    """uint8 [packed_nbytes(count, bits)] -> codes int64 [count] (same result as `unpack_codes`)."""
+    k = 1 << bits
+    raw = packed.to(torch.int32)
+    if 8 % bits == 0:  # whole codes per byte: code j of a byte = (byte // 2**(j*bits)) % 2**bits
+        divisors = torch.tensor([1 << s for s in range(0, 8, bits)], dtype=torch.int32)
+        codes = torch.remainder(torch.div(raw.unsqueeze(1), divisors, rounding_mode="floor"), k)
+        return codes.reshape(-1)[:count].to(torch.int64)
+    n_groups = -(-count // 8)  # 8 codes fill exactly `bits` bytes: one row per group
+    pad = n_groups * bits - raw.shape[0]
+    rows = (torch.cat([raw, raw.new_zeros(pad)]) if pad else raw).view(n_groups, bits)
+    rows = torch.cat([rows, rows.new_zeros(n_groups, 2)], 1)  # a code spans at most 3 bytes of its row
+    first_byte = torch.tensor([i * bits // 8 for i in range(8)])
+    # window = the 3 bytes from each code's first byte on, as one little-endian integer: [n_groups, 8]
+    window = (rows.index_select(1, first_byte) + rows.index_select(1, first_byte + 1) * 256
+              + rows.index_select(1, first_byte + 2) * 65536)
+    divisors = torch.tensor([1 << (i * bits % 8) for i in range(8)], dtype=torch.int32)
+    codes = torch.remainder(torch.div(window, divisors, rounding_mode="floor"), k)
+    return codes.reshape(-1)[:count].to(torch.int64)
+
+
+def dequantize_portable(packed: torch.Tensor, bits: int, count: int, lut: torch.Tensor,
+                        dtype: torch.dtype) -> torch.Tensor:
+    """packed uint8, lut [groups, 2**bits, d] -> dense [count * d] in `dtype` (as `dequantize_packed`)."""
+    groups, k, d = lut.shape
+    codes = unpack_codes_portable(packed, bits, count)
+    if groups > 1:
+        codes = (codes.view(groups, -1) + torch.arange(groups).unsqueeze(1) * k).reshape(-1)
+    return F.embedding(codes, lut.reshape(groups * k, d).to(dtype)).reshape(-1)

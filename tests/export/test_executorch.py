@@ -1,0 +1,76 @@
+"""The .pte runs under executorch.runtime and matches the palettized PyTorch model; weights stay packed."""
+import os
+
+import pytest
+import torch
+from torch import nn
+
+pytest.importorskip("executorch.runtime", reason="ExecuTorch is not installed (extra: executorch)")
+
+from executorch.runtime import Runtime  # noqa: E402
+
+from idkm_plugin import ClusterConfig  # noqa: E402
+from idkm_plugin.export import size_report, to_executorch  # noqa: E402
+from idkm_plugin.export.executorch_export import export_program  # noqa: E402
+from idkm_plugin.nn import PalettizedModule  # noqa: E402
+from palettized_models import CONFIGS, AllKinds, palettize, trained_bn  # noqa: E402
+
+
+def run_pte(path, inputs):
+    method = Runtime.get().load_program(str(path)).load_method("forward")
+    return method.execute(list(inputs))[0]
+
+
+def max_relative_error(out, ref):
+    return float((out - ref).abs().max() / ref.abs().max())
+
+
+@pytest.mark.parametrize("case", ["bits 1..8 mixed", "grouped LUTs"])
+def test_pte_matches_the_palettized_model(tmp_path, case):
+    torch.manual_seed(0)
+    model = palettize(trained_bn(AllKinds()), CONFIGS[case])
+    inputs = model.example_inputs()
+    path = tmp_path / "model.pte"
+    size = to_executorch(model, inputs, path)
+    assert size == os.path.getsize(path)
+    with torch.no_grad():
+        ref = model(*inputs)
+    assert max_relative_error(run_pte(path, inputs), ref) <= 1e-4
+
+
+def test_program_constants_are_the_packed_codes_and_luts():
+    """No dense weight is folded into the program: its uint8 constants are exactly the packed codes."""
+    model = palettize(AllKinds(), CONFIGS["d>1, float16 LUT"])
+    program = export_program(model, model.example_inputs())
+    constants = {**program.state_dict, **program.constants}
+    codes = {name: module.codes for name, module in model.named_modules() if isinstance(module, PalettizedModule)}
+    for name, packed in codes.items():
+        assert torch.equal(constants[f"{name}.codes"], packed)
+    weight_shapes = {tuple(m.weight_shape) for m in model.modules() if isinstance(m, PalettizedModule)}
+    float_constants = [t for t in constants.values() if t.is_floating_point()]
+    assert not any(tuple(t.shape) in weight_shapes for t in float_constants)
+
+
+def test_pte_size_is_the_packed_size_plus_the_rest(tmp_path):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(4000, 64), nn.Flatten(), nn.Linear(64 * 4, 1024), nn.ReLU(), nn.Linear(1024, 512))
+    model = palettize(model, {"0": ClusterConfig(bits=2), "2": ClusterConfig(bits=4), "4": ClusterConfig(bits=3)})
+    inputs = (torch.randint(0, 4000, (2, 4)),)
+    size = to_executorch(model, inputs, tmp_path / "m.pte")
+    stored = size_report(model).total_bytes
+    assert stored <= size <= 1.1 * stored
+    assert max_relative_error(run_pte(tmp_path / "m.pte", inputs), model(*inputs)) <= 1e-4
+
+
+def test_demo_cnn_pte_matches(tmp_path):
+    pytest.importorskip("ccexam", reason="ccexam is not installed")
+    from ccexam.models import MNISTNet
+
+    torch.manual_seed(0)
+    model = palettize(MNISTNet(28), {"features.0": ClusterConfig(bits=8), "features.3": ClusterConfig(bits=2),
+                                     "classifier.0": ClusterConfig(bits=4, dim=4), "classifier.2": ClusterConfig(bits=8)})
+    x = torch.randn(4, 1, 28, 28)
+    to_executorch(model, (x,), tmp_path / "cnn.pte")
+    with torch.no_grad():
+        ref = model(x)
+    assert max_relative_error(run_pte(tmp_path / "cnn.pte", (x,)), ref) <= 1e-4
