@@ -72,10 +72,12 @@ class WeightClusterer(nn.Module):
         on = self.count_step() if self.training else self.active()
         if not on:
             return weight
+        self.check_finite(weight, "weight")
         x = self.vectors(weight)
         self.initialize(weight)
         if not self.training:
-            return from_vectors(lookup(hard_assign(x, self.lut()), self.lut()).to(weight.dtype), weight.shape)
+            lut = self.lut()
+            return from_vectors(lookup(self._codes(weight, lut), lut).to(weight.dtype), weight.shape)
         cfg = self.config
         if self.lut_frozen:
             x_hat = frozen_soft_assign(x, self.centroids, tau=cfg.tau, chunk_size=cfg.chunk_size)
@@ -85,9 +87,25 @@ class WeightClusterer(nn.Module):
                                tol=cfg.tol, chunk_size=cfg.chunk_size, uniquify=cfg.uniquify,
                                adjoint_max_iter=cfg.adjoint_max_iter, adjoint_tol=cfg.adjoint_tol, stats=stats)
         self.last_stats = stats
+        self.check_finite(c, "new LUT")  # never store non-finite centroids
         with torch.no_grad():
             self.centroids.copy_(c)
-        return from_vectors(x_hat, weight.shape)
+        return self._check_gradient(from_vectors(x_hat, weight.shape))
+
+    def check_finite(self, tensor: torch.Tensor, what: str) -> None:
+        """Raise ValueError naming the layer, the NaN / Inf counts and the step if `tensor` is not finite."""
+        if bool(torch.isfinite(tensor).all()):
+            return
+        nan, inf = int(torch.isnan(tensor).sum()), int(torch.isinf(tensor).sum())
+        raise ValueError(f"{self.name}: the {what} has {nan} NaN and {inf} Inf entries (of {tensor.numel()}) at "
+                         f"clustering step {int(self.step)}; k-means needs finite values (check the learning rate, "
+                         "the loss scale and the data feeding this layer)")
+
+    def _check_gradient(self, out: torch.Tensor) -> torch.Tensor:
+        """Report a non-finite incoming gradient in backward, before it reaches the clustering."""
+        if out.requires_grad:
+            out.register_hook(lambda grad: self.check_finite(grad, "gradient of the clustered weight"))
+        return out
 
     def freeze_lut(self, frozen: bool = True) -> "WeightClusterer":
         """Stop (or resume) updating the LUT; training then fine-tunes the weights against it."""
@@ -111,10 +129,15 @@ class WeightClusterer(nn.Module):
     @torch.no_grad()
     def codes_and_lut(self, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Hard codes [groups, m] (int64) and LUT [groups, k, d] (lut_dtype) for conversion."""
+        self.check_finite(weight, "weight")
         self.initialize(weight)
         lut = self.lut()
-        codes = hard_assign(self.vectors(weight.detach()).to(lut.dtype), lut)
-        return codes, lut.to(self.config.lut_torch_dtype)
+        return self._codes(weight, lut), lut.to(self.config.lut_torch_dtype)
+
+    def _codes(self, weight: torch.Tensor, lut: torch.Tensor) -> torch.Tensor:
+        """Nearest-centroid codes [groups, m], assigned in the LUT's (float32) precision whatever the
+        weight dtype: eval mode and conversion share this, so bf16 / fp16 models convert exactly."""
+        return hard_assign(self.vectors(weight.detach()).to(lut.dtype), lut)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs) -> None:

@@ -89,8 +89,8 @@ class ClusterConfig:
         object.__setattr__(self, "uniquify", _enum_value(Uniquify, "uniquify", self.uniquify))
         _check(_is_int(self.bits) and 1 <= self.bits <= 16, "bits", self.bits, "an integer in 1..16")
         _check(_is_int(self.dim) and self.dim >= 1, "dim", self.dim, "an integer >= 1")
-        _check(self.tau is None or (_is_num(self.tau) and self.tau > 0), "tau", self.tau,
-               "a positive float, or None for the weight-derived default")
+        _check(self.tau is None or (_is_num(self.tau) and 0 < self.tau < math.inf), "tau", self.tau,
+               "a finite positive float, or None for the weight-derived default")
         _check(_is_int(self.max_iter) and self.max_iter >= 1, "max_iter", self.max_iter, "an integer >= 1")
         _check(_is_num(self.tol) and self.tol >= 0, "tol", self.tol, "a float >= 0")
         _check(_is_int(self.group_size) and self.group_size >= 0, "group_size", self.group_size, "an integer >= 0")
@@ -169,6 +169,7 @@ class ModelConfig:
     small_layer_params: int = 0
     small_layer: Optional[ClusterConfig] = None
     skip_unclusterable: bool = False  # True: warn and leave float a layer `dim` does not divide
+    strict: bool = False  # True: a by_name key or regex that matches no layer is an error, not a warning
 
     def __post_init__(self) -> None:
         for name, value in [("default", self.default), ("small_layer", self.small_layer)]:
@@ -228,6 +229,7 @@ class ModelConfig:
             "small_layer_params": self.small_layer_params,
             "small_layer": enc(self.small_layer),
             "skip_unclusterable": self.skip_unclusterable,
+            "strict": self.strict,
         }
 
     @classmethod
@@ -236,7 +238,8 @@ class ModelConfig:
 
         Entries in `by_type`, `by_name` and `small_layer` inherit unspecified fields from `default`.
         """
-        allowed = {"default", "by_type", "by_name", "small_layer_params", "small_layer", "skip_unclusterable"}
+        allowed = {"default", "by_type", "by_name", "small_layer_params", "small_layer", "skip_unclusterable",
+                   "strict"}
         unknown = sorted(set(data) - allowed)
         if unknown:
             raise ValueError(f"ModelConfig got unknown key(s) {unknown}; allowed: {sorted(allowed)}")
@@ -259,6 +262,7 @@ class ModelConfig:
             small_layer_params=int(data.get("small_layer_params", 0)),
             small_layer=dec(data["small_layer"]) if data.get("small_layer") is not None else None,
             skip_unclusterable=bool(data.get("skip_unclusterable", False)),
+            strict=bool(data.get("strict", False)),
         )
 
     @classmethod

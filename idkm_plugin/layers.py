@@ -15,6 +15,7 @@ the walk names the layer in a clear error).
 from __future__ import annotations
 
 import functools
+import re
 import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Optional, Sequence, Union
@@ -197,6 +198,8 @@ def resolve_layers(model: nn.Module, model_config: ConfigLike, *,
         flow: the flow's name for error messages.
     """
     mp = as_model_config(model_config)
+    check_type_names(mp, model)
+    seen: dict[str, str] = {}  # name -> type name of every weight-bearing layer visited
     wrapped: set[int] = set()
     for name, module in model.named_modules():
         if id(module) in wrapped:
@@ -210,6 +213,7 @@ def resolve_layers(model: nn.Module, model_config: ConfigLike, *,
         if kind is None and not isinstance(layer, UNSUPPORTED_TYPES):
             continue
         type_name = type(layer).__name__
+        seen[name] = type_name
         cfg = mp.resolve(name, layer)
         if cfg is None:
             if kind is not None:
@@ -217,6 +221,36 @@ def resolve_layers(model: nn.Module, model_config: ConfigLike, *,
             continue
         yield name, module, checked_config(mp, name, type_name, layer.weight.shape, cfg,
                                            functools.partial(_check_kind, kind, layer, name, supports, flow))
+    report_unmatched(mp, seen)
+
+
+def check_type_names(model_config: ModelConfig, model: nn.Module) -> None:
+    """ValueError for a `by_type` key that names no layer kind and no class of the model (a typo)."""
+    known = {k.name for k in layer_kinds()} | {t.__name__ for t in UNSUPPORTED_TYPES}
+    present = {type(m).__name__ for m in model.modules()}
+    unknown = sorted(set(model_config.by_type) - known - present)
+    if unknown:
+        with_weights = sorted({type(m).__name__ for m in model.modules()
+                               if isinstance(getattr(m, "weight", None), torch.Tensor)})
+        raise ValueError(f"ModelConfig.by_type {unknown} names no layer type of this model; its layer types are "
+                         f"{with_weights} (registered kinds: {sorted(k.name for k in layer_kinds())})")
+
+
+def report_unmatched(model_config: ModelConfig, seen: dict[str, str]) -> None:
+    """Warn (ValueError with `strict`) for each by_name key or regex, and each by_type key, that matched
+    none of the layers `seen` ({name: type name})."""
+    unmatched = [f"by_name {key!r}" for key in model_config.by_name
+                 if not any(_key_matches(key, name) for name in seen)]
+    unmatched += [f"by_type {key!r}" for key in model_config.by_type if key not in seen.values()]
+    for entry in unmatched:
+        message = f"ModelConfig {entry} matches no clusterable layer of this model; it has no effect"
+        if model_config.strict:
+            raise ValueError(message + f" (strict=True); the layers are {sorted(seen)}")
+        warnings.warn(message, stacklevel=3)
+
+
+def _key_matches(key: str, name: str) -> bool:
+    return re.fullmatch(key[3:], name) is not None if key.startswith("re:") else key == name
 
 
 def _check_kind(kind: Optional[LayerKind], layer: nn.Module, name: str, supports: Callable[[LayerKind], bool],

@@ -46,7 +46,7 @@ class IDKMFakeQuantize(FakeQuantizeBase):
             the scheme torch.ao's QAT Embedding requires of its weight fake-quant.
     """
 
-    dtype = torch.quint8
+    dtype = torch.qint8
     qscheme = torch.per_channel_affine_float_qparams
     is_dynamic = False
 
@@ -74,12 +74,19 @@ class IDKMFakeQuantize(FakeQuantizeBase):
         self.clusterer.lut_frozen = bool(self.observer_enabled[0] == 0)
         return self.clusterer(weight)
 
-    @torch.no_grad()
-    def calculate_qparams(self, **kwargs: Any) -> torch.Tensor:
-        """The lookup table [groups, 2**bits, d] (the "qparams" of a palettized weight)."""
-        return self.clusterer.lut()
+    def calculate_qparams(self, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """torch.ao's (scale, zero_point) contract, which a LUT cannot meet: only torch.ao's integer convert
+        calls this, so say how to convert instead. The LUT is `self.clusterer.lut()` ([groups, 2**bits, d])."""
+        raise stock_convert_error(self.clusterer.name)
 
     def extra_repr(self) -> str:
         return (f"fake_quant_enabled={int(self.fake_quant_enabled[0])}, "
                 f"observer_enabled={int(self.observer_enabled[0])}, name={self.clusterer.name!r}")
 
+
+def stock_convert_error(layer_name: str) -> ValueError:
+    """The error for torch.ao's integer `convert` (no `mapping=palettize_mapping()`) reaching a clustered layer."""
+    return ValueError(f"{layer_name}: torch.ao.quantization.convert was called without our mapping; a clustered "
+                      "weight has a LUT, not an integer scale / zero point, so convert with "
+                      "torch.ao.quantization.convert(qat.eval(), mapping=palettize_mapping()) "
+                      "(from idkm_plugin.integrations.torch_ao)")

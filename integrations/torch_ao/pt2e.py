@@ -22,7 +22,8 @@ from torch import fx, nn
 
 from idkm_plugin.nn import PalettizedWeight
 
-from idkm_plugin.layers import ConfigLike, as_model_config, checked_config, layer_kinds
+from idkm_plugin.layers import (ConfigLike, as_model_config, check_type_names, checked_config, layer_kinds,
+                                report_unmatched)
 
 from .fake_quantize import IDKMFakeQuantize
 
@@ -55,7 +56,9 @@ class IDKMQuantizer(Quantizer):
         self.model_config = as_model_config(model_config)
 
     def annotate(self, model: fx.GraphModule) -> fx.GraphModule:
+        check_type_names(self.model_config, model)
         kinds = {kind.aten_op: kind for kind in layer_kinds() if kind.aten_op is not None}
+        seen: dict[str, str] = {}
         for node in model.graph.nodes:
             kind = kinds.get(node.target) if node.op == "call_function" else None
             if kind is None:
@@ -65,6 +68,7 @@ class IDKMQuantizer(Quantizer):
             if not (isinstance(weight, fx.Node) and weight.op == "get_attr"):
                 continue
             name = _layer_name(node)
+            seen[name] = kind.name
             shape = _get_attr(model, weight.target).shape
             cfg = self.model_config.resolve(name, kind.name, shape)
             cfg = None if cfg is None else checked_config(self.model_config, name, kind.name, shape, cfg)
@@ -76,6 +80,7 @@ class IDKMQuantizer(Quantizer):
             annotation = node.meta.setdefault("quantization_annotation", QuantizationAnnotation())
             annotation.input_qspec_map = _with_weight_spec(node, index, annotation.input_qspec_map, qspec)
             annotation._annotated = True
+        report_unmatched(self.model_config, seen)
         return model
 
     def validate(self, model: fx.GraphModule) -> None:

@@ -9,14 +9,22 @@ from torch.ao.quantization.observer import PlaceholderObserver
 
 from idkm_plugin.config import ClusterConfig
 
-from .fake_quantize import IDKMFakeQuantize
+from .fake_quantize import IDKMFakeQuantize, stock_convert_error
 
-__all__ = ["idkm_qconfig", "weight_only_activation"]
+__all__ = ["WeightOnlyActivation", "idkm_qconfig"]
 
-# Weight-only: a float32 placeholder "observer" is torch.ao's own way of leaving activations
-# untouched (it is the activation of `float_qparams_weight_only_qconfig`); eager `convert` removes
-# it and FX inserts nothing for it.
-weight_only_activation = PlaceholderObserver.with_args(dtype=torch.float32)
+
+class WeightOnlyActivation(PlaceholderObserver):
+    """The activation "observer" of a weight-only idkm qconfig: torch.ao's float32 placeholder (its own way
+    of leaving activations untouched; eager `convert` removes it, FX inserts nothing for it), which names
+    the layer and the fix if torch.ao's integer `convert` (no `mapping=palettize_mapping()`) reaches it."""
+
+    def __init__(self, dtype: torch.dtype = torch.float32, layer_name: str = "weight", **kwargs: Any) -> None:
+        super().__init__(dtype=dtype, **kwargs)
+        self.layer_name = layer_name
+
+    def calculate_qparams(self):
+        raise stock_convert_error(self.layer_name)
 
 
 def idkm_qconfig(config: Optional[ClusterConfig] = None, *, activation: Optional[Callable[..., Any]] = None,
@@ -39,4 +47,6 @@ def idkm_qconfig(config: Optional[ClusterConfig] = None, *, activation: Optional
         raise ValueError(f"idkm_qconfig config={config!r} is not allowed; expected a ClusterConfig or None")
     config = ClusterConfig(**cluster_kwargs) if config is None else config.replace(**cluster_kwargs)
     weight = IDKMFakeQuantize.with_args(config=config, name=name)
-    return QConfig(activation=weight_only_activation if activation is None else activation, weight=weight)
+    if activation is None:
+        activation = WeightOnlyActivation.with_args(dtype=torch.float32, layer_name=name)
+    return QConfig(activation=activation, weight=weight)

@@ -14,6 +14,7 @@ swaps those for the core's palettized layers (packed codes + LUT). Inside a torc
 from __future__ import annotations
 
 import enum
+import weakref
 from dataclasses import dataclass
 from typing import Optional
 
@@ -49,6 +50,7 @@ class IDKMQATConfig(AOBaseConfig):
 
     cluster_config: Optional[ClusterConfig] = None
     step: QATStep | str = QATStep.PREPARE
+    layer_name: Optional[str] = None  # for error messages; fqn_to_config sets it
 
     def __post_init__(self) -> None:
         try:
@@ -68,17 +70,24 @@ class IDKMQATConfig(AOBaseConfig):
         return self.cluster_config if self.cluster_config is not None else ClusterConfig()
 
 
-def clusterable(module: nn.Module, fqn: str = "") -> bool:
-    """`filter_fn` for `quantize_`: float Linear / Conv1d / Conv2d / Embedding and prepared layers.
+# module -> its fully qualified name, noted by `clusterable` for the handler torchao calls right after
+# (torchao hands the handler the module only); used to name the layer in errors.
+_FQNS: "weakref.WeakKeyDictionary[nn.Module, str]" = weakref.WeakKeyDictionary()
 
-    (torchao's default filter only matches nn.Linear.)
+
+def clusterable(module: nn.Module, fqn: str = "") -> bool:
+    """`filter_fn` for `quantize_`: float layers of every registered kind (Linear, Conv1d, Conv2d,
+    Embedding, ...) and prepared layers. (torchao's default filter only matches nn.Linear.)
     """
-    return fake_quant_class(module) is not None or isinstance(module, IDKMFakeQuantMixin)
+    match = fake_quant_class(module) is not None or isinstance(module, IDKMFakeQuantMixin)
+    if match and fqn:
+        _FQNS[module] = fqn
+    return match
 
 
 def prepare_module(module: nn.Module, config: ClusterConfig, name: Optional[str] = None) -> nn.Module:
     """One float layer -> its fake-quantized version (unsupported modules are returned unchanged)."""
-    name = name or layer_label(module)
+    name = name or _FQNS.get(module) or layer_label(module)
     if isinstance(module, IDKMFakeQuantMixin):
         raise ValueError(f"{name} is already prepared for clustering ({module.weight_clusterer.extra_repr()}); "
                          "convert it with IDKMQATConfig(step='convert') or prepare the float model")
@@ -101,5 +110,5 @@ def _idkm_qat_transform(module: nn.Module, config: IDKMQATConfig, *, parameter_n
     if parameter_name not in (None, "weight"):
         return module
     if config.step is QATStep.PREPARE:
-        return prepare_module(module, config.resolved_cluster_config)
+        return prepare_module(module, config.resolved_cluster_config, config.layer_name)
     return convert_module(module)

@@ -28,6 +28,6 @@ def fqn_to_config(model_config: ModelConfig, model: nn.Module) -> FqnToConfig:
     if not isinstance(model_config, ModelConfig):
         raise ValueError(f"fqn_to_config expects an idkm_plugin.ModelConfig, got {type(model_config).__name__}")
     table: "OrderedDict[str, Optional[IDKMQATConfig]]" = OrderedDict(
-        (name, None if cfg is None else IDKMQATConfig(cfg, step="prepare"))
+        (name, None if cfg is None else IDKMQATConfig(cfg, step="prepare", layer_name=name))
         for name, _, cfg in resolve_layers(model, model_config, flow="the torchao flow"))
     return FqnToConfig(fqn_to_config=table)

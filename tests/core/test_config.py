@@ -11,7 +11,7 @@ from idkm_plugin import ClusterConfig, Method, ModelConfig, soft_kmeans
     ("bits", 17, r"bits=17"),
     ("bits", 2.0, r"bits=2.0"),
     ("dim", 0, r"dim=0 is not allowed"),
-    ("tau", -1.0, r"tau=-1.0 is not allowed; expected a positive float"),
+    ("tau", -1.0, r"tau=-1.0 is not allowed; expected a finite positive float"),
     ("tau", 0.0, r"tau=0.0"),
     ("max_iter", 0, r"max_iter=0"),
     ("tol", -1e-3, r"tol=-0.001"),

@@ -124,7 +124,7 @@ def test_fake_quant_and_observer_switches():
     fq.eval()
     hard = fq(w)
     assert torch.unique(hard).numel() <= 4
-    assert torch.all(torch.isin(hard, fq.calculate_qparams().flatten()))
+    assert torch.all(torch.isin(hard, fq.clusterer.lut().flatten()))
 
 
 def test_start_step_switches_clustering_on_after_n_training_forwards():

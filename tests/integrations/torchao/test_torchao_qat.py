@@ -200,6 +200,7 @@ def _converted_tiny_net() -> tuple[nn.Module, torch.Tensor]:
     return model, x
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")  # inductor's own import
 def test_converted_model_runs_under_torch_compile():
     model, x = _converted_tiny_net()
     eager = model(x)
