@@ -23,7 +23,8 @@ def atomic_path(path: str | os.PathLike) -> Iterator[str]:
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     base = os.path.basename(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{base}.", suffix=".tmp", dir=folder)
+    # keep the extension last: some writers (coremltools' .mlpackage) insist on it
+    fd, tmp = tempfile.mkstemp(prefix=f".{base}.", suffix=f".tmp{os.path.splitext(base)[1]}", dir=folder)
     os.close(fd)
     os.remove(tmp)  # the writer creates it (a file, or a folder such as an .mlpackage)
     try:

@@ -138,6 +138,13 @@ class PalettizedModule(nn.Module):
         """`hyperparameters()` that palettizing the float layer `module` gives."""
         raise NotImplementedError
 
+    def to_float(self) -> nn.Module:
+        """The equivalent float layer holding `dequantize_weight()` (for exporters that recompress it)."""
+        raise NotImplementedError(f"{type(self).__name__} has no float layer equivalent")
+
+    def _float_bias(self) -> Optional[nn.Parameter]:
+        return None if self.bias is None else nn.Parameter(self.bias.detach().clone(), requires_grad=False)
+
     def extra_repr(self) -> str:
         return (f"weight_shape={list(self.weight_shape)}, bits={self.bits}, dim={self.dim}, "
                 f"luts={self.groups_lut}, lut_dtype={self.lut.dtype}, cache_weight={self.cache_weight}")
@@ -187,6 +194,12 @@ class PalettizedLinear(PalettizedModule):
     @classmethod
     def from_hyperparameters(cls, hyperparameters, codes, lut, bits, bias, dtype) -> "PalettizedLinear":
         return cls(hyperparameters["in_features"], hyperparameters["out_features"], codes, lut, bits, bias, dtype)
+
+    def to_float(self) -> nn.Linear:
+        layer = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device="meta")
+        layer.weight = nn.Parameter(self.dequantize_weight(), requires_grad=False)
+        layer.bias = self._float_bias()
+        return layer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.dense_weight(), self.bias)
@@ -238,6 +251,14 @@ class _PalettizedConvNd(PalettizedModule):
         padding = h["padding"] if isinstance(h["padding"], str) else tuple(h["padding"])
         return cls(tuple(h["weight_shape"]), codes, lut, bits, bias, tuple(h["stride"]), padding,
                    tuple(h["dilation"]), h["groups"], h["padding_mode"], dtype)
+
+    def to_float(self) -> nn.Module:
+        float_type = nn.Conv1d if len(self.weight_shape) == 3 else nn.Conv2d
+        layer = float_type(self.in_channels, self.out_channels, self.kernel_size, self.stride, self.padding,
+                           self.dilation, self.groups, self.bias is not None, self.padding_mode, device="meta")
+        layer.weight = nn.Parameter(self.dequantize_weight(), requires_grad=False)
+        layer.bias = self._float_bias()
+        return layer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.dense_weight()
@@ -291,6 +312,11 @@ class PalettizedEmbedding(PalettizedModule):
     def from_hyperparameters(cls, hyperparameters, codes, lut, bits, bias, dtype) -> "PalettizedEmbedding":
         h = hyperparameters
         return cls(h["num_embeddings"], h["embedding_dim"], codes, lut, bits, h["padding_idx"], dtype)
+
+    def to_float(self) -> nn.Embedding:
+        layer = nn.Embedding(self.num_embeddings, self.embedding_dim, self.padding_idx, device="meta")
+        layer.weight = nn.Parameter(self.dequantize_weight(), requires_grad=False)
+        return layer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.embedding(x, self.dense_weight(), self.padding_idx)

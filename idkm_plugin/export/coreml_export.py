@@ -1,0 +1,117 @@
+"""Core ML export of a palettized model: every palettized weight becomes a `constexpr_lut_to_dense` op.
+
+    from idkm_plugin.export import to_coreml
+    mlmodel = to_coreml(deployed, (example_input,), "model.mlpackage")   # extra: pip install 'idkm-plugin[coreml]'
+
+Each palettized layer is replaced, in a copy of the model, by its float layer holding
+`dequantize_weight()` plus the palettization metadata coremltools' own `DKMPalettizer.finalize()`
+writes (buffers `_COREML_/weight/lut`, `/compression_type`, `/vector_axis`); `ct.convert` turns that
+into an ML program whose weights are LUT + n-bit indices. What Core ML cannot express raises
+ValueError naming the layer: more than 8 bits, vectors (d > 1) that cross the weight's last axis.
+Core ML has no 5- or 7-bit indices: those LUTs are padded to 6 / 8 bits (same weights, 1 more bit each).
+"""
+from __future__ import annotations
+
+import copy
+import os
+from typing import Any, Optional, Sequence
+
+import torch
+from torch import nn
+
+from ..nn.palettized import PalettizedModule, PalettizedWeight
+from .atomic import atomic_path
+
+__all__ = ["coreml_lut", "to_coreml", "with_coreml_metadata"]
+
+_COREML_BITS = (1, 2, 3, 4, 6, 8)  # iOS18 constexpr_lut_to_dense index types
+_PALETTIZATION = 2  # coremltools' CompressionType.palettization
+
+
+def _require_coremltools():
+    try:
+        import coremltools as ct
+    except ImportError as err:
+        raise ImportError("to_coreml needs coremltools: pip install 'idkm-plugin[coreml]' (coremltools==9.0); "
+                          f"import failed: {err}") from None
+    return ct
+
+
+def coreml_lut(name: str, module: PalettizedModule) -> tuple[torch.Tensor, Optional[int]]:
+    """The LUT in coremltools' layout and the vector axis (None for d = 1).
+
+    Ours: lut [groups, 2**bits, d], groups = consecutive blocks of output channels, vectors = d
+    consecutive elements of the row-major weight. Core ML's: lut [groups, 1, ..., 1, 2**n, d] (rank =
+    weight rank + 2, n in 1, 2, 3, 4, 6, 8) and vectors along one axis: here the last one.
+    """
+    bits, d, shape = module.bits, module.dim, module.weight_shape
+    coreml_bits = next((b for b in _COREML_BITS if b >= bits), None)
+    if coreml_bits is None:
+        raise ValueError(f"layer {name!r}: Core ML palettizes with at most 8 bits; this layer has bits={bits}")
+    if d > 1 and shape[-1] % d:
+        raise ValueError(f"layer {name!r}: Core ML vectors run along one axis, but dim={d} does not divide the "
+                         f"last axis of the {list(shape)} weight, so its vectors cross rows; use a dim dividing "
+                         f"{shape[-1]}")
+    lut = module.lut.detach()
+    if lut.dtype not in (torch.float16, torch.float32):
+        lut = lut.to(torch.float32)  # exact for bfloat16
+    if coreml_bits > bits:  # pad with unused entries
+        lut = torch.cat([lut, lut.new_zeros(lut.shape[0], (1 << coreml_bits) - (1 << bits), d)], 1)
+    lut = lut.reshape(lut.shape[0], *([1] * (len(shape) - 1)), lut.shape[1], d)
+    return lut, (len(shape) - 1 if d > 1 else None)
+
+
+def with_coreml_metadata(model: nn.Module) -> nn.Module:
+    """A copy of `model` whose palettized layers are float layers carrying Core ML palettization metadata."""
+    model = copy.deepcopy(model).eval()
+    replacements = []
+    for name, module in model.named_modules():
+        if isinstance(module, PalettizedWeight):
+            raise ValueError(f"layer {name!r}: a PalettizedWeight (PT2E graph) cannot be converted to Core ML; "
+                             "convert the model through the eager torch.ao or torchao flow instead")
+        if isinstance(module, PalettizedModule):
+            replacements.append((name, module))
+    if not replacements:
+        raise ValueError("to_coreml: the model has no palettized layer; convert it first")
+    for name, module in replacements:
+        lut, vector_axis = coreml_lut(name, module)
+        layer = module.to_float()
+        layer.register_buffer("_COREML_/weight/lut", lut)
+        layer.register_buffer("_COREML_/weight/compression_type", torch.tensor([_PALETTIZATION]))
+        if vector_axis is not None:
+            layer.register_buffer("_COREML_/weight/vector_axis", torch.tensor(vector_axis))
+        parent, _, attr = name.rpartition(".")
+        if not name:
+            return _with_version(layer)
+        setattr(model.get_submodule(parent) if parent else model, attr, layer)
+    return _with_version(model)
+
+
+def _with_version(model: nn.Module) -> nn.Module:
+    model.register_buffer("_COREML_/metadata_version", torch.tensor(1))
+    return model
+
+
+def to_coreml(model: nn.Module, example_inputs: Sequence[torch.Tensor], path: Optional[str | os.PathLike] = None,
+              **convert_kwargs: Any):
+    """Convert `model` to a Core ML ML program (iOS18+) with every palettized weight as LUT + indices.
+
+    convert_kwargs go to `coremltools.convert` (defaults: `inputs` from the example inputs' shapes,
+    `minimum_deployment_target=ct.target.iOS18`, `convert_to="mlprogram"`; pass
+    `compute_precision=ct.precision.FLOAT32` to keep float32 LUTs, the default rounds them to float16).
+    Saves the .mlpackage atomically when `path` is given. Returns the `ct.models.MLModel`.
+    """
+    ct = _require_coremltools()
+    example_inputs = tuple(example_inputs)
+    dense = with_coreml_metadata(model)
+    with torch.no_grad():
+        traced = torch.jit.trace(dense, example_inputs)
+    convert_kwargs.setdefault("inputs", [ct.TensorType(name=f"input_{i}", shape=tuple(x.shape))
+                                         for i, x in enumerate(example_inputs)])
+    convert_kwargs.setdefault("minimum_deployment_target", ct.target.iOS18)
+    convert_kwargs.setdefault("convert_to", "mlprogram")
+    mlmodel = ct.convert(traced, **convert_kwargs)
+    if path is not None:
+        with atomic_path(path) as tmp:
+            mlmodel.save(tmp)
+    return mlmodel
