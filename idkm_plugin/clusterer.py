@@ -1,6 +1,7 @@
 """`WeightClusterer`: the one stateful module every integration wraps."""
 from __future__ import annotations
 
+import weakref
 from typing import Optional
 
 import torch
@@ -10,6 +11,22 @@ from .config import ClusterConfig
 from .core import SolveStats, compute_dtype, from_vectors, hard_assign, init_centroids, lookup, soft_kmeans
 from .core.frozen import frozen_soft_assign
 from .core.vectors import vector_shape
+
+
+# id(Parameter) -> (the Parameter, the clusterer that clusters it), both weakly: a dropped model releases them.
+# (Keyed by id: tensors compare elementwise, so they cannot be weak dictionary keys.)
+_TIE_OWNERS: dict[int, tuple[weakref.ref, weakref.ref]] = {}
+
+
+def _registered_owner(weight: torch.Tensor) -> Optional["WeightClusterer"]:
+    entry = _TIE_OWNERS.get(id(weight)) if isinstance(weight, nn.Parameter) else None
+    if entry is None or entry[0]() is not weight:
+        return None
+    return entry[1]()
+
+# clusterer -> ((id, version) of the weight, clustered output) until backward; kept outside the module so that
+# deepcopy / pickling of a model never meets a non-leaf tensor
+_MEMO: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
 
 
 class WeightClusterer(nn.Module):
@@ -69,6 +86,14 @@ class WeightClusterer(nn.Module):
         return on
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        owner = self._tie_owner(weight)
+        if owner is not self:
+            out = owner(weight)
+            self.centroids = owner.centroids  # one LUT, seen (and saved) through both layers
+            return out
+        memo = _MEMO.get(self)
+        if self.training and memo is not None and memo[0] == (id(weight), weight._version):
+            return memo[1]  # the same weight again before backward (a tied weight): cluster once
         on = self.count_step() if self.training else self.active()
         if not on:
             return weight
@@ -90,7 +115,36 @@ class WeightClusterer(nn.Module):
         self.check_finite(c, "new LUT")  # never store non-finite centroids
         with torch.no_grad():
             self.centroids.copy_(c)
-        return self._check_gradient(from_vectors(x_hat, weight.shape))
+        out = self._check_gradient(from_vectors(x_hat, weight.shape))
+        if isinstance(weight, nn.Parameter) and out.requires_grad:
+            # until backward, a second use of this same weight version reuses this output: a tied weight is
+            # clustered once per step (the graph keeps this tensor alive for backward anyway)
+            _MEMO[self] = ((id(weight), weight._version), out)
+            out.register_hook(self._forget_memo)
+        return out
+
+    def _tie_owner(self, weight: torch.Tensor) -> "WeightClusterer":
+        """The clusterer that owns this Parameter: self, or the first clusterer that saw it (tied weights,
+        e.g. an embedding shared with lm_head: clustered once, one LUT)."""
+        if not isinstance(weight, nn.Parameter):
+            return self
+        owner = _registered_owner(weight)
+        if owner is None:
+            _TIE_OWNERS[id(weight)] = (weakref.ref(weight), weakref.ref(self))
+            return self
+        if owner is not self:
+            if owner.config != self.config:
+                raise ValueError(f"{self.name} and {owner.name} share one (tied) weight but have different configs "
+                                 f"({self.config} vs {owner.config}); give both layers the same ClusterConfig")
+        return owner
+
+    def _forget_memo(self, grad: torch.Tensor) -> None:
+        _MEMO.pop(self, None)
+
+    def tie_owner(self, weight: torch.Tensor) -> "WeightClusterer":
+        """The clusterer whose LUT clusters `weight` (self unless the weight is tied to another layer's)."""
+        owner = _registered_owner(weight)
+        return self if owner is None else owner
 
     def check_finite(self, tensor: torch.Tensor, what: str) -> None:
         """Raise ValueError naming the layer, the NaN / Inf counts and the step if `tensor` is not finite."""

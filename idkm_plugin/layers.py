@@ -17,6 +17,7 @@ from __future__ import annotations
 import functools
 import re
 import warnings
+import weakref
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Optional, Sequence, Union
 
@@ -41,6 +42,10 @@ def _no_check(module: nn.Module, name: str) -> None:
     return None
 
 
+def _own_weight(module: nn.Module) -> torch.Tensor:
+    return module.weight
+
+
 @dataclass(frozen=True)
 class LayerKind:
     """One supported layer kind.
@@ -50,8 +55,11 @@ class LayerKind:
         float_type: the float layer class; matched exactly (subclasses with their own forward, such
             as torch.ao QAT layers or MultiheadAttention's out_proj, are not this kind).
         palettized_type: the converted class (`from_float(module, codes, lut, bits, weight, bias)`).
-        forward_with_weight: (module, input, weight) -> output: the float forward with `weight` in place
-            of `module.weight` (the fake-quantized layers of every toolkit run this).
+        forward_with_weight: (module, input, weight) -> output: the float forward with `weight` (laid out as
+            `clustered_weight` gives it) in place of the module's own (the fake-quantized layers of every
+            toolkit run this).
+        clustered_weight: module -> its weight laid out [out, ...] (output channels first), the tensor that
+            is clustered and palettized; `module.weight` unless the layer stores it otherwise (a view).
         aten_op, weight_arg: the op a `torch.export`ed graph calls for this layer and the index of its
             weight argument (PT2E annotates those); None when the kind has no single op.
         check: (module, name) -> None, raising ValueError when this instance cannot be palettized.
@@ -64,6 +72,7 @@ class LayerKind:
     aten_op: Optional[Any] = None
     weight_arg: int = 1
     check: Callable[[nn.Module, str], None] = _no_check
+    clustered_weight: Callable[[nn.Module], torch.Tensor] = _own_weight
 
 
 def _conv_forward(module: nn.Module, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -200,6 +209,7 @@ def resolve_layers(model: nn.Module, model_config: ConfigLike, *,
     mp = as_model_config(model_config)
     check_type_names(mp, model)
     seen: dict[str, str] = {}  # name -> type name of every weight-bearing layer visited
+    tied: dict[int, tuple[str, Optional[ClusterConfig]]] = {}  # id(weight Parameter) -> first (name, config)
     wrapped: set[int] = set()
     for name, module in model.named_modules():
         if id(module) in wrapped:
@@ -217,11 +227,29 @@ def resolve_layers(model: nn.Module, model_config: ConfigLike, *,
         cfg = mp.resolve(name, layer)
         if cfg is None:
             if kind is not None:
+                _check_tie(tied, name, layer, None)
                 yield name, module, None
             continue
-        yield name, module, checked_config(mp, name, type_name, layer.weight.shape, cfg,
-                                           functools.partial(_check_kind, kind, layer, name, supports, flow))
+        shape = (kind.clustered_weight(layer) if kind is not None else layer.weight).shape
+        cfg = checked_config(mp, name, type_name, shape, cfg,
+                             functools.partial(_check_kind, kind, layer, name, supports, flow))
+        _check_tie(tied, name, layer, cfg)
+        yield name, module, cfg
     report_unmatched(mp, seen)
+
+
+def _check_tie(tied: dict, name: str, layer: nn.Module, cfg: Optional[ClusterConfig]) -> None:
+    """Layers sharing one weight Parameter (tied embedding / lm_head) must share one config."""
+    key = id(layer.weight)
+    first = tied.setdefault(key, (name, cfg))
+    if first[1] != cfg:
+        raise ValueError(f"layers {first[0]!r} and {name!r} share one (tied) weight but resolve to different configs "
+                         f"({_describe(first[1])} vs {_describe(cfg)}); give both the same config, e.g. by_name "
+                         f"{{{first[0]!r}: ..., {name!r}: ...}}, so the weight is clustered once with one LUT")
+
+
+def _describe(cfg: Optional[ClusterConfig]) -> str:
+    return "float (None)" if cfg is None else f"bits={cfg.bits}, dim={cfg.dim}, method={cfg.method.value}"
 
 
 def check_type_names(model_config: ModelConfig, model: nn.Module) -> None:
@@ -290,6 +318,26 @@ def palettize_module(module: nn.Module, clusterer: WeightClusterer, weight: Opti
     weight / bias override the module's own (e.g. with BatchNorm folded in); the codes are the hard
     nearest-centroid assignment of that weight, so the result computes what the eval-mode QAT layer does.
     """
-    weight = module.weight if weight is None else weight
+    palettized = palettized_class(module)
+    weight = kind_of(module, exact=False).clustered_weight(module) if weight is None else weight
     codes, lut = clusterer.codes_and_lut(weight)
-    return palettized_class(module).from_float(module, codes, lut, clusterer.config.bits, weight, bias)
+    layer = palettized.from_float(module, codes, lut, clusterer.config.bits, weight, bias)
+    _share_tied_storage(layer, clusterer.tie_owner(weight), weight)
+    return layer
+
+
+# clusterer -> (weight, palettized module) of its first conversion, to keep tied weights tied
+_CONVERTED: "weakref.WeakKeyDictionary[WeightClusterer, tuple]" = weakref.WeakKeyDictionary()
+
+
+def _share_tied_storage(layer: PalettizedModule, owner: WeightClusterer, weight: torch.Tensor) -> None:
+    """A second layer converted from the same tied weight holds the first one's codes and LUT tensors
+    (stored once, as the float model stored its shared Parameter once)."""
+    first = _CONVERTED.get(owner)
+    if first is not None and first[0]() is weight and first[1]() is not None:
+        other = first[1]()
+        if other.codes.shape == layer.codes.shape and torch.equal(other.codes, layer.codes):
+            layer.codes, layer.lut = other.codes, other.lut
+        return
+    if isinstance(weight, nn.Parameter):
+        _CONVERTED[owner] = (weakref.ref(weight), weakref.ref(layer))

@@ -33,7 +33,7 @@ class IDKMQATMixin:
         return new
 
     def forward(self, x):
-        return self.layer_kind.forward_with_weight(self, x, self.weight_fake_quant(self.weight))
+        return self.layer_kind.forward_with_weight(self, x, self.weight_fake_quant(self.layer_kind.clustered_weight(self)))
 
 
 @functools.lru_cache(maxsize=None)

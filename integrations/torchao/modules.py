@@ -36,12 +36,12 @@ class IDKMFakeQuantMixin:
         cls.layer_kind.check(module, name)
         new = subclass_instance(module, cls)
         new.weight_clusterer = WeightClusterer(config, name=name)
-        new.weight_clusterer.check_weight(new.weight)
+        new.weight_clusterer.check_weight(cls.layer_kind.clustered_weight(new))
         return new
 
     def clustered_weight(self) -> torch.Tensor:
-        """The weight [same shape as self.weight] the forward uses (soft in training, hard in eval)."""
-        return self.weight_clusterer(self.weight)
+        """The clustered weight the forward uses (soft in training, hard in eval), laid out [out, ...]."""
+        return self.weight_clusterer(self.layer_kind.clustered_weight(self))
 
     @property
     def cluster_config(self) -> ClusterConfig:
