@@ -71,6 +71,32 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int
     return 100.0 * correct / max(len(y), 1)
 
 
+def evaluate_pte(path: str, x: torch.Tensor, y: torch.Tensor, batch_size: int) -> float:
+    """Top-1 accuracy in percent of an ExecuTorch program run by `executorch.runtime` on x [n, 1, 28, 28].
+
+    The program was exported for batches of exactly `batch_size`, so the last batch is zero-padded.
+    """
+    from executorch.runtime import Runtime
+
+    method = Runtime.get().load_program(path).load_method("forward")
+    correct = 0
+    for i in range(0, len(y), batch_size):
+        batch = x[i:i + batch_size]
+        n = len(batch)
+        if n < batch_size:
+            batch = torch.cat([batch, batch.new_zeros(batch_size - n, *batch.shape[1:])])
+        logits = method.execute([batch.contiguous()])[0][:n]
+        correct += int((logits.argmax(1) == y[i:i + n]).sum())
+    return 100.0 * correct / max(len(y), 1)
+
+
+def disk_bytes(path: str) -> int:
+    """Size of a file, or of every file under a folder (an .mlpackage)."""
+    if os.path.isdir(path):
+        return sum(os.path.getsize(os.path.join(root, f)) for root, _, files in os.walk(path) for f in files)
+    return os.path.getsize(path)
+
+
 def float_weight_count(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 

@@ -10,7 +10,10 @@ Steps (each one is a few lines below, in order):
   3. fine-tune on the MNIST training set (progress bar: loss, accuracy, step time);
   4. convert to palettized modules (packed n-bit codes + lookup tables) with
      `torch.ao.quantization.convert(..., mapping=palettize_mapping())` and evaluate;
-  5. print a before/after table and write the converted checkpoint, a JSON and a markdown report.
+  5. deploy: save the self-describing safetensors file (and reload it into a plain float MNISTNet),
+     export an ExecuTorch program (.pte) and run it on the test set, and a Core ML .mlpackage when
+     coremltools is installed;
+  6. print a before/after table and write the checkpoint, a JSON and a markdown report.
 """
 from __future__ import annotations
 
@@ -25,10 +28,12 @@ import torch
 import yaml
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from mnist_common import evaluate, finetune, load_mnist, load_pretrained_cnn  # noqa: E402
+from mnist_common import (disk_bytes, evaluate, evaluate_pte, finetune, load_mnist,  # noqa: E402
+                          load_pretrained_cnn)
 
 from idkm_plugin import ModelConfig  # noqa: E402
-from idkm_plugin.export import size_report  # noqa: E402
+from idkm_plugin.export import load_palettized, save_palettized, size_report  # noqa: E402
+from idkm_plugin.export.atomic import atomic_path, atomic_write_text  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_CONFIG = os.path.join(HERE, "mnist_mixed_1bit.yaml")
@@ -55,6 +60,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--train-subset", type=int, default=None, help="use only the first N training images")
     p.add_argument("--test-subset", type=int, default=None, help="evaluate on the first N test images only")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (for logs)")
+    p.add_argument("--no-runtimes", action="store_true",
+                   help="skip the ExecuTorch and Core ML exports (the safetensors file is always written)")
+    p.add_argument("--pte-batch", type=int, default=500, help="batch size the .pte is exported for")
     return p.parse_args(argv)
 
 
@@ -86,6 +94,67 @@ def markdown_table(rows: list[dict]) -> str:
     for r in rows:
         lines.append(f"| {r['model']} | {r['test_acc']:.2f}% | {r['size_kb']:.1f} | {r['compression']:.1f}x | "
                      f"{r['bits_per_weight']:.3f} |")
+    return "\n".join(lines)
+
+
+def deploy(deployed: torch.nn.Module, out: str, x_test: torch.Tensor, y_test: torch.Tensor, args) -> dict:
+    """Write the deployable files and check each one against the PyTorch model; returns their report."""
+    from ccexam.models import MNISTNet
+
+    report: dict = {}
+    probe = x_test[:256].cpu()
+    deployed = deployed.cpu().eval()
+    with torch.no_grad():
+        expected = deployed(probe)
+
+    # self-describing safetensors file, reloaded into a plain float skeleton (no QAT code)
+    path = os.path.join(out, "model.safetensors")
+    save_palettized(deployed, path)
+    reloaded = load_palettized(path, MNISTNet(28)).eval()
+    with torch.no_grad():
+        report["safetensors"] = {"file": "model.safetensors", "bytes": disk_bytes(path),
+                                 "reload_equal": bool(torch.equal(reloaded(probe), expected))}
+    if args.no_runtimes:
+        return report
+
+    # ExecuTorch: packed codes + LUT in the program, run by executorch.runtime on the test set
+    try:
+        from idkm_plugin.export import to_executorch
+        path = os.path.join(out, "model.pte")
+        to_executorch(deployed, (x_test[:args.pte_batch].cpu().contiguous(),), path)
+        report["executorch"] = {"file": "model.pte", "bytes": disk_bytes(path),
+                                "test_acc": evaluate_pte(path, x_test.cpu(), y_test, args.pte_batch)}
+    except ImportError as err:
+        report["executorch"] = {"skipped": str(err)}
+
+    # Core ML (conversion works on Linux; predictions need macOS)
+    try:
+        import coremltools as ct
+
+        from idkm_plugin.export import to_coreml
+        path = os.path.join(out, "model.mlpackage")
+        mlmodel = to_coreml(deployed, (probe[:1],), path, compute_precision=ct.precision.FLOAT32)
+        ops = [op for f in mlmodel._mil_program.functions.values() for op in f.operations]
+        report["coreml"] = {"file": "model.mlpackage", "bytes": disk_bytes(path),
+                            "lut_ops": sum(op.op_type == "constexpr_lut_to_dense" for op in ops)}
+    except ImportError as err:
+        report["coreml"] = {"skipped": str(err)}
+    return report
+
+
+def deploy_table(files: dict, pytorch_acc: float) -> str:
+    lines = ["| file | size (KB) | test accuracy | check |", "|---|---:|---:|---|"]
+    st = files["safetensors"]
+    lines.append(f"| {st['file']} | {st['bytes'] / 1024:.1f} | {pytorch_acc:.2f}% (PyTorch) | "
+                 f"reloaded into a float MNISTNet: outputs equal = {st['reload_equal']} |")
+    et = files.get("executorch", {})
+    if "bytes" in et:
+        lines.append(f"| {et['file']} | {et['bytes'] / 1024:.1f} | {et['test_acc']:.2f}% (executorch.runtime) | "
+                     f"same accuracy as PyTorch = {et['test_acc'] == pytorch_acc} |")
+    cm = files.get("coreml", {})
+    if "bytes" in cm:
+        lines.append(f"| {cm['file']} | {cm['bytes'] / 1024:.1f} | (needs macOS) | "
+                     f"{cm['lut_ops']} constexpr_lut_to_dense ops |")
     return "\n".join(lines)
 
 
@@ -131,7 +200,11 @@ def main(argv=None) -> dict:
         probe = x_test[:256].to(device)
         exact = bool(torch.equal(qat(probe), deployed(probe)))
 
-    # 5. report
+    # 5. deployable files
+    os.makedirs(args.out, exist_ok=True)
+    files = deploy(deployed, args.out, x_test, y_test, args)
+
+    # 6. report
     rows = [float_row, size_row(f"{mp.default.method.value if mp.default else 'idkm'} palettized", deployed_acc,
                                 deployed)]
     table = markdown_table(rows)
@@ -143,24 +216,28 @@ def main(argv=None) -> dict:
           f"{train.step_seconds * 1e3:.0f} ms, total {elapsed:.0f} s on {device} "
           f"({torch.get_num_threads()} threads); converted == eval-mode QAT: {exact}")
 
-    os.makedirs(args.out, exist_ok=True)
-    torch.save(deployed.state_dict(), os.path.join(args.out, "palettized_state_dict.pt"))
-    mp.to_yaml(os.path.join(args.out, "model_config.yaml"))
+    files_md = deploy_table(files, deployed_acc)
+    print(f"\n{files_md}")
+    with atomic_path(os.path.join(args.out, "palettized_state_dict.pt")) as tmp:
+        torch.save(deployed.state_dict(), tmp)
+    with atomic_path(os.path.join(args.out, "model_config.yaml")) as tmp:
+        mp.to_yaml(tmp)
     layers = size_report(deployed)
     report = {
         "args": vars(args), "device": str(device), "threads": torch.get_num_threads(),
         "float": float_row, "palettized": rows[1], "qat_eval_acc": qat_acc, "converted_equals_qat_eval": exact,
         "accuracy_drop_points": float_acc - deployed_acc, "train": vars(train), "seconds_total": elapsed,
-        "layers": [vars(layer) for layer in layers.layers], "model_config": mp.to_dict(),
+        "layers": [vars(layer) for layer in layers.layers], "model_config": mp.to_dict(), "deploy": files,
     }
-    with open(os.path.join(args.out, "report.json"), "w") as f:
-        json.dump(report, f, indent=2, default=str)
-    with open(os.path.join(args.out, "report.md"), "w") as f:
-        f.write(f"# MNIST CNN: {rows[1]['model']} through torch.ao QAT\n\n{table}\n\n"
-                f"Fine-tuning: {args.steps} steps of batch {args.batch_size} (lr {args.lr}, seed {args.seed}), "
-                f"median step {train.step_seconds * 1e3:.0f} ms; whole script {elapsed:.0f} s on {device}.\n\n"
-                f"## Layers\n\n{layers.to_markdown()}\n")
-    print(f"wrote {args.out}/palettized_state_dict.pt, model_config.yaml, report.json, report.md")
+    atomic_write_text(os.path.join(args.out, "report.json"), json.dumps(report, indent=2, default=str))
+    atomic_write_text(os.path.join(args.out, "report.md"),
+                      f"# MNIST CNN: {rows[1]['model']} through torch.ao QAT\n\n{table}\n\n"
+                      f"Fine-tuning: {args.steps} steps of batch {args.batch_size} (lr {args.lr}, seed {args.seed}), "
+                      f"median step {train.step_seconds * 1e3:.0f} ms; whole script {elapsed:.0f} s on {device}.\n\n"
+                      f"## Deployable files\n\n{files_md}\n\n## Layers\n\n{layers.to_markdown()}\n")
+    written = ["palettized_state_dict.pt", "model_config.yaml", "report.json", "report.md"]
+    written += [entry["file"] for entry in files.values() if "file" in entry]
+    print(f"wrote {args.out}/: {', '.join(sorted(written))}")
     return report
 
 

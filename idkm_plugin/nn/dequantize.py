@@ -11,6 +11,8 @@ gather LUT rows instead.
 """
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
 
 from .packing import unpack_codes
@@ -35,8 +37,9 @@ def codes_per_symbol(bits: int, dim: int, element_size: int) -> int:
 
 
 def dequantize_packed(packed: torch.Tensor, bits: int, count: int, lut: torch.Tensor,
-                      dtype: torch.dtype) -> torch.Tensor:
-    """packed uint8 [packed_nbytes(count, bits)], lut [groups, 2**bits, d] -> dense [count * d] in `dtype`.
+                      dtype: torch.dtype, shape: Sequence[int] = (-1,)) -> torch.Tensor:
+    """packed uint8 [packed_nbytes(count, bits)], lut [groups, 2**bits, d] -> dense weight of `shape`
+    (count * d values) in `dtype`.
 
     Codes are laid out group by group (count / groups codes each), as `pack_codes` packed them.
     Differentiable w.r.t. a LUT that requires grad (it then gathers LUT rows: raw copies have no gradient).
@@ -46,9 +49,9 @@ def dequantize_packed(packed: torch.Tensor, bits: int, count: int, lut: torch.Te
     u = codes_per_symbol(bits, d, lut.element_size())
     trains_lut = lut.requires_grad and torch.is_grad_enabled()
     if u > 1 and (count // groups) % u == 0 and not trains_lut:
-        return _symbol_table_lookup(packed, bits, count, lut, u)
+        return _symbol_table_lookup(packed, bits, count, lut, u).view(shape)
     codes = unpack_codes(packed, bits, count).view(groups, -1)
-    return _gather_rows(codes, lut)
+    return _gather_rows(codes, lut).view(shape)
 
 
 def _gather_rows(codes: torch.Tensor, lut: torch.Tensor) -> torch.Tensor:

@@ -80,8 +80,7 @@ class PalettizedModule(nn.Module):
         program keeps codes + LUT and runs on ExecuTorch's portable kernels.
         """
         decode = dequantize_portable if torch.compiler.is_compiling() else dequantize_packed
-        dense = decode(self.codes, self.bits, self.num_codes, self.lut, self.weight_dtype)
-        return dense.view(self.weight_shape)
+        return decode(self.codes, self.bits, self.num_codes, self.lut, self.weight_dtype, self.weight_shape)
 
     # ---- dense-weight cache -------------------------------------------------------------------
     def dense_weight(self) -> torch.Tensor:

@@ -8,6 +8,8 @@ its constants and decodes them when it runs. Same layout, same result, bit for b
 """
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
 import torch.nn.functional as F
 
@@ -17,11 +19,11 @@ __all__ = ["dequantize_portable", "unpack_codes_portable"]
 def unpack_codes_portable(packed: torch.Tensor, bits: int, count: int) -> torch.Tensor:
     """uint8 [packed_nbytes(count, bits)] -> codes int64 [count] (same result as `unpack_codes`)."""
     k = 1 << bits
-    raw = packed.to(torch.int32)
+    raw = packed.to(torch.int64)  # the only conversion: embedding takes int64 indices
     if 8 % bits == 0:  # whole codes per byte: code j of a byte = (byte // 2**(j*bits)) % 2**bits
-        divisors = torch.tensor([1 << s for s in range(0, 8, bits)], dtype=torch.int32)
-        codes = torch.remainder(torch.div(raw.unsqueeze(1), divisors, rounding_mode="floor"), k)
-        return codes.reshape(-1)[:count].to(torch.int64)
+        divisors = torch.tensor([1 << s for s in range(0, 8, bits)])
+        codes = torch.remainder(torch.div(raw.unsqueeze(1), divisors, rounding_mode="floor"), k).reshape(-1)
+        return codes if codes.shape[0] == count else codes[:count]
     n_groups = -(-count // 8)  # 8 codes fill exactly `bits` bytes: one row per group
     pad = n_groups * bits - raw.shape[0]
     rows = (torch.cat([raw, raw.new_zeros(pad)]) if pad else raw).view(n_groups, bits)
@@ -30,16 +32,17 @@ def unpack_codes_portable(packed: torch.Tensor, bits: int, count: int) -> torch.
     # window = the 3 bytes from each code's first byte on, as one little-endian integer: [n_groups, 8]
     window = (rows.index_select(1, first_byte) + rows.index_select(1, first_byte + 1) * 256
               + rows.index_select(1, first_byte + 2) * 65536)
-    divisors = torch.tensor([1 << (i * bits % 8) for i in range(8)], dtype=torch.int32)
-    codes = torch.remainder(torch.div(window, divisors, rounding_mode="floor"), k)
-    return codes.reshape(-1)[:count].to(torch.int64)
+    divisors = torch.tensor([1 << (i * bits % 8) for i in range(8)])
+    codes = torch.remainder(torch.div(window, divisors, rounding_mode="floor"), k).reshape(-1)
+    return codes if codes.shape[0] == count else codes[:count]
 
 
 def dequantize_portable(packed: torch.Tensor, bits: int, count: int, lut: torch.Tensor,
-                        dtype: torch.dtype) -> torch.Tensor:
-    """packed uint8, lut [groups, 2**bits, d] -> dense [count * d] in `dtype` (as `dequantize_packed`)."""
+                        dtype: torch.dtype, shape: Sequence[int] = (-1,)) -> torch.Tensor:
+    """packed uint8, lut [groups, 2**bits, d] -> dense weight of `shape` (count * d values) in `dtype`,
+    as `dequantize_packed`."""
     groups, k, d = lut.shape
     codes = unpack_codes_portable(packed, bits, count)
     if groups > 1:
         codes = (codes.view(groups, -1) + torch.arange(groups).unsqueeze(1) * k).reshape(-1)
-    return F.embedding(codes, lut.reshape(groups * k, d).to(dtype)).reshape(-1)
+    return F.embedding(codes, lut.reshape(groups * k, d).to(dtype)).reshape(shape)

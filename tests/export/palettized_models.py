@@ -34,7 +34,8 @@ def palettize(model, config_of):
         layer = model.get_submodule(name)
         clusterer = WeightClusterer(cfg, name)
         clusterer(layer.weight)
-        setattr(model, name, palettize_module(layer, clusterer))
+        parent, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, attr, palettize_module(layer, clusterer))
     return model.eval()
 
 

@@ -52,3 +52,19 @@ def test_symbol_width_choice():
     assert codes_per_symbol(8, 1, 4) == 2  # byte pairs
     assert codes_per_symbol(12, 1, 4) == 1  # above 8 bits: gather LUT rows
     assert codes_per_symbol(4, 64, 4) == 1  # rows too wide for a table
+
+
+@pytest.mark.parametrize("bits", range(1, 17))
+def test_portable_decode_for_exported_programs_is_identical(bits):
+    from idkm_plugin.nn.portable_dequantize import dequantize_portable, unpack_codes_portable
+
+    gen = torch.Generator().manual_seed(200 + bits)
+    for count in (1, 7, 8, 9, 1003):
+        codes = torch.randint(0, 1 << bits, (count,), generator=gen)
+        assert torch.equal(unpack_codes_portable(pack_codes(codes, bits), bits, count), codes)
+    for groups, m, d in ((1, 24, 1), (3, 16, 2), (2, 7, 3)):
+        codes = torch.randint(0, 1 << bits, (groups, m), generator=gen)
+        lut = torch.randn(groups, 1 << bits, d, generator=gen)
+        packed = pack_codes(codes, bits)
+        assert torch.equal(dequantize_portable(packed, bits, groups * m, lut, torch.float32, (groups, m * d)),
+                           dequantize_packed(packed, bits, groups * m, lut, torch.float32, (groups, m * d)))
