@@ -34,9 +34,9 @@ def _first(out):
     return out if isinstance(out, torch.Tensor) else out[0]
 
 
-def _assert_eval_deterministic_and_converted_equal(model: nn.Module, x) -> None:
+def _assert_eval_deterministic_and_converted_equal(model: nn.Module, x, config: ModelConfig = CFG) -> None:
     exported = torch.export.export(model.train(), (x,)).module()
-    qat = prepare_qat_pt2e(exported, IDKMQuantizer(CFG))
+    qat = prepare_qat_pt2e(exported, IDKMQuantizer(config))
     _first(qat(x)).square().mean().backward()  # a training step
     pt2e_eval(qat)
     assert torch.equal(_first(qat(x)), _first(qat(x)))  # no dropout left in the eval-mode graph
@@ -53,7 +53,7 @@ def _assert_eval_deterministic_and_converted_equal(model: nn.Module, x) -> None:
 
 def test_pt2e_attention_dropout_is_off_in_eval_and_converted_equals_eval():
     torch.manual_seed(0)
-    _assert_eval_deterministic_and_converted_equal(Attention(), torch.randn(2, 5, 16))
+    _assert_eval_deterministic_and_converted_equal(Attention(), torch.randn(2, 5, 16), ModelConfig(default=CFG.default))
 
 
 def _tiny_bert():
