@@ -121,9 +121,10 @@ def deploy(deployed: torch.nn.Module, out: str, x_test: torch.Tensor, y_test: to
     try:
         from idkm_plugin.export import to_executorch
         path = os.path.join(out, "model.pte")
-        to_executorch(deployed, (x_test[:args.pte_batch].cpu().contiguous(),), path)
+        batch = min(args.pte_batch, len(y_test))  # the program's fixed batch size
+        to_executorch(deployed, (x_test[:batch].cpu().contiguous(),), path)
         report["executorch"] = {"file": "model.pte", "bytes": disk_bytes(path),
-                                "test_acc": evaluate_pte(path, x_test.cpu(), y_test, args.pte_batch)}
+                                "test_acc": evaluate_pte(path, x_test.cpu(), y_test, batch)}
     except ImportError as err:
         report["executorch"] = {"skipped": str(err)}
 

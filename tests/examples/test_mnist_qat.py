@@ -23,11 +23,30 @@ def run_demo(tmp_path, *extra):
     return out, proc.stdout
 
 
+def has(module):
+    try:
+        __import__(module)
+        return True
+    except ImportError:
+        return False
+
+
 def test_demo_writes_reports_and_converted_model_matches_qat(tmp_path):
     out, stdout = run_demo(tmp_path)
     assert "| float32 (pretrained) |" in stdout and "| idkm palettized |" in stdout
-    assert sorted(os.listdir(out)) == ["model_config.yaml", "palettized_state_dict.pt", "report.json", "report.md"]
+    expected = ["model.safetensors", "model_config.yaml", "palettized_state_dict.pt", "report.json", "report.md"]
+    expected += ["model.pte"] if has("executorch.runtime") else []
+    expected += ["model.mlpackage"] if has("coremltools") else []
+    assert sorted(os.listdir(out)) == sorted(expected)  # and no temporary file left behind
     report = json.loads((out / "report.json").read_text())
+    deploy = report["deploy"]
+    assert deploy["safetensors"]["reload_equal"] is True
+    assert deploy["safetensors"]["bytes"] == os.path.getsize(out / "model.safetensors")
+    if has("executorch.runtime"):  # the .pte, run by executorch.runtime, scores what PyTorch scores
+        assert deploy["executorch"]["test_acc"] == report["palettized"]["test_acc"]
+        assert deploy["executorch"]["bytes"] == os.path.getsize(out / "model.pte")
+    if has("coremltools"):
+        assert deploy["coreml"]["lut_ops"] == 4  # one constexpr_lut_to_dense per clustered layer
     assert report["converted_equals_qat_eval"] is True
     assert report["palettized"]["test_acc"] == report["qat_eval_acc"]  # convert changes nothing
     assert report["float"]["test_acc"] > 97.0  # pretrained weights and normalisation are right
@@ -41,7 +60,8 @@ def test_demo_writes_reports_and_converted_model_matches_qat(tmp_path):
 
 
 def test_demo_flags_override_the_yaml(tmp_path):
-    out, _ = run_demo(tmp_path, "--method", "idkm_jfb", "--bits", "2", "--dim", "2", "--max-iter", "5")
+    out, _ = run_demo(tmp_path, "--method", "idkm_jfb", "--bits", "2", "--dim", "2", "--max-iter", "5",
+                      "--no-runtimes")
     report = json.loads((out / "report.json").read_text())
     layers = {layer["name"]: (layer["bits"], layer["dim"]) for layer in report["layers"]}
     assert layers["classifier.0"] == (2, 2) and layers["features.3"] == (2, 1)
@@ -53,5 +73,6 @@ def test_demo_flags_override_the_yaml(tmp_path):
 def test_help_documents_the_flags():
     proc = subprocess.run([sys.executable, SCRIPT, "--help"], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0
-    for flag in ("--method", "--bits", "--dim", "--steps", "--seed", "--out", "--config", "--train-subset"):
+    for flag in ("--method", "--bits", "--dim", "--steps", "--seed", "--out", "--config", "--train-subset",
+                 "--no-runtimes"):
         assert flag in proc.stdout
