@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import re
+import sys
 import warnings
 import weakref
 from dataclasses import dataclass
@@ -28,6 +29,7 @@ from torch import nn
 from .clusterer import WeightClusterer
 from .config import ClusterConfig, ModelConfig
 from .core.vectors import vector_shape
+from .nn.gpt_conv1d import PalettizedConv1D, conv1d_forward
 from .nn.palettized import (PalettizedConv1d, PalettizedConv2d, PalettizedEmbedding, PalettizedLinear,
                             PalettizedModule)
 
@@ -116,20 +118,22 @@ def unregister_layer_kind(kind: LayerKind) -> None:
 
 def layer_kinds() -> tuple[LayerKind, ...]:
     """Every supported kind, in registration order."""
+    _register_transformers_kinds()
     return tuple(_KINDS.values())
 
 
 def kind_named(name: str) -> LayerKind:
     """The registered kind whose `by_type` name is `name` ("Linear")."""
-    for kind in _KINDS.values():
+    for kind in layer_kinds():
         if kind.name == name:
             return kind
-    raise ValueError(f"no layer kind named {name!r}; registered: {', '.join(k.name for k in _KINDS.values())}")
+    raise ValueError(f"no layer kind named {name!r}; registered: {', '.join(k.name for k in layer_kinds())}")
 
 
 def kind_of(module: nn.Module, exact: bool = True) -> Optional[LayerKind]:
     """The kind of a float layer (exact type), or with exact=False of any subclass instance
     (a QAT or fake-quantized layer); None when unsupported."""
+    _register_transformers_kinds()
     if exact:
         return _KINDS.get(type(module))
     for cls in type(module).__mro__:  # the most specific registered base
@@ -146,6 +150,16 @@ for _kind in (
               weight_arg=0, check=_check_embedding),
 ):
     register_layer_kind(_kind)
+
+
+def _register_transformers_kinds() -> None:
+    """Hugging Face's Conv1D (GPT-2 family), once the user's code has imported transformers (never imported here)."""
+    pytorch_utils = sys.modules.get("transformers.pytorch_utils")
+    conv1d = getattr(pytorch_utils, "Conv1D", None)
+    if conv1d is not None and conv1d not in _KINDS:
+        register_layer_kind(LayerKind("Conv1D", conv1d, PalettizedConv1D,
+                                      lambda m, x, w: conv1d_forward(x, w, m.bias),
+                                      clustered_weight=lambda m: m.weight.t()))
 
 
 def as_model_config(model_config: ConfigLike) -> ModelConfig:
@@ -322,22 +336,23 @@ def palettize_module(module: nn.Module, clusterer: WeightClusterer, weight: Opti
     weight = kind_of(module, exact=False).clustered_weight(module) if weight is None else weight
     codes, lut = clusterer.codes_and_lut(weight)
     layer = palettized.from_float(module, codes, lut, clusterer.config.bits, weight, bias)
-    _share_tied_storage(layer, clusterer.tie_owner(weight), weight)
+    _share_tied_storage(layer, weight)
     return layer
 
 
-# clusterer -> (weight, palettized module) of its first conversion, to keep tied weights tied
-_CONVERTED: "weakref.WeakKeyDictionary[WeightClusterer, tuple]" = weakref.WeakKeyDictionary()
+# id(weight Parameter) -> (the Parameter, the palettized module first converted from it), weakly
+_CONVERTED: dict[int, tuple[weakref.ref, weakref.ref]] = {}
 
 
-def _share_tied_storage(layer: PalettizedModule, owner: WeightClusterer, weight: torch.Tensor) -> None:
-    """A second layer converted from the same tied weight holds the first one's codes and LUT tensors
-    (stored once, as the float model stored its shared Parameter once)."""
-    first = _CONVERTED.get(owner)
-    if first is not None and first[0]() is weight and first[1]() is not None:
-        other = first[1]()
-        if other.codes.shape == layer.codes.shape and torch.equal(other.codes, layer.codes):
-            layer.codes, layer.lut = other.codes, other.lut
+def _share_tied_storage(layer: PalettizedModule, weight: torch.Tensor) -> None:
+    """A second layer converted from the same tied weight, to the same codes and LUT, holds the first
+    one's tensors (stored once, as the float model stored its shared Parameter once)."""
+    if not isinstance(weight, nn.Parameter):
         return
-    if isinstance(weight, nn.Parameter):
-        _CONVERTED[owner] = (weakref.ref(weight), weakref.ref(layer))
+    entry = _CONVERTED.get(id(weight))
+    other = None if entry is None or entry[0]() is not weight else entry[1]()
+    if other is None:
+        _CONVERTED[id(weight)] = (weakref.ref(weight), weakref.ref(layer))
+    elif (other.codes.shape == layer.codes.shape and torch.equal(other.codes, layer.codes)
+          and other.lut.shape == layer.lut.shape and torch.equal(other.lut, layer.lut)):
+        layer.codes, layer.lut = other.codes, other.lut

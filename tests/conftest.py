@@ -9,7 +9,8 @@ torch.set_num_threads(1)
 
 # torch.ao.quantization announces its own removal on every prepare/convert call. Only the tests that
 # exercise the torch.ao flow on purpose hide that notice; every other DeprecationWarning shows.
-_TORCH_AO_FLOW = ("integrations/torch_ao/", "integrations/test_adapter_contract.py", "examples/", "test_readme.py",
+_TORCH_AO_FLOW = ("integrations/torch_ao/", "integrations/test_adapter_contract.py", "integrations/test_transformers.py",
+                  "examples/", "test_readme.py",
                   "test_reliability.py")
 
 

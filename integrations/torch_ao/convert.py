@@ -19,7 +19,7 @@ from torch import nn
 from torch.ao.nn.intrinsic import qat as nniqat
 from torch.ao.quantization import DeQuantStub, FakeQuantizeBase, QuantStub
 
-from idkm_plugin.layers import palettize_module
+from idkm_plugin.layers import kind_of, palettize_module
 
 from .assign import clusterable_types
 from .fake_quantize import IDKMFakeQuantize
@@ -46,7 +46,7 @@ def folded_weight_and_bias(mod: nn.Module) -> tuple[torch.Tensor, Optional[torch
     folded bias beta + (b - running_mean) * gamma / sqrt(var + eps); otherwise the layer's own.
     """
     if not isinstance(mod, _BN_TYPES):
-        return mod.weight, getattr(mod, "bias", None)
+        return kind_of(mod, exact=False).clustered_weight(mod), getattr(mod, "bias", None)
     bn = mod.bn
     running_std = torch.sqrt(bn.running_var + bn.eps)
     scale_factor = bn.weight / running_std

@@ -5,7 +5,6 @@ import functools
 
 from torch import nn
 from torch.ao.nn import intrinsic as nni
-from torch.ao.nn import qat as nnqat
 from torch.ao.nn.intrinsic import qat as nniqat
 from torch.ao.quantization.quantization_mappings import get_default_qat_module_mappings
 
@@ -46,19 +45,18 @@ def _generic_qat_class(kind: LayerKind) -> type:
 
 
 def qat_class(kind: LayerKind) -> type:
-    """torch.ao's QAT class for the kind (default mapping, then torch.ao.nn.qat by name), else the generic one."""
+    """torch.ao's QAT class for the kind when its default mapping has one (Linear, Conv2d), else ours.
+
+    Ours shares the float layer's Parameter objects, which keeps tied weights tied (torch.ao's own
+    QAT Embedding wraps its weight in a new Parameter, untying an embedding from its lm_head).
+    """
     default = get_default_qat_module_mappings().get(kind.float_type)
-    if default is not None:
-        return default
-    own = getattr(nnqat, kind.name, None)
-    if isinstance(own, type) and issubclass(own, kind.float_type):
-        return own
-    return _generic_qat_class(kind)
+    return default if default is not None else _generic_qat_class(kind)
 
 
 def qat_module_mapping() -> dict[type, type]:
-    """torch.ao's default QAT mapping plus every registry kind (Conv1d and Embedding, which it lacks,
-    get torch.ao's own QAT classes) and ConvReLU1d.
+    """torch.ao's default QAT mapping plus every registry kind it lacks (Conv1d, Embedding, Conv1D, ...)
+    and the ConvReLU1d fusion.
 
     Use as `prepare_qat(model, mapping=qat_module_mapping())` for models with those layers.
     """
