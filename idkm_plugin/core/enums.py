@@ -22,6 +22,14 @@ class Init(str, enum.Enum):
 class Uniquify(str, enum.Enum):
     """eDKM weight uniquification: cluster distinct values weighted by their counts."""
 
-    AUTO = "auto"  # on for float16/bfloat16 weights with dim == 1
-    ON = "on"
+    AUTO = "auto"  # see core.soft_kmeans.use_uniquify
+    ON = "on"  # exact: the distinct values of the weight
     OFF = "off"
+    GRID = "grid"  # float32 d = 1: round to a 16-bit grid for the clustering (straight-through)
+
+
+class Solver(str, enum.Enum):
+    """Fixed-point solver of the implicit methods (dkm always iterates plainly)."""
+
+    ANDERSON = "anderson"  # safeguarded Anderson acceleration
+    PICARD = "picard"  # plain iteration C <- F(C)

@@ -5,31 +5,51 @@ from typing import Optional
 
 import torch
 
-from .enums import Method, Uniquify
-from .implicit import SolveOptions, SolveStats, implicit_soft_kmeans
+from .enums import Method, Solver, Uniquify
+from .implicit import SolveOptions, implicit_soft_kmeans
 from .soft_step import as_tau, compute_dtype
+from .stats import SolveStats
 from .unrolled import unrolled_soft_kmeans
 
 _HALF = (torch.float16, torch.bfloat16)
+# auto rounds float32 d = 1 weights to the 16-bit grid from this many weights per LUT on (see README,
+# "Training speed": below it the grid saves little, as most values stay distinct).
+GRID_AUTO_MIN_ROWS = 1 << 18
 
 
-def use_uniquify(uniquify: Uniquify | str, method: Method | str, dtype: torch.dtype, d: int) -> bool:
-    """auto: on for float16/bfloat16 weights with d == 1 under idkm / idkm_jfb."""
+def uniquify_mode(uniquify: Uniquify | str, method: Method | str, dtype: torch.dtype, d: int, m: int = 0
+                  ) -> Uniquify:
+    """Resolve the uniquify option to ON (exact distinct values), GRID (float32 rounded to 16 bits) or OFF.
+
+    auto, under idkm / idkm_jfb with d == 1: ON for float16/bfloat16 weights, GRID for float32
+    weights with at least GRID_AUTO_MIN_ROWS weights per LUT (m), else OFF. float64 is never rounded.
+    """
     uniquify, method = Uniquify(uniquify), Method(method)
     if method is Method.DKM:
-        if uniquify is Uniquify.ON:
-            raise ValueError("uniquify='on' is not allowed with method='dkm'; use 'idkm' or 'idkm_jfb'")
-        return False
+        if uniquify in (Uniquify.ON, Uniquify.GRID):
+            raise ValueError(f"uniquify={uniquify.value!r} is not allowed with method='dkm'; use 'idkm' or 'idkm_jfb'")
+        return Uniquify.OFF
+    if uniquify is Uniquify.GRID and d != 1:
+        raise ValueError(f"uniquify='grid' needs dim 1 (scalar weights); got dim {d}")
     if uniquify is Uniquify.AUTO:
-        return dtype in _HALF and d == 1
-    return uniquify is Uniquify.ON
+        if d != 1:
+            return Uniquify.OFF
+        if dtype in _HALF:
+            return Uniquify.ON
+        return Uniquify.GRID if dtype == torch.float32 and m >= GRID_AUTO_MIN_ROWS else Uniquify.OFF
+    return uniquify
+
+
+def use_uniquify(uniquify: Uniquify | str, method: Method | str, dtype: torch.dtype, d: int, m: int = 0) -> bool:
+    """Whether the clustering runs on distinct (or grid-rounded) values; see uniquify_mode."""
+    return uniquify_mode(uniquify, method, dtype, d, m) is not Uniquify.OFF
 
 
 def soft_kmeans(x: torch.Tensor, init_centroids: torch.Tensor, *, tau: float | torch.Tensor | None = None,
                 method: Method | str = Method.IDKM, max_iter: int = 30, tol: float = 1e-5,
                 chunk_size: Optional[int] = None, uniquify: Uniquify | str = Uniquify.AUTO,
                 adjoint_max_iter: int = 100, adjoint_tol: float = 1e-4,
-                stats: Optional[SolveStats] = None) -> tuple[torch.Tensor, torch.Tensor]:
+                solver: Solver | str = Solver.ANDERSON, stats: Optional[SolveStats] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Differentiable soft k-means of the rows of x.
 
     Args:
@@ -37,8 +57,13 @@ def soft_kmeans(x: torch.Tensor, init_centroids: torch.Tensor, *, tau: float | t
         init_centroids: [k, d] or [g, k, d] starting centroids (a warm start; no gradient).
         tau: temperature (float, or [g] tensor), or None for the weight-derived default.
         method: "dkm" (unrolled), "idkm" (implicit) or "idkm_jfb" (Jacobian-free).
+        max_iter: dkm: iterations unrolled; idkm / idkm_jfb: at most this many map evaluations.
+        tol: stop when max |F(C) - C| <= tol * max |x|.
         chunk_size: rows per chunk for idkm / idkm_jfb; None: automatic memory bound;
             0: keep the attention matrix for backward.
+        uniquify: "auto", "on", "off" or "grid" (see uniquify_mode).
+        adjoint_max_iter, adjoint_tol: GMRES of the idkm adjoint (JFB fallback if unconverged).
+        solver: "anderson" (default) or "picard", the fixed-point solver of idkm / idkm_jfb.
         stats: a SolveStats filled with iteration counts and residuals.
 
     Returns:
@@ -50,18 +75,18 @@ def soft_kmeans(x: torch.Tensor, init_centroids: torch.Tensor, *, tau: float | t
     x3 = x.unsqueeze(0) if squeeze else x
     c3 = init_centroids.unsqueeze(0) if init_centroids.dim() == 2 else init_centroids
     _check_shapes(x3, c3)
-    if tau is not None and not bool(torch.all(torch.as_tensor(tau) > 0)):
-        raise ValueError(f"soft_kmeans: tau={tau!r} is not allowed; expected a positive temperature or None")
+    if tau is not None and not bool(torch.all((torch.as_tensor(tau) > 0) & torch.isfinite(torch.as_tensor(tau)))):
+        raise ValueError(f"soft_kmeans: tau={tau!r} is not allowed; expected a finite positive temperature or None")
     stats = SolveStats() if stats is None else stats
     cdtype = compute_dtype(x.dtype)
     tau3 = as_tau(tau, x3.detach().to(cdtype), c3.shape[1])
+    mode = uniquify_mode(uniquify, method, x.dtype, x3.shape[-1], x3.shape[1])
     if method is Method.DKM:
-        use_uniquify(uniquify, method, x.dtype, x3.shape[-1])
         x_hat, c = unrolled_soft_kmeans(x3.to(cdtype), c3.to(cdtype), tau3, max_iter, tol, stats)
         x_hat = x_hat.to(x.dtype)
     else:
-        opts = SolveOptions(max_iter, tol, chunk_size, use_uniquify(uniquify, method, x.dtype, x3.shape[-1]),
-                            method is Method.IDKM_JFB, adjoint_max_iter, adjoint_tol)
+        opts = SolveOptions(max_iter, tol, chunk_size, mode, method is Method.IDKM_JFB, adjoint_max_iter,
+                            adjoint_tol, Solver(solver))
         x_hat, c = implicit_soft_kmeans(x3, c3, tau3, opts, stats)
     return (x_hat[0], c[0]) if squeeze else (x_hat, c)
 

@@ -42,6 +42,11 @@ def as_tau(tau: float | torch.Tensor | None, x: torch.Tensor, k: int) -> torch.T
     return t.reshape(-1, 1, 1).expand(x.shape[0], 1, 1)
 
 
+def exp_floor(dtype: torch.dtype) -> float:
+    """Lowest shifted logit kept: exp of it is still a normal number of `dtype` (no subnormal slow path)."""
+    return -700.0 if dtype == torch.float64 else -80.0
+
+
 def squared_distances(x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
     """x [g, r, d], c [g, k, d] -> ||x_i - c_j||^2 [g, r, k]."""
     if x.shape[-1] == 1:
@@ -55,10 +60,12 @@ def attention(x: torch.Tensor, c: torch.Tensor, tau: torch.Tensor) -> torch.Tens
 
     The row minimum is subtracted first (softmax is shift invariant), so a tiny tau saturates to a
     hard assignment instead of producing an all -inf row and NaN.
+    The shifted logits are floored at the kernel's exp floor (exp(-80) in float32): below it exp
+    takes a ~50x slower subnormal path, for a change under 1e-34 of the row's largest term.
     """
     d2 = squared_distances(x, c)
     d2 = d2 - d2.detach().amin(-1, keepdim=True)
-    return torch.softmax(-d2 / tau, dim=-1)
+    return torch.softmax((-d2 / tau).clamp_min(exp_floor(d2.dtype)), dim=-1)
 
 
 def chunk_rows(chunk_size: Optional[int], g: int, r: int, k: int, d: int) -> int:

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import torch
 
-from .implicit import SolveStats
 from .soft_step import attention, soft_step
+from .stats import SolveStats
 
 
 def unrolled_soft_kmeans(x: torch.Tensor, c0: torch.Tensor, tau: torch.Tensor, max_iter: int, tol: float,
@@ -19,7 +19,8 @@ def unrolled_soft_kmeans(x: torch.Tensor, c0: torch.Tensor, tau: torch.Tensor, m
     stats.forward_iters = 0
     for it in range(1, max_iter + 1):
         c_new = soft_step(x, None, c, tau, rows=x.shape[1])
-        stats.forward_iters, stats.forward_residual = it, float((c_new - c).detach().abs().amax() / scale)
+        stats.forward_iters = stats.forward_evals = it
+        stats.forward_residual = float((c_new - c).detach().abs().amax() / scale)
         c = c_new
         if stats.forward_residual <= tol:
             break

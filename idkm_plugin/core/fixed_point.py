@@ -1,0 +1,137 @@
+"""Fixed-point solvers for C* = F(C*): plain (Picard) iteration and safeguarded Anderson acceleration.
+
+IDKM's gradient depends only on the fixed point, not on the path to it, so the forward may use any
+solver. Anderson (type II, Walker & Ni 2011) extrapolates from the last `history` iterates; it is
+safeguarded per group: an extrapolation whose residual exceeds ANDERSON_GROWTH times the group's best
+residual so far, that is not finite, or that swaps centroids (_keeps_identity) is rejected,
+the group stays where it was, its history restarts and its next step is a plain one.
+Why a factor and not "any increase": Anderson's residual is not monotone on the way in, and
+rejecting every increase restarts it into short, poor secant models. Measured (cold k-means++ start,
+1M normal weights, 16 clusters, to 1e-5): plain iteration 214 evaluations, Anderson without
+safeguard 30, growth factor 10: 29, 2: 32, 1 (reject any increase): 40; on a 16-point, 4-cluster
+float64 problem, rejecting any increase did not reach 1e-14 in 5,000 evaluations (plain: 20). Plain steps never reorder 1-D centroids
+(the soft k-means map is monotone in 1-D), so the cluster indices the caller holds keep their meaning.
+
+Shapes: C [g, k, d]; `fmap(C) -> F(C)` evaluates all groups at once (one pass over the weight).
+The residual is max |F(C) - C| / scale over all groups, as in the stopping rule `<= tol`.
+"""
+from __future__ import annotations
+
+from typing import Callable, NamedTuple
+
+import torch
+
+from .enums import Solver
+
+ANDERSON_HISTORY = 5
+ANDERSON_GROWTH = 10.0
+
+
+class FixedPoint(NamedTuple):
+    c: torch.Tensor  # [g, k, d] the last F(C) evaluated at an accepted point
+    iters: int  # accepted steps
+    evals: int  # map evaluations
+    rejections: int  # rejected extrapolations
+    residual: float  # max |F(C) - C| / scale at the accepted point
+
+
+Map = Callable[[torch.Tensor], torch.Tensor]
+
+
+def solve_fixed_point(fmap: Map, c0: torch.Tensor, solver: Solver | str, max_iter: int, tol: float,
+                      scale: torch.Tensor) -> FixedPoint:
+    """Iterate to max |F(C) - C| <= tol * scale using at most max_iter map evaluations."""
+    if Solver(solver) is Solver.PICARD:
+        return picard(fmap, c0, max_iter, tol, scale)
+    return anderson(fmap, c0, max_iter, tol, scale)
+
+
+def _residual(fc: torch.Tensor, c: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """Per-group max |F(C) - C| / scale, [g]."""
+    return (fc - c).abs().flatten(1).amax(1) / scale
+
+
+def picard(fmap: Map, c: torch.Tensor, max_iter: int, tol: float, scale: torch.Tensor) -> FixedPoint:
+    fc, residual, it = c, float("inf"), 0
+    for it in range(1, max_iter + 1):
+        fc = fmap(c)
+        residual = float(_residual(fc, c, scale).max())
+        c = fc
+        if residual <= tol:
+            break
+    return FixedPoint(fc, it, it, 0, residual)
+
+
+def anderson(fmap: Map, c: torch.Tensor, max_iter: int, tol: float, scale: torch.Tensor,
+             history: int = ANDERSON_HISTORY) -> FixedPoint:
+    g = c.shape[0]
+    fc = fmap(c)
+    res = _residual(fc, c, scale)
+    best = res
+    evals, iters, rejections = 1, 1, 0
+    xs, fs = [c.flatten(1).double()], [fc.flatten(1).double()]  # accepted iterates and their F
+    start = torch.zeros(g, dtype=torch.long, device=c.device)  # per-group history restart index
+    while evals < max_iter and float(res.max()) > tol:
+        cand, extrapolated = _extrapolate(xs, fs, start, len(xs) - 1)
+        cand = cand.to(c.dtype).view_as(c)
+        extrapolated = extrapolated & _keeps_identity(cand, c)
+        cand = torch.where(extrapolated.view(-1, 1, 1), cand, fc)
+        f_cand = fmap(cand)
+        evals += 1
+        res_cand = _residual(f_cand, cand, scale)
+        bad = extrapolated & ~(res_cand <= ANDERSON_GROWTH * best)  # also catches NaN
+        rejections += int(bad.sum())
+        keep = bad.view(-1, 1, 1)
+        c, fc = torch.where(keep, c, cand), torch.where(keep, fc, f_cand)
+        res = torch.where(bad, res, res_cand)
+        best = torch.minimum(best, res)
+        iters += int(not bool(bad.all()))
+        xs.append(c.flatten(1).double())
+        fs.append(fc.flatten(1).double())
+        start = torch.where(bad, torch.full_like(start, len(xs) - 1), start)
+        if len(xs) > history + 1:
+            xs.pop(0)
+            fs.pop(0)
+            start = (start - 1).clamp_min(0)
+    return FixedPoint(fc, iters, evals, rejections, float(res.max()))
+
+
+def _keeps_identity(cand: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """[g] bool: the candidate keeps the centroids' identities.
+
+    d = 1: the order of the centroids is unchanged. d > 1: every centroid moves less than half the
+    distance to its nearest other centroid (no swaps; without it, Anderson reached a different fixed
+    point than plain iteration from the same start on 2 of 3 groups of a 2-D test problem).
+    """
+    if c.shape[-1] == 1:
+        return ~(cand.gather(1, c.argsort(1)).diff(dim=1) < 0).flatten(1).any(1)
+    gap = torch.cdist(c, c)
+    gap.diagonal(dim1=1, dim2=2).fill_(float("inf"))
+    return ((cand - c).norm(dim=-1) < 0.5 * gap.amin(-1)).all(1)
+
+
+def _extrapolate(xs: list[torch.Tensor], fs: list[torch.Tensor], start: torch.Tensor, last: int
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Anderson candidate from the history, [g, n], and which groups it extrapolates, [g] bool.
+
+    gamma = argmin ||f_last - dF gamma|| over difference columns newer than each group's restart;
+    candidate = F(x_last) - dG gamma, with f = F(x) - x and dF, dG the successive differences.
+    """
+    fx = fs[last]
+    if last == 0:
+        return fx, torch.zeros(fx.shape[0], dtype=torch.bool, device=fx.device)
+    x = torch.stack(xs, 2)  # [g, n, h]
+    fval = torch.stack(fs, 2)
+    resid = fval - x
+    d_res, d_f = resid.diff(dim=2), fval.diff(dim=2)  # [g, n, h - 1]
+    col = torch.arange(d_res.shape[2], device=fx.device)
+    valid = (col.unsqueeze(0) >= start.unsqueeze(1)).to(d_res.dtype).unsqueeze(1)  # [g, 1, h - 1]
+    d_res, d_f = d_res * valid, d_f * valid
+    gram = d_res.transpose(1, 2) @ d_res  # [g, h - 1, h - 1]
+    ridge = 1e-12 * gram.diagonal(dim1=1, dim2=2).amax(1).clamp_min(1e-300)
+    gram = gram + ridge.view(-1, 1, 1) * torch.eye(gram.shape[1], dtype=gram.dtype, device=gram.device)
+    rhs = d_res.transpose(1, 2) @ resid[..., -1:]  # [g, h - 1, 1]
+    gamma = torch.linalg.solve(gram, rhs)
+    cand = fval[..., -1] - (d_f @ gamma).squeeze(-1)
+    has_history = valid.squeeze(1).any(1)
+    return torch.where(has_history.unsqueeze(1), cand, fx), has_history & torch.isfinite(cand).all(1)
