@@ -13,7 +13,7 @@ from typing import Any, Mapping, Optional, Sequence
 
 import torch
 
-from .core.enums import Init, Method, Uniquify
+from .core.enums import Init, Method, Solver, Uniquify
 
 
 class Granularity(str, enum.Enum):
@@ -55,7 +55,10 @@ class ClusterConfig:
         init: "kmeans++", "linear", "density" or "random" (used once; later steps warm-start).
         granularity: "per_tensor" or "per_grouped_channel" (one LUT per `group_size` output channels).
         group_size: output channels per LUT for "per_grouped_channel".
-        uniquify: "auto", "on" or "off" (eDKM; idkm / idkm_jfb only).
+        uniquify: "auto", "on", "off" or "grid" (eDKM; idkm / idkm_jfb only). "on": cluster the distinct
+            values weighted by their counts (exact); "grid" (dim 1): round float32 weights to a uniform
+            16-bit grid for the clustering, straight-through for the gradient; "auto": "on" for
+            float16/bfloat16 weights, "grid" for float32 weights of >= 262,144 per LUT, else "off".
         chunk_size: rows per chunk in the memory-bounded fixed point and backward; None picks it
             from a memory budget; 0 keeps the whole attention matrix for backward (the IDKM
             paper's O(m * 2**bits) mode, faster backward, more memory).
@@ -63,6 +66,8 @@ class ClusterConfig:
         lut_dtype: "float32", "float16" or "bfloat16" for the converted lookup table.
         start_step: training steps to run unclustered before clustering switches on.
         seed: seed of the initialisation.
+        solver: fixed-point solver of idkm / idkm_jfb: "anderson" (safeguarded Anderson acceleration)
+            or "picard" (plain iteration, DKM's path); max_iter bounds its map evaluations.
     """
 
     method: Method | str = Method.IDKM
@@ -81,12 +86,14 @@ class ClusterConfig:
     lut_dtype: str = "float32"
     start_step: int = 0
     seed: int = 0
+    solver: Solver | str = Solver.ANDERSON
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "method", _enum_value(Method, "method", self.method))
         object.__setattr__(self, "init", _enum_value(Init, "init", self.init))
         object.__setattr__(self, "granularity", _enum_value(Granularity, "granularity", self.granularity))
         object.__setattr__(self, "uniquify", _enum_value(Uniquify, "uniquify", self.uniquify))
+        object.__setattr__(self, "solver", _enum_value(Solver, "solver", self.solver))
         _check(_is_int(self.bits) and 1 <= self.bits <= 16, "bits", self.bits, "an integer in 1..16")
         _check(_is_int(self.dim) and self.dim >= 1, "dim", self.dim, "an integer >= 1")
         _check(self.tau is None or (_is_num(self.tau) and 0 < self.tau < math.inf), "tau", self.tau,
@@ -105,9 +112,12 @@ class ClusterConfig:
         _check(self.lut_dtype in _LUT_DTYPES, "lut_dtype", self.lut_dtype, f"one of {sorted(_LUT_DTYPES)}")
         _check(_is_int(self.start_step) and self.start_step >= 0, "start_step", self.start_step, "an integer >= 0")
         _check(_is_int(self.seed), "seed", self.seed, "an integer")
-        if self.method is Method.DKM and self.uniquify is Uniquify.ON:
-            raise ValueError("ClusterConfig.uniquify='on' is not allowed with method='dkm': uniquification "
-                             "needs the implicit backward; use method='idkm' or 'idkm_jfb'")
+        if self.method is Method.DKM and self.uniquify in (Uniquify.ON, Uniquify.GRID):
+            raise ValueError(f"ClusterConfig.uniquify={self.uniquify.value!r} is not allowed with method='dkm': "
+                             "uniquification needs the implicit backward; use method='idkm' or 'idkm_jfb'")
+        if self.uniquify is Uniquify.GRID and self.dim != 1:
+            raise ValueError(f"ClusterConfig.uniquify='grid' is not allowed with dim={self.dim}; the 16-bit grid "
+                             "rounds scalar weights: use dim=1, or uniquify='auto' / 'off'")
 
     @property
     def k(self) -> int:

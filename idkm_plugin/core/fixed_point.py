@@ -28,7 +28,7 @@ ANDERSON_GROWTH = 10.0
 
 
 class FixedPoint(NamedTuple):
-    c: torch.Tensor  # [g, k, d] the last F(C) evaluated at an accepted point
+    c: torch.Tensor  # [g, k, d] F(C) at the last (picard) or lowest-residual (anderson) point
     iters: int  # accepted steps
     evals: int  # map evaluations
     rejections: int  # rejected extrapolations
@@ -67,7 +67,7 @@ def anderson(fmap: Map, c: torch.Tensor, max_iter: int, tol: float, scale: torch
     g = c.shape[0]
     fc = fmap(c)
     res = _residual(fc, c, scale)
-    best = res
+    best, best_fc = res, fc  # returned: F at each group's lowest-residual point
     evals, iters, rejections = 1, 1, 0
     xs, fs = [c.flatten(1).double()], [fc.flatten(1).double()]  # accepted iterates and their F
     start = torch.zeros(g, dtype=torch.long, device=c.device)  # per-group history restart index
@@ -84,7 +84,8 @@ def anderson(fmap: Map, c: torch.Tensor, max_iter: int, tol: float, scale: torch
         keep = bad.view(-1, 1, 1)
         c, fc = torch.where(keep, c, cand), torch.where(keep, fc, f_cand)
         res = torch.where(bad, res, res_cand)
-        best = torch.minimum(best, res)
+        better = res < best
+        best, best_fc = torch.where(better, res, best), torch.where(better.view(-1, 1, 1), fc, best_fc)
         iters += int(not bool(bad.all()))
         xs.append(c.flatten(1).double())
         fs.append(fc.flatten(1).double())
@@ -93,7 +94,7 @@ def anderson(fmap: Map, c: torch.Tensor, max_iter: int, tol: float, scale: torch
             xs.pop(0)
             fs.pop(0)
             start = (start - 1).clamp_min(0)
-    return FixedPoint(fc, iters, evals, rejections, float(res.max()))
+    return FixedPoint(best_fc, iters, evals, rejections, float(best.max()))
 
 
 def _keeps_identity(cand: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
