@@ -28,6 +28,7 @@ __all__ = ["FORMAT", "load_palettized", "palettized_layers", "save_palettized"]
 
 FORMAT = "idkm_plugin.palettized/1"
 _LAYERS_KEY = "idkm_plugin.layers"
+_ALIASES_KEY = "idkm_plugin.aliases"  # tied weights: state_dict key -> the key whose tensor it is
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -60,14 +61,30 @@ def save_palettized(model: nn.Module, path: str | os.PathLike) -> int:
     if not layers:
         raise ValueError("save_palettized: the model has no palettized layer; convert it first "
                          "(or save a float model with torch.save / safetensors directly)")
-    tensors = {}
-    for key, value in model.state_dict().items():
+    tensors, aliases = _deduplicated(model.state_dict())
+    described = {name: layer_metadata(module) for name, module in layers.items()}
+    metadata = {"format": "pt", "idkm_plugin.format": FORMAT, _LAYERS_KEY: json.dumps(described),
+                _ALIASES_KEY: json.dumps(aliases)}
+    return write_safetensors(path, tensors, metadata)
+
+
+def _deduplicated(state: dict) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(tensors stored once, alias key -> stored key) for entries that are one tensor (tied weights)."""
+    tensors: dict[str, torch.Tensor] = {}
+    aliases: dict[str, str] = {}
+    first: dict[tuple, str] = {}
+    for key, value in state.items():
         if not isinstance(value, torch.Tensor):
             raise ValueError(f"save_palettized: state_dict entry {key!r} is a {type(value).__name__}, not a tensor")
-        tensors[key] = value
-    described = {name: layer_metadata(module) for name, module in layers.items()}
-    metadata = {"format": "pt", "idkm_plugin.format": FORMAT, _LAYERS_KEY: json.dumps(described)}
-    return write_safetensors(path, tensors, metadata)
+        identity = (value.untyped_storage().data_ptr(), value.storage_offset(), tuple(value.shape),
+                    tuple(value.stride()), value.dtype) if value.numel() else None
+        if identity is not None and identity in first:
+            aliases[key] = first[identity]
+        else:
+            tensors[key] = value
+            if identity is not None:
+                first[identity] = key
+    return tensors, aliases
 
 
 def _palettized_classes() -> dict[str, type]:
@@ -154,21 +171,33 @@ def load_palettized(path: str | os.PathLike, model: nn.Module) -> nn.Module:
     """
     tensors, metadata = read_safetensors(path)
     layers = _read_layers(path, metadata)
+    aliases = json.loads(metadata.get(_ALIASES_KEY, "{}"))
+    tensors.update({alias: tensors[key] for alias, key in aliases.items()})
     classes = _palettized_classes()
     modules = dict(model.named_modules())
+    built: dict[str, PalettizedModule] = {}
     for name, meta in layers.items():
         if name not in modules:
             raise ValueError(f"layer {name!r}: the file has a {meta['kind']} there but the model has no such module")
         cls = classes.get(meta["kind"])
         if cls is not None:
             _check_target(name, cls, meta["hyperparameters"], modules[name])
-        layer = _build_layer(name, meta, tensors, classes)
+        built[name] = layer = _build_layer(name, meta, tensors, classes)
         if name:
             _set_submodule(model, name, layer)
         else:
             model = layer
+    _retie(built, aliases)
     _load_rest(model, tensors)
     return model
+
+
+def _retie(built: dict[str, PalettizedModule], aliases: dict[str, str]) -> None:
+    """Layers whose codes / LUT were one tensor when saved (tied weights) share one tensor again."""
+    for alias, key in aliases.items():
+        (layer, _, attr), (owner, _, owner_attr) = alias.rpartition("."), key.rpartition(".")
+        if attr in ("codes", "lut") and layer in built and owner in built:
+            setattr(built[layer], attr, getattr(built[owner], owner_attr))
 
 
 def _load_rest(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:

@@ -188,3 +188,35 @@ def test_failed_write_leaves_the_old_file(tmp_path, monkeypatch):
         save_palettized(model, path)
     assert path.read_bytes() == before
     assert os.listdir(tmp_path) == ["m.safetensors"]
+
+
+class TiedLM(nn.Module):
+    """Embedding and output head sharing one weight (as GPT-2 / BERT tie them)."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(32, 8)
+        self.head = nn.Linear(8, 32, bias=False)
+        self.head.weight = self.embed.weight
+
+    def forward(self, ids):
+        return self.head(self.embed(ids))
+
+
+def test_tied_layers_are_stored_once_and_tied_again(tmp_path):
+    from idkm_plugin.nn import PalettizedEmbedding, PalettizedLinear
+
+    torch.manual_seed(0)
+    codes, lut = torch.randint(0, 4, (1, 256)), torch.randn(1, 4, 1)
+    model = TiedLM()
+    model.embed = PalettizedEmbedding(32, 8, codes, lut, 2)
+    model.head = PalettizedLinear(8, 32, codes, lut, 2)
+    model.head.codes, model.head.lut = model.embed.codes, model.embed.lut  # tied: one tensor each
+    size = save_palettized(model, tmp_path / "tied.safetensors")
+    tensors, _ = read_safetensors(tmp_path / "tied.safetensors")
+    assert set(tensors) == {"embed.codes", "embed.lut"}  # the head's entries are aliases
+    assert size < 64 + 64 + 16 + 1024  # the 64 code bytes once, plus the header
+    loaded = load_palettized(tmp_path / "tied.safetensors", TiedLM())
+    assert loaded.head.codes is loaded.embed.codes and loaded.head.lut is loaded.embed.lut
+    ids = torch.randint(0, 32, (2, 5))
+    assert torch.equal(loaded(ids), model(ids))
