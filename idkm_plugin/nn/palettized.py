@@ -20,13 +20,16 @@ from .dequantize import dequantize_packed
 from .packing import pack_codes, packed_nbytes, unpack_codes
 from .portable_dequantize import dequantize_portable
 
+
 class PalettizedModule(nn.Module):
     """Common storage, dequantization and dense-weight cache of the palettized layers.
 
     cache_weight (default True): keep the dense weight after the first forward, so later forwards
     cost what the float layer costs; it is rebuilt after `load_state_dict`, `.to()` / `.half()` /
     any `_apply`, assigning or writing in place to `codes` or `lut`. False: dequantize on every
-    forward (the lowest memory: only the packed form stays resident).
+    forward (the lowest memory: only the packed form stays resident). The layer has no trainable
+    weight, so the cache serves training-mode forwards too; it is bypassed while a LUT that requires
+    grad is being trained, and under tracing (`torch.export`, `torch.compile`, `torch.jit.trace`).
     """
 
     def __init__(self, weight_shape: tuple[int, ...], codes: torch.Tensor, lut: torch.Tensor, bits: int,
