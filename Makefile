@@ -28,6 +28,7 @@ demo: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/memory.py
 	$(PY) benchmarks/accuracy.py
+	$(PY) benchmarks/deploy.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info
