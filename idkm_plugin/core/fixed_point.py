@@ -4,7 +4,10 @@ IDKM's gradient depends only on the fixed point, not on the path to it, so the f
 solver. Anderson (type II, Walker & Ni 2011) extrapolates from the last `history` iterates; it is
 safeguarded per group: an extrapolation whose residual exceeds ANDERSON_GROWTH times the group's best
 residual so far, that is not finite, or that swaps centroids (_keeps_identity) is rejected,
-the group stays where it was, its history restarts and its next step is a plain one.
+the group stays where it was, its history restarts and its next step is a plain one. A group whose
+best residual has not improved for ANDERSON_STALL evaluations continues with plain steps: on small
+or rugged problems (20,000 normal weights, 16 clusters, float64) Anderson can wander at ~2e-5 for
+thousands of evaluations among nearby fixed points, while plain iteration descends into one.
 Why a factor and not "any increase": Anderson's residual is not monotone on the way in, and
 rejecting every increase restarts it into short, poor secant models. Measured (cold k-means++ start,
 1M normal weights, 16 clusters, to 1e-5): plain iteration 214 evaluations, Anderson without
@@ -25,6 +28,7 @@ from .enums import Solver
 
 ANDERSON_HISTORY = 5
 ANDERSON_GROWTH = 10.0
+ANDERSON_STALL = 12  # evaluations without a new best residual before a group goes on plainly
 
 
 class FixedPoint(NamedTuple):
@@ -68,13 +72,14 @@ def anderson(fmap: Map, c: torch.Tensor, max_iter: int, tol: float, scale: torch
     fc = fmap(c)
     res = _residual(fc, c, scale)
     best, best_fc = res, fc  # returned: F at each group's lowest-residual point
+    since_best = torch.zeros(g, dtype=torch.long, device=c.device)
     evals, iters, rejections = 1, 1, 0
     xs, fs = [c.flatten(1).double()], [fc.flatten(1).double()]  # accepted iterates and their F
     start = torch.zeros(g, dtype=torch.long, device=c.device)  # per-group history restart index
     while evals < max_iter and float(res.max()) > tol:
         cand, extrapolated = _extrapolate(xs, fs, start, len(xs) - 1)
         cand = cand.to(c.dtype).view_as(c)
-        extrapolated = extrapolated & _keeps_identity(cand, c)
+        extrapolated = extrapolated & _keeps_identity(cand, c) & (since_best < ANDERSON_STALL)
         cand = torch.where(extrapolated.view(-1, 1, 1), cand, fc)
         f_cand = fmap(cand)
         evals += 1
@@ -85,6 +90,7 @@ def anderson(fmap: Map, c: torch.Tensor, max_iter: int, tol: float, scale: torch
         c, fc = torch.where(keep, c, cand), torch.where(keep, fc, f_cand)
         res = torch.where(bad, res, res_cand)
         better = res < best
+        since_best = torch.where(better, torch.zeros_like(since_best), since_best + 1)
         best, best_fc = torch.where(better, res, best), torch.where(better.view(-1, 1, 1), fc, best_fc)
         iters += int(not bool(bad.all()))
         xs.append(c.flatten(1).double())

@@ -4,7 +4,7 @@ import torch
 
 from idkm_plugin import soft_kmeans
 from idkm_plugin.core import init_centroids
-from idkm_plugin.core.uniquify import gather_rows, scatter_rows, uniquify_rows
+from idkm_plugin.core.uniquify import gather_rows, grid_rows, scatter_rows, uniquify_rows
 
 
 def test_uniquify_rows_round_trip():
@@ -52,3 +52,51 @@ def test_auto_uniquifies_only_half_precision_scalars():
     assert not use_uniquify("auto", "dkm", torch.bfloat16, 1)
     with pytest.raises(ValueError, match="uniquify='on' is not allowed with method='dkm'"):
         use_uniquify("on", "dkm", torch.bfloat16, 1)
+
+
+def test_half_precision_histogram_equals_torch_unique():
+    x = (torch.randn(2, 5000, 1, generator=torch.Generator().manual_seed(3)) * 0.05).to(torch.float16)
+    rows, counts, inv = uniquify_rows(x)
+    assert torch.equal(gather_rows(rows, inv), x)
+    for g in range(2):
+        vals, cnt = torch.unique(x[g].reshape(-1), return_counts=True)
+        got = rows[g, counts[g] > 0, 0]
+        order = got.argsort()
+        assert torch.equal(got[order], vals) and torch.equal(counts[g, counts[g] > 0][order], cnt.float())
+
+
+def test_grid_rounding_error_bound_and_at_most_65536_values():
+    x = torch.randn(1, 300_000, 1, generator=torch.Generator().manual_seed(4)) * 0.02
+    rows, counts, inv = grid_rows(x)
+    span = float(x.max() - x.min())
+    assert rows.shape[1] <= 1 << 16 and int(counts.sum()) == x.shape[1]
+    assert float((gather_rows(rows, inv) - x).abs().max()) <= span / 131070 * 1.01
+
+
+def test_grid_uniquified_idkm_is_close_to_exact_float32():
+    """Straight-through rounding to the 16-bit grid: centroids, output and gradient near exact (4 bits)."""
+    x = torch.randn(1, 1 << 18, 1, generator=torch.Generator().manual_seed(5)) * 0.02
+    c0 = init_centroids(x, 16, "kmeans++")
+    probe = torch.randn(x.shape, generator=torch.Generator().manual_seed(6))
+    results = {}
+    for uniquify in ["off", "grid"]:
+        xg = x.clone().requires_grad_()
+        out, c = soft_kmeans(xg, c0, method="idkm", uniquify=uniquify, max_iter=300, tol=1e-7)
+        (out * probe).sum().backward()
+        results[uniquify] = (out.detach(), c, xg.grad)
+    for (exact, grid), bound in zip(zip(results["off"], results["grid"]), [1e-3, 1e-4, 3e-2]):
+        assert torch.linalg.norm(grid - exact) / torch.linalg.norm(exact) < bound
+
+
+def test_auto_rounds_only_large_float32_scalar_layers_with_a_fine_grid():
+    from idkm_plugin.core import uniquify_mode
+
+    big = 1 << 18
+    assert uniquify_mode("auto", "idkm", torch.float32, 1, big, 0.004).value == "grid"
+    assert uniquify_mode("auto", "idkm", torch.float32, 1, big, 0.05).value == "off"  # 8 bits: too coarse
+    assert uniquify_mode("auto", "idkm", torch.float32, 1, big - 1, 0.004).value == "off"
+    assert uniquify_mode("auto", "idkm", torch.float64, 1, big, 0.004).value == "off"
+    assert uniquify_mode("auto", "idkm", torch.bfloat16, 1, 10).value == "on"
+    assert uniquify_mode("grid", "idkm", torch.bfloat16, 1).value == "grid"
+    with pytest.raises(ValueError, match="uniquify='grid' is not allowed with method='dkm'"):
+        uniquify_mode("grid", "dkm", torch.float32, 1)

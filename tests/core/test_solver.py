@@ -1,0 +1,78 @@
+"""The fixed-point solvers: Anderson and plain iteration reach the same fixed point; counts in SolveStats."""
+import pytest
+import torch
+
+from idkm_plugin import ClusterConfig, soft_kmeans
+from idkm_plugin.core import SolveStats, init_centroids
+from idkm_plugin.core.fixed_point import anderson, picard
+from idkm_plugin.core.kernel import soft_map
+from idkm_plugin.core.soft_step import default_tau
+
+
+def normal_problem(m=20000, k=16, seed=0, dtype=torch.float64):
+    x = torch.randn(1, m, 1, generator=torch.Generator().manual_seed(seed), dtype=dtype) * 0.02
+    return x, init_centroids(x, k, "kmeans++", seed), default_tau(x, k)
+
+
+def test_anderson_and_picard_reach_the_same_fixed_point_anderson_in_fewer_evaluations():
+    x, c0, tau = normal_problem()
+    fmap = lambda c: soft_map(x, None, c, tau, 4096)  # noqa: E731
+    scale = x.abs().amax()
+    fast = anderson(fmap, c0, 2000, 1e-12, scale)
+    slow = picard(fmap, c0, 2000, 1e-12, scale)
+    assert fast.residual <= 1e-12 and slow.residual <= 1e-12
+    torch.testing.assert_close(fast.c, slow.c, rtol=0, atol=1e-9 * float(scale))
+    assert fast.evals < slow.evals
+
+
+def test_one_million_weights_cold_start_within_40_evaluations():
+    """The issue's acceptance: 1M normal weights, 16 clusters, k-means++ start, residual 1e-5."""
+    x, c0, tau = normal_problem(m=1 << 20, dtype=torch.float32)
+    fmap = lambda c: soft_map(x, None, c, tau, 8192)  # noqa: E731
+    sol = anderson(fmap, c0, 40, 1e-5, x.abs().amax())
+    assert sol.residual <= 1e-5 and sol.evals <= 40
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_one_dimensional_centroids_keep_their_order_and_permutations_commute(seed):
+    x, c0, tau = normal_problem(m=3000, k=8, seed=seed)
+    perm = torch.randperm(8, generator=torch.Generator().manual_seed(seed))
+    c = soft_kmeans(x, c0, tau=tau.item(), max_iter=3000, tol=1e-12)[1]
+    c_perm = soft_kmeans(x, c0[:, perm], tau=tau.item(), max_iter=3000, tol=1e-12)[1]
+    assert torch.equal(c.argsort(1), c0.argsort(1))  # centroid j stays the j-th smallest
+    torch.testing.assert_close(c_perm, c[:, perm], rtol=0, atol=1e-12)  # the caller's indices keep meaning
+
+
+@pytest.mark.parametrize("solver", ["anderson", "picard"])
+@pytest.mark.parametrize("method", ["dkm", "idkm", "idkm_jfb"])
+def test_stats_report_map_evaluations(method, solver):
+    x, c0, _ = normal_problem(m=500, k=4)
+    stats = SolveStats()
+    soft_kmeans(x, c0, method=method, solver=solver, max_iter=7, tol=0, stats=stats)
+    assert stats.forward_evals == 7  # tol 0: the whole budget
+    converged = SolveStats()
+    soft_kmeans(x, c0, method=method, solver=solver, max_iter=1000, tol=1e-6, stats=converged)
+    assert converged.forward_residual <= 1e-6 and 1 < converged.forward_evals < 1000
+    assert converged.forward_iters <= converged.forward_evals
+
+
+def test_idkm_reports_a_stable_fixed_point_and_two_backward_passes():
+    x, c0, _ = normal_problem(m=2000, k=4)
+    stats = SolveStats()
+    out, _ = soft_kmeans(x.requires_grad_(), c0, method="idkm", max_iter=500, tol=1e-10, stats=stats)
+    out.sum().backward()
+    assert 0 < stats.spectral_radius < 1 and not stats.forward_fallback
+    assert stats.adjoint_converged and stats.adjoint_passes == 2
+
+
+def test_solver_config_field_validated_and_round_trips():
+    assert ClusterConfig(solver="picard").solver.value == "picard"
+    assert ClusterConfig().solver.value == "anderson"
+    with pytest.raises(ValueError, match=r"solver='newton' is not allowed; use one of 'anderson', 'picard'"):
+        ClusterConfig(solver="newton")
+    cfg = ClusterConfig(solver="picard", uniquify="grid")
+    assert ClusterConfig.from_dict(cfg.to_dict()) == cfg
+    with pytest.raises(ValueError, match="uniquify='grid' is not allowed with dim=2"):
+        ClusterConfig(uniquify="grid", dim=2)
+    with pytest.raises(ValueError, match="uniquify='grid' is not allowed with method='dkm'"):
+        ClusterConfig(uniquify="grid", method="dkm")
