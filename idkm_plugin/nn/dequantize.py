@@ -4,7 +4,7 @@ A *symbol* is `u` consecutive codes (u * bits bits, u dividing 8, so symbols nev
 group of 8 codes). A table with one row per symbol value holds the u dequantized d-vectors that
 value encodes, so one row copy decodes u codes at once and no code is unpacked on its own:
 bits 1, 2, 4 read the symbols straight from the bytes, 8 from little-endian byte pairs (uint16), and
-3, 5, 6, 7 from the one little-endian integer that each group of 8 codes (`bits` bytes) forms.
+3, 5, 6, 7 from overlapping 4- or 8-byte little-endian windows, one per group of 8 codes (`bits` bytes).
 Rows are copied as raw bytes (one int64 / complex128 element where they fit), so the result is
 bit-exact. Widths above 8, and LUT groups that do not start on a symbol, unpack the codes and
 gather LUT rows instead.
@@ -79,15 +79,17 @@ def read_symbols(packed: torch.Tensor, bits: int, count: int, u: int) -> torch.T
         return packed.to(torch.int32)
     if width == 16:
         return _pad_to(packed, 2 * n_symbols).view(torch.uint16).to(torch.int32)
-    n_groups = -(-count // 8)  # 8 codes = `bits` bytes = one little-endian integer (bits <= 8)
-    raw = _pad_to(packed, n_groups * bits).view(n_groups, bits).to(torch.int32 if bits <= 3 else torch.int64)
-    word = raw[:, 0].clone()
-    for i in range(1, bits):
-        word |= raw[:, i] << (8 * i)
+    n_groups = -(-count // 8)  # 8 codes = `bits` bytes (bits <= 8): read each group as one integer
+    window, int_dtype = (4, torch.int32) if bits <= 4 else (8, torch.int64)
+    stream = _pad_to(packed, (n_groups - 1) * bits + window)  # the last window may run past the stream
+    # overlapping little-endian windows starting at every group (their extra bytes are masked off)
+    windows = torch.empty(n_groups, window, dtype=torch.uint8, device=packed.device)
+    windows.copy_(torch.as_strided(stream, (n_groups, window), (bits, 1)))
+    words = windows.view(int_dtype).view(-1)
     per_group = 8 // u
-    symbols = torch.empty(n_groups, per_group, dtype=raw.dtype, device=packed.device)
+    symbols = torch.empty(n_groups, per_group, dtype=int_dtype, device=packed.device)
     for j in range(per_group):
-        torch.bitwise_and(word >> (j * width), (1 << width) - 1, out=symbols[:, j])
+        torch.bitwise_and(words >> (j * width), (1 << width) - 1, out=symbols[:, j])
     return symbols.view(-1)[:n_symbols]
 
 
