@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import os
+import warnings
 from typing import Any, Optional, Sequence
 
 import torch
@@ -104,7 +105,9 @@ def to_coreml(model: nn.Module, example_inputs: Sequence[torch.Tensor], path: Op
     ct = _require_coremltools()
     example_inputs = tuple(example_inputs)
     dense = with_coreml_metadata(model)
-    with torch.no_grad():
+    with torch.no_grad(), warnings.catch_warnings():
+        # coremltools reads the palettization metadata from a TorchScript trace's state_dict
+        warnings.filterwarnings("ignore", message=r"`torch\.jit\.trace", category=DeprecationWarning)
         traced = torch.jit.trace(dense, example_inputs)
     convert_kwargs.setdefault("inputs", [ct.TensorType(name=f"input_{i}", shape=tuple(x.shape))
                                          for i, x in enumerate(example_inputs)])

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import os
+import warnings
 from typing import Any, Sequence
 
 import torch
@@ -58,7 +59,9 @@ def to_executorch(model: nn.Module, example_inputs: Sequence[Any], path: str | o
     """
     to_edge_transform_and_lower, XnnpackPartitioner = _require_executorch()
     partitioners = [XnnpackPartitioner()] if delegate else []
-    program = to_edge_transform_and_lower(export_program(model, example_inputs), partitioner=partitioners)
-    buffer = program.to_executorch().buffer
+    with warnings.catch_warnings():  # ExecuTorch 1.5's serializer still calls importlib.resources.read_binary
+        warnings.filterwarnings("ignore", message="read_binary is deprecated", category=DeprecationWarning)
+        program = to_edge_transform_and_lower(export_program(model, example_inputs), partitioner=partitioners)
+        buffer = program.to_executorch().buffer
     atomic_write_bytes(path, buffer)
     return len(buffer)
