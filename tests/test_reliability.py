@@ -193,3 +193,16 @@ def test_resume_from_state_dict_is_bit_exact(flow, method, tmp_path):
     for key in want:
         assert torch.equal(want[key], got[key]), key
     assert any(k.endswith("centroids") for k in want)
+
+
+def test_loading_a_state_dict_converted_with_other_bits_names_both_configs():
+    def converted(cfg):
+        qat = _torchao(_net(), cfg)
+        qat(_x())
+        return CONVERT["torchao"](qat.eval())
+
+    two_bit = converted(ClusterConfig(bits=2, max_iter=3))
+    four_bit_dim2 = converted(ClusterConfig(bits=4, dim=2, max_iter=3))
+    with pytest.raises(ValueError, match=r"layer 'conv': the state_dict was converted with bits=4, dim=2, luts=1 .* "
+                                         r"this PalettizedConv2d has bits=2, dim=1, luts=1"):
+        two_bit.load_state_dict(four_bit_dim2.state_dict())

@@ -120,9 +120,25 @@ class PalettizedModule(nn.Module):
         self.clear_weight_cache()
         return super()._apply(fn, recurse)
 
-    def _load_from_state_dict(self, *args, **kwargs) -> None:
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
         self.clear_weight_cache()
-        super()._load_from_state_dict(*args, **kwargs)
+        self._check_loaded_layout(state_dict, prefix)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def _check_loaded_layout(self, state_dict, prefix: str) -> None:
+        """ValueError naming the layer and both configurations when a state_dict was converted with other
+        bits / dim / LUT groups (instead of PyTorch's raw size-mismatch listing)."""
+        codes, lut = state_dict.get(prefix + "codes"), state_dict.get(prefix + "lut")
+        if codes is None or lut is None or (codes.shape == self.codes.shape and lut.shape == self.lut.shape):
+            return
+        if lut.dim() == 3 and lut.shape[1] > 0 and lut.shape[1] & (lut.shape[1] - 1) == 0:
+            theirs = f"bits={lut.shape[1].bit_length() - 1}, dim={lut.shape[2]}, luts={lut.shape[0]}"
+        else:
+            theirs = f"lut {list(lut.shape)}"
+        raise ValueError(f"layer {prefix[:-1] or type(self).__name__!r}: the state_dict was converted with {theirs} "
+                         f"({codes.numel()} code bytes) but this {type(self).__name__} has bits={self.bits}, "
+                         f"dim={self.dim}, luts={self.groups_lut} ({self.codes.numel()} code bytes) for a "
+                         f"{list(self.weight_shape)} weight; convert the model with the same config before loading")
 
     # ---- description, for files and exporters --------------------------------------------------
     def hyperparameters(self) -> dict:
