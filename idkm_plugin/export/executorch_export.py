@@ -5,7 +5,8 @@
 
 `torch.export` traces the palettized modules' Core ATen decode (`nn/portable_dequantize.py`), so the
 program's constants are the packed uint8 codes and the LUTs, decoded by the program when it runs;
-XNNPACK takes the layers it can delegate (the rest run on ExecuTorch's portable kernels).
+XNNPACK takes the layers it can delegate, linears with decoded weights included (convolutions need
+constant weights in XNNPACK, so those run on ExecuTorch's portable kernels).
 Run it with `executorch.runtime.Runtime.get().load_program(path).load_method("forward")`.
 """
 from __future__ import annotations
@@ -54,11 +55,13 @@ def to_executorch(model: nn.Module, example_inputs: Sequence[Any], path: str | o
                   delegate: bool = True) -> int:
     """Write an ExecuTorch program (.pte) for `model` called on `example_inputs`; returns its size in bytes.
 
-    delegate: lower what XNNPACK supports to XNNPACK (default); False keeps everything on the
-    portable kernels. The file is written atomically.
+    delegate: lower what XNNPACK supports to XNNPACK (default: linears, activations, pooling...);
+    False keeps everything on the portable kernels. The file is written atomically.
     """
     to_edge_transform_and_lower, XnnpackPartitioner = _require_executorch()
-    partitioners = [XnnpackPartitioner()] if delegate else []
+    # linears whose weight the program decodes go to XNNPACK too (it takes non-constant weights for
+    # fully-connected layers only; convolutions with a decoded weight stay on the portable kernels)
+    partitioners = [XnnpackPartitioner(force_non_static_weights_for_f32_linear=True)] if delegate else []
     with warnings.catch_warnings():  # ExecuTorch 1.5's serializer still calls importlib.resources.read_binary
         warnings.filterwarnings("ignore", message="read_binary is deprecated", category=DeprecationWarning)
         program = to_edge_transform_and_lower(export_program(model, example_inputs), partitioner=partitioners)
