@@ -78,7 +78,10 @@ def read_symbols(packed: torch.Tensor, bits: int, count: int, u: int) -> torch.T
     if width == 8:
         return packed.to(torch.int32)
     if width == 16:
-        return _pad_to(packed, 2 * n_symbols).view(torch.uint16).to(torch.int32)
+        pairs = _pad_to(packed, 2 * n_symbols)
+        if packed.device.type == "cpu":
+            return pairs.view(torch.uint16).to(torch.int32)
+        return pairs.view(torch.int16).to(torch.int32) & 0xFFFF  # uint16 casts are CPU-only in some builds
     n_groups = -(-count // 8)  # 8 codes = `bits` bytes (bits <= 8): read each group as one integer
     window, int_dtype = (4, torch.int32) if bits <= 4 else (8, torch.int64)
     stream = _pad_to(packed, (n_groups - 1) * bits + window)  # the last window may run past the stream
