@@ -22,7 +22,7 @@ from typing import Callable, Optional
 import torch
 
 from .gmres import gmres
-from .soft_step import mass_floor
+from .soft_step import empty_clusters
 
 EXPLICIT_JACOBIAN_MAX = 1024  # k * d up to which J is formed ([g, kd, kd] float64, 8 MiB per group)
 
@@ -36,14 +36,15 @@ def jacobian_chunk(a: torch.Tensor, x: torch.Tensor, n: Optional[torch.Tensor], 
     """One chunk's sum_i of the bracket above (without the 2 / (tau S_j) factor), [g, kd, kd]."""
     g, k, r = a.shape
     d = x.shape[-1]
-    if d == 1:
-        xt = x.transpose(1, 2)  # [g, 1, r]
-        dxc = xt - c
+    if d == 1:  # differences in units of the weights' scale, so that products stay normal numbers
+        scale = x.abs().amax().clamp_min(torch.finfo(x.dtype).tiny)
+        xt = x.transpose(1, 2) / scale  # [g, 1, r]
+        dxc = xt - c / scale
         q = a * dxc
-        p = a * (xt - f)
+        p = a * (xt - f / scale)
         if n is not None:
             p.mul_(n.unsqueeze(1))
-        return torch.diag_embed((p * dxc).sum(2)) - torch.bmm(p, q.transpose(1, 2))
+        return (torch.diag_embed((p * dxc).sum(2)) - torch.bmm(p, q.transpose(1, 2))) * scale.square()
     dxc = x.unsqueeze(1) - c.unsqueeze(2)  # [g, k, r, d]
     p = a.unsqueeze(-1) * (x.unsqueeze(1) - f.unsqueeze(2))
     if n is not None:
@@ -59,7 +60,7 @@ def jacobian_chunk(a: torch.Tensor, x: torch.Tensor, n: Optional[torch.Tensor], 
 
 def scale_jacobian(sums: torch.Tensor, mass: torch.Tensor, tau: torch.Tensor, d: int) -> torch.Tensor:
     """J [g, kd, kd] from the accumulated bracket sums: rows of cluster j times 2 / (tau S_j), 0 if empty."""
-    empty = mass <= mass_floor(mass.dtype)
+    empty = empty_clusters(mass)
     coef = torch.where(empty, torch.zeros_like(mass), 2 / (tau.view(-1, 1) * torch.where(empty, 1, mass)))
     return sums * coef.repeat_interleave(d, dim=1).unsqueeze(-1)
 

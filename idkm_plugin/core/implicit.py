@@ -29,7 +29,7 @@ from .adjoint import (dense_matvec, jacobian_chunk, scale_jacobian, solve_adjoin
 from .enums import Solver, Uniquify
 from .fixed_point import solve_fixed_point
 from .kernel import attention_chunks, map_sums, soft_map
-from .soft_step import chunk_rows, compute_dtype, mass_floor, update_centroids
+from .soft_step import chunk_rows, compute_dtype, empty_clusters, update_centroids
 from .stats import SolveStats
 from .uniquify import gather_rows, grid_rows, scatter_rows, uniquify_rows
 
@@ -181,7 +181,7 @@ def _chunks(saved: _Saved, rows: int):
 
 def _divide_by_mass(u: torch.Tensor, mass: torch.Tensor) -> torch.Tensor:
     """ubar = u / S, zero for empty clusters (which F leaves unchanged). [g, k, d]."""
-    empty = mass <= mass_floor(mass.dtype)
+    empty = empty_clusters(mass)
     return torch.where(empty.unsqueeze(-1), torch.zeros_like(u), u / torch.where(empty, 1, mass).unsqueeze(-1))
 
 

@@ -5,6 +5,7 @@ tau [g, 1, 1] temperatures, A [g, r, k] attention.
 """
 from __future__ import annotations
 
+import math
 from typing import Iterator, Optional
 
 import torch
@@ -43,8 +44,14 @@ def as_tau(tau: float | torch.Tensor | None, x: torch.Tensor, k: int) -> torch.T
 
 
 def exp_floor(dtype: torch.dtype) -> float:
-    """Lowest shifted logit kept: exp of it is still a normal number of `dtype` (no subnormal slow path)."""
-    return -700.0 if dtype == torch.float64 else -80.0
+    """Lowest shifted logit kept, so that attention values and their products stay normal numbers.
+
+    Subnormal operands or results take a ~50-300x slower path on CPUs (profiled: exp of logits below
+    -87 in float32, and the [k, r] x [r, k] product of two attention-weighted terms of the explicit
+    Jacobian ran at ~1 GFlop/s). exp(-36) = 2e-16 in float32 (its square times 1e-6 is still normal),
+    exp(-300) in float64: changes below 1e-15 (float32) / 1e-130 (float64) of a row's largest term.
+    """
+    return -300.0 if dtype == torch.float64 else -36.0
 
 
 def squared_distances(x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
@@ -60,8 +67,8 @@ def attention(x: torch.Tensor, c: torch.Tensor, tau: torch.Tensor) -> torch.Tens
 
     The row minimum is subtracted first (softmax is shift invariant), so a tiny tau saturates to a
     hard assignment instead of producing an all -inf row and NaN.
-    The shifted logits are floored at the kernel's exp floor (exp(-80) in float32): below it exp
-    takes a ~50x slower subnormal path, for a change under 1e-34 of the row's largest term.
+    The shifted logits are floored at exp_floor (exp(-36) in float32), which keeps exp and later
+    products off the slow subnormal path, for a change under 1e-15 of the row's largest term.
     """
     d2 = squared_distances(x, c)
     d2 = d2 - d2.detach().amin(-1, keepdim=True)
@@ -80,9 +87,14 @@ def row_chunks(r: int, rows: int) -> Iterator[slice]:
         yield slice(start, min(start + rows, r))
 
 
-def mass_floor(dtype: torch.dtype) -> float:
-    """Clusters whose attention mass is below this are treated as empty."""
-    return torch.finfo(dtype).tiny ** 0.5
+def empty_clusters(mass: torch.Tensor) -> torch.Tensor:
+    """[g, k] bool: clusters holding (almost) none of the attention mass, which keep their centroid.
+
+    Relative to the group's total mass: with logits floored at exp_floor every cluster gets at least
+    exp(floor) of every row, so "empty" means at most 1000 times that share (2e-13 in float32).
+    """
+    share = 1e3 * math.exp(exp_floor(mass.dtype))
+    return mass <= share * mass.sum(-1, keepdim=True)
 
 
 def weighted(a: torch.Tensor, n: Optional[torch.Tensor]) -> torch.Tensor:
@@ -92,7 +104,7 @@ def weighted(a: torch.Tensor, n: Optional[torch.Tensor]) -> torch.Tensor:
 
 def update_centroids(c: torch.Tensor, num: torch.Tensor, mass: torch.Tensor) -> torch.Tensor:
     """New centroids num / mass; empty clusters (mass ~ 0) keep their old value. [g, k, d]."""
-    empty = mass <= mass_floor(mass.dtype)
+    empty = empty_clusters(mass)
     return torch.where(empty.unsqueeze(-1), c, num / torch.where(empty, torch.ones_like(mass), mass).unsqueeze(-1))
 
 
