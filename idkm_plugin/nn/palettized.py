@@ -58,8 +58,9 @@ class PalettizedModule(nn.Module):
             packed = codes.detach().clone()
         else:
             if codes.dim() != 2 or codes.shape[0] != groups or codes.numel() != self.num_codes:
+                expected = [groups, self.num_codes // groups]
                 raise ValueError(f"codes {list(codes.shape)} and lut {list(lut.shape)} do not match a "
-                                 f"{list(self.weight_shape)} weight: expected codes [{groups}, {self.num_codes // groups}]")
+                                 f"{list(self.weight_shape)} weight: expected codes {expected}")
             packed = pack_codes(codes, bits)
         self.register_buffer("codes", packed)
         self.register_buffer("lut", lut.detach().clone())
@@ -252,7 +253,8 @@ class _PalettizedConvNd(PalettizedModule):
     @staticmethod
     def _conv_hyperparameters(module) -> dict:
         padding = module.padding if isinstance(module.padding, str) else list(module.padding)
-        return {"weight_shape": list(module.weight_shape if isinstance(module, PalettizedModule) else module.weight.shape),
+        shape = module.weight_shape if isinstance(module, PalettizedModule) else module.weight.shape
+        return {"weight_shape": list(shape),
                 "stride": list(module.stride), "padding": padding, "dilation": list(module.dilation),
                 "groups": module.groups, "padding_mode": module.padding_mode}
 

@@ -53,7 +53,8 @@ def test_program_constants_are_the_packed_codes_and_luts():
 
 def test_pte_size_is_the_packed_size_plus_the_rest(tmp_path):
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Embedding(4000, 64), nn.Flatten(), nn.Linear(64 * 4, 1024), nn.ReLU(), nn.Linear(1024, 512))
+    model = nn.Sequential(nn.Embedding(4000, 64), nn.Flatten(), nn.Linear(64 * 4, 1024), nn.ReLU(),
+                          nn.Linear(1024, 512))
     model = palettize(model, {"0": ClusterConfig(bits=2), "2": ClusterConfig(bits=4), "4": ClusterConfig(bits=3)})
     inputs = (torch.randint(0, 4000, (2, 4)),)
     size = to_executorch(model, inputs, tmp_path / "m.pte")
@@ -68,7 +69,8 @@ def test_demo_cnn_pte_matches(tmp_path):
 
     torch.manual_seed(0)
     model = palettize(MNISTNet(28), {"features.0": ClusterConfig(bits=8), "features.3": ClusterConfig(bits=2),
-                                     "classifier.0": ClusterConfig(bits=4, dim=4), "classifier.2": ClusterConfig(bits=8)})
+                                     "classifier.0": ClusterConfig(bits=4, dim=4),
+                                     "classifier.2": ClusterConfig(bits=8)})
     x = torch.randn(4, 1, 28, 28)
     to_executorch(model, (x,), tmp_path / "cnn.pte")
     with torch.no_grad():
