@@ -110,7 +110,39 @@ def disk_bytes(path: str) -> int:
     return os.path.getsize(path)
 
 
-def file_sizes(float_model: nn.Module, palettized: nn.Module, x: torch.Tensor) -> list[dict]:
+def executorch_rows(float_model: nn.Module, palettized: nn.Module, x: torch.Tensor, folder: str,
+                    repeats: int) -> list[dict]:
+    """The palettized .pte and, for comparison, the float model's .pte: bytes and one forward under
+    executorch.runtime (XNNPACK delegation for both)."""
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+    from executorch.exir import to_edge_transform_and_lower
+    from executorch.runtime import Runtime
+
+    from idkm_plugin.export import to_executorch
+
+    float_path, pal_path = os.path.join(folder, "float.pte"), os.path.join(folder, "m.pte")
+    dense_conv_path = os.path.join(folder, "m_dense_conv.pte")
+    with torch.no_grad():
+        program = to_edge_transform_and_lower(torch.export.export(float_model.eval(), (x,)),
+                                              partitioner=[XnnpackPartitioner()]).to_executorch()
+    with open(float_path, "wb") as f:
+        f.write(program.buffer)
+    to_executorch(palettized, (x,), pal_path)
+    to_executorch(palettized, (x,), dense_conv_path, dense_convolutions=True)
+    from executorch.extension.pybindings import portable_lib
+
+    portable_lib._unsafe_reset_threadpool(1)  # one thread, as for the PyTorch timings
+    rows = []
+    forms = (("float32 .pte (XNNPACK)", float_path), ("model.pte (to_executorch, XNNPACK)", pal_path),
+             ("model.pte (to_executorch, dense_convolutions=True)", dense_conv_path))
+    for form, path in forms:
+        method = Runtime.get().load_program(path).load_method("forward")
+        ms = median_ms(lambda: method.execute([x]), max(3, repeats // 10), warmup=1)
+        rows.append({"form": form, "bytes": disk_bytes(path), "forward_ms": ms})
+    return rows
+
+
+def file_sizes(float_model: nn.Module, palettized: nn.Module, x: torch.Tensor, repeats: int) -> list[dict]:
     """Bytes on disk of each deployable form of the demo CNN (those whose package is installed)."""
     rows = [{"form": "float32 state_dict (torch.save)", "bytes": None},
             {"form": "packed codes + LUT + float rest (size_report)", "bytes": size_report(palettized).total_bytes}]
@@ -120,9 +152,7 @@ def file_sizes(float_model: nn.Module, palettized: nn.Module, x: torch.Tensor) -
         rows.append({"form": "model.safetensors (save_palettized)",
                      "bytes": save_palettized(palettized, os.path.join(tmp, "m.safetensors"))})
         try:
-            from idkm_plugin.export import to_executorch
-            rows.append({"form": "model.pte (to_executorch, XNNPACK)",
-                         "bytes": to_executorch(palettized, (x,), os.path.join(tmp, "m.pte"))})
+            rows += executorch_rows(float_model, palettized, x, tmp, repeats)
         except ImportError as err:
             print(f"  skipped ExecuTorch: {err}")
         try:
@@ -149,9 +179,11 @@ def markdown(linear: list[dict], cnn: dict, sizes: list[dict], args) -> str:
                      f"{r['cache_on_ms'] / r['float_ms']:.2f}x | {r['cache_off_ms']:.2f} ms | "
                      f"{r['cache_off_ms'] / r['float_ms']:.2f}x | {r['cold_dequantize_ms']:.2f} ms |")
     if sizes:
-        lines += ["", "Demo CNN (MNISTNet, 421,642 weights, the demo's mixed YAML):", "",
-                  "| form | bytes | KB |", "|---|---:|---:|"]
-        lines += [f"| {s['form']} | {s['bytes']:,} | {s['bytes'] / 1024:.1f} |" for s in sizes]
+        lines += ["", "Demo CNN (MNISTNet, 421,642 weights, the demo's mixed YAML); ExecuTorch forward: one batch "
+                  f"[{args.cnn_batch}, 1, 28, 28] under executorch.runtime:", "",
+                  "| form | bytes | KB | ExecuTorch forward |", "|---|---:|---:|---:|"]
+        lines += [f"| {s['form']} | {s['bytes']:,} | {s['bytes'] / 1024:.1f} | "
+                  f"{'%.1f ms' % s['forward_ms'] if 'forward_ms' in s else ''} |" for s in sizes]
     return "\n".join(lines) + "\n"
 
 
@@ -179,7 +211,7 @@ def main(argv=None) -> None:
     cnn = {"model": "MNISTNet (demo YAML)", "bits": "mixed", "dim": "mixed",
            **forward_times(float_model, palettized, x, args.repeats), "cold_dequantize_ms": cold}
     print(f"  {cnn}")
-    sizes = [] if args.quick else file_sizes(float_model, palettized, x)
+    sizes = [] if args.quick else file_sizes(float_model, palettized, x, args.repeats)
     table = markdown(linear, cnn, sizes, args)
     print(table)
     os.makedirs(args.out, exist_ok=True)

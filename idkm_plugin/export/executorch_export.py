@@ -19,7 +19,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from ..nn.palettized import PalettizedModule
+from ..nn.palettized import PalettizedConv1d, PalettizedConv2d, PalettizedModule
 from .atomic import atomic_write_bytes
 
 __all__ = ["export_program", "to_executorch"]
@@ -35,36 +35,62 @@ def _require_executorch():
     return to_edge_transform_and_lower, XnnpackPartitioner
 
 
-def without_weight_cache(model: nn.Module) -> nn.Module:
-    """A copy of `model` in eval mode whose palettized layers decode in the traced graph (no cached dense weight)."""
+def without_weight_cache(model: nn.Module, dense_convolutions: bool = False) -> nn.Module:
+    """A copy of `model` in eval mode whose palettized layers decode in the traced graph (no cached
+    dense weight); with dense_convolutions, its palettized convolutions become float ones."""
     model = copy.deepcopy(model).eval()
-    for module in model.modules():
-        if isinstance(module, PalettizedModule):
-            module.clear_weight_cache()
-            module.cache_weight = False
+    for name, module in list(model.named_modules()):
+        if not isinstance(module, PalettizedModule):
+            continue
+        module.clear_weight_cache()
+        module.cache_weight = False
+        if dense_convolutions and isinstance(module, (PalettizedConv1d, PalettizedConv2d)):
+            parent, _, attr = name.rpartition(".")
+            if not name:
+                return module.to_float()
+            setattr(model.get_submodule(parent) if parent else model, attr, module.to_float())
     return model
 
 
-def export_program(model: nn.Module, example_inputs: Sequence[Any]) -> torch.export.ExportedProgram:
+def export_program(model: nn.Module, example_inputs: Sequence[Any],
+                   dense_convolutions: bool = False) -> torch.export.ExportedProgram:
     """`torch.export` of the model's inference graph, the palettized weights decoded inside it."""
     with torch.no_grad():
-        return torch.export.export(without_weight_cache(model), tuple(example_inputs))
+        return torch.export.export(without_weight_cache(model, dense_convolutions), tuple(example_inputs))
+
+
+def _partitioners() -> list:
+    """XNNPACK twice: first everything but convolutions, with linears whose weights the program
+    decodes included (XNNPACK takes non-constant fully-connected weights when asked to), then the
+    convolutions with the default settings (that option would also make conv biases non-constant,
+    which XNNPACK's depthwise convolutions and conv+BatchNorm fusion reject)."""
+    _require_executorch()
+    from executorch.backends.xnnpack.partition.config import ALL_PARTITIONER_CONFIGS
+    from executorch.backends.xnnpack.partition.config.gemm_configs import ConvolutionConfig
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+
+    no_convs = [config for config in ALL_PARTITIONER_CONFIGS if config is not ConvolutionConfig]
+    return [XnnpackPartitioner(configs=no_convs, force_non_static_weights_for_f32_linear=True),
+            XnnpackPartitioner()]
 
 
 def to_executorch(model: nn.Module, example_inputs: Sequence[Any], path: str | os.PathLike,
-                  delegate: bool = True) -> int:
+                  delegate: bool = True, dense_convolutions: bool = False) -> int:
     """Write an ExecuTorch program (.pte) for `model` called on `example_inputs`; returns its size in bytes.
 
     delegate: lower what XNNPACK supports to XNNPACK (default: linears, activations, pooling...);
-    False keeps everything on the portable kernels. The file is written atomically.
+    False keeps everything on the portable kernels.
+    dense_convolutions: store the palettized convolutions' weights decoded (float), so XNNPACK runs
+    them: much faster on CPU (XNNPACK convolutions need constant weights; the portable ones are slow),
+    at the cost of those weights' float size. Default False: every palettized weight stays packed.
+    The file is written atomically.
     """
-    to_edge_transform_and_lower, XnnpackPartitioner = _require_executorch()
-    # linears whose weight the program decodes go to XNNPACK too (it takes non-constant weights for
-    # fully-connected layers only; convolutions with a decoded weight stay on the portable kernels)
-    partitioners = [XnnpackPartitioner(force_non_static_weights_for_f32_linear=True)] if delegate else []
+    to_edge_transform_and_lower, _ = _require_executorch()
+    partitioners = _partitioners() if delegate else []
     with warnings.catch_warnings():  # ExecuTorch 1.5's serializer still calls importlib.resources.read_binary
         warnings.filterwarnings("ignore", message="read_binary is deprecated", category=DeprecationWarning)
-        program = to_edge_transform_and_lower(export_program(model, example_inputs), partitioner=partitioners)
+        program = to_edge_transform_and_lower(export_program(model, example_inputs, dense_convolutions),
+                                              partitioner=partitioners)
         buffer = program.to_executorch().buffer
     atomic_write_bytes(path, buffer)
     return len(buffer)

@@ -76,3 +76,44 @@ def test_demo_cnn_pte_matches(tmp_path):
     with torch.no_grad():
         ref = model(x)
     assert max_relative_error(run_pte(tmp_path / "cnn.pte", (x,)), ref) <= 1e-4
+
+
+def test_dense_convolutions_keep_linears_packed_and_match(tmp_path):
+    """The speed option: convolutions stored decoded (XNNPACK runs them), every other weight still packed."""
+    torch.manual_seed(0)
+    model = palettize(trained_bn(AllKinds()), CONFIGS["bits 1..8 mixed"])
+    inputs = model.example_inputs()
+    program = export_program(model, inputs, dense_convolutions=True)
+    constants = {**program.state_dict, **program.constants}
+    assert "fc.codes" in constants and "embed.codes" in constants
+    assert "conv1.codes" not in constants and torch.equal(constants["conv2.weight"], model.conv2.dequantize_weight())
+    to_executorch(model, inputs, tmp_path / "m.pte", dense_convolutions=True)
+    with torch.no_grad():
+        ref = model(*inputs)
+    assert max_relative_error(run_pte(tmp_path / "m.pte", inputs), ref) <= 1e-4
+
+
+def test_float_conv_with_batchnorm_beside_palettized_layers(tmp_path):
+    """A conv left float before a BatchNorm lowers too (ExecuTorch's conv+BN fusion is picky)."""
+    torch.manual_seed(0)
+    model = palettize(trained_bn(AllKinds()), {"fc": ClusterConfig(bits=4), "embed": ClusterConfig(bits=2)})
+    inputs = model.example_inputs()
+    to_executorch(model, inputs, tmp_path / "m.pte")
+    with torch.no_grad():
+        ref = model(*inputs)
+    assert max_relative_error(run_pte(tmp_path / "m.pte", inputs), ref) <= 1e-4
+
+
+def test_dense_convolutions_of_the_demo_cnn_run_under_xnnpack(tmp_path):
+    """MNISTNet's first conv has one input channel (XNNPACK makes it depthwise): it must still load."""
+    pytest.importorskip("ccexam", reason="ccexam is not installed")
+    from ccexam.models import MNISTNet
+
+    torch.manual_seed(0)
+    model = palettize(MNISTNet(28), {"features.0": ClusterConfig(bits=8), "features.3": ClusterConfig(bits=2),
+                                     "classifier.0": ClusterConfig(bits=4, dim=4)})
+    x = torch.randn(2, 1, 28, 28)
+    to_executorch(model, (x,), tmp_path / "cnn.pte", dense_convolutions=True)
+    with torch.no_grad():
+        ref = model(x)
+    assert max_relative_error(run_pte(tmp_path / "cnn.pte", (x,)), ref) <= 1e-4
