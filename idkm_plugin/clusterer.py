@@ -7,7 +7,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .config import ClusterConfig
+from .config import ChannelScale, ClusterConfig
 from .core import SolveStats, compute_dtype, from_vectors, hard_assign, init_centroids, lookup, soft_kmeans
 from .core.frozen import frozen_soft_assign
 from .core.vectors import vector_shape
@@ -44,6 +44,8 @@ class WeightClusterer(nn.Module):
         training with the LUT frozen (`freeze_lut()`, torch.ao's `disable_observer`): A(C, W) C with C
             fixed, still differentiable w.r.t. W;
         disabled or before start_step: the weight unchanged.
+    With `config.per_channel_scale`, each output channel is divided by its scale (`channel_scale`) before
+    the clustering and multiplied back after, in every mode (differentiably in training).
 
     Adapters only set `enabled` / `lut_frozen` and call it; it is the one door to the math.
     """
@@ -98,15 +100,20 @@ class WeightClusterer(nn.Module):
         if not on:
             return weight
         self.check_finite(weight, "weight")
-        x = self.vectors(weight)
-        self.initialize(weight)
         if not self.training:
+            self.initialize(weight)
             lut = self.lut()
-            return from_vectors(lookup(self._codes(weight, lut), lut).to(weight.dtype), weight.shape)
+            out = from_vectors(lookup(self._codes(weight, lut), lut).to(weight.dtype), weight.shape)
+            return self._rescale(out, weight)
+        scale = self.channel_scale(weight) if self.config.per_channel_scale else None
+        normalized = weight if scale is None else weight / _per_channel(scale, weight)
+        x = self.vectors(normalized)
+        self.initialize(weight)
         cfg = self.config
         if self.lut_frozen:
             x_hat = frozen_soft_assign(x, self.centroids, tau=cfg.tau, chunk_size=cfg.chunk_size)
-            return from_vectors(x_hat, weight.shape)
+            out = from_vectors(x_hat, weight.shape)
+            return out if scale is None else (out * _per_channel(scale, out)).to(weight.dtype)
         stats = SolveStats()
         x_hat, c = soft_kmeans(x, self.centroids, tau=cfg.tau, method=cfg.method, max_iter=cfg.max_iter,
                                tol=cfg.tol, chunk_size=cfg.chunk_size, uniquify=cfg.uniquify,
@@ -115,7 +122,8 @@ class WeightClusterer(nn.Module):
         self.check_finite(c, "new LUT")  # never store non-finite centroids
         with torch.no_grad():
             self.centroids.copy_(c)
-        out = self._check_gradient(from_vectors(x_hat, weight.shape))
+        out = from_vectors(x_hat, weight.shape)
+        out = self._check_gradient(out if scale is None else (out * _per_channel(scale, out)).to(weight.dtype))
         if isinstance(weight, nn.Parameter) and out.requires_grad:
             # until backward, a second use of this same weight version reuses this output: a tied weight is
             # clustered once per step (the graph keeps this tensor alive for backward anyway)
@@ -171,27 +179,81 @@ class WeightClusterer(nn.Module):
         """Set the centroids from the weight with the configured init (once, unless force)."""
         if self.initialized and not force:
             return
-        x = self.vectors(weight.detach()).to(compute_dtype(weight.dtype))
+        x = self.vectors(self._normalized(weight.detach())).to(compute_dtype(weight.dtype))
         self.centroids = init_centroids(x, self.config.k, self.config.init, self.config.seed)
 
+    def channel_scale(self, weight: torch.Tensor) -> torch.Tensor:
+        """Per-output-channel scale [out] (float32; float64 for float64 weights) of a weight [out, ...]:
+        max |w| or the RMS of the channel (`config.per_channel_scale`), 1 for an all-zero channel.
+        Differentiable w.r.t. the weight."""
+        w = weight.to(compute_dtype(weight.dtype)).reshape(weight.shape[0] if weight.dim() else 1, -1)
+        if self.config.per_channel_scale is ChannelScale.RMS:
+            scale = w.square().mean(1).sqrt()
+        else:
+            scale = w.abs().amax(1)
+        return torch.where(scale > 0, scale, torch.ones_like(scale))
+
+    def _normalized(self, weight: torch.Tensor) -> torch.Tensor:
+        """The weight divided by its channel scales (unchanged without per_channel_scale)."""
+        if not self.config.per_channel_scale:
+            return weight
+        return weight / _per_channel(self.channel_scale(weight), weight)
+
+    def _rescale(self, out: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """out [weight shape, weight dtype] times the channel scales of `weight`, exactly as the converted
+        module applies them (scale cast to the weight dtype, one multiply)."""
+        if not self.config.per_channel_scale:
+            return out
+        scale = self.channel_scale(weight.detach()).to(torch.float32)
+        return out * _per_channel(scale.to(out.dtype), out)
+
     def lut(self) -> torch.Tensor:
-        """The lookup table [groups, k, d], rounded to lut_dtype and returned in the centroid dtype."""
+        """The lookup table [groups, k, d] as the converted model decodes it, in the centroid dtype:
+        rounded to lut_dtype, or for "int8" the int8 entries times their per-LUT scale."""
         if not self.initialized:
             raise RuntimeError(f"{self.name}: the clusterer has no centroids yet; run a forward pass first")
+        if self.config.lut_quantized:
+            q, scale = self.quantized_lut()
+            return (q.to(torch.float32) * scale.view(-1, 1, 1)).to(self.centroids.dtype)
         return self.centroids.to(self.config.lut_torch_dtype).to(self.centroids.dtype)
 
     @torch.no_grad()
+    def quantized_lut(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Symmetric int8 LUT: entries int8 [groups, k, d] in -127..127 and scales float32 [groups]
+        (max |centroid| / 127 per LUT; 1 for an all-zero LUT)."""
+        c = self.centroids.detach().to(torch.float32)
+        scale = c.abs().amax(dim=(1, 2)) / 127
+        scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+        q = torch.round(c / scale.view(-1, 1, 1)).clamp_(-127, 127).to(torch.int8)
+        return q, scale
+
+    @torch.no_grad()
     def codes_and_lut(self, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Hard codes [groups, m] (int64) and LUT [groups, k, d] (lut_dtype) for conversion."""
+        """Hard codes [groups, m] (int64) and LUT [groups, k, d] (lut_dtype; int8 entries for "int8",
+        whose scales `scales()` gives) for conversion."""
         self.check_finite(weight, "weight")
         self.initialize(weight)
         lut = self.lut()
-        return self._codes(weight, lut), lut.to(self.config.lut_torch_dtype)
+        stored = self.quantized_lut()[0] if self.config.lut_quantized else lut.to(self.config.lut_torch_dtype)
+        return self._codes(weight, lut), stored
+
+    @torch.no_grad()
+    def scales(self, weight: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The scales the converted module stores beside codes + LUT (empty without them):
+        "channel_scale": float32 [out] per output channel; "lut_scale": float32 [groups] of an int8 LUT."""
+        out: dict[str, torch.Tensor] = {}
+        if self.config.per_channel_scale:
+            out["channel_scale"] = self.channel_scale(weight.detach()).to(torch.float32)
+        if self.config.lut_quantized:
+            self.initialize(weight)
+            out["lut_scale"] = self.quantized_lut()[1]
+        return out
 
     def _codes(self, weight: torch.Tensor, lut: torch.Tensor) -> torch.Tensor:
-        """Nearest-centroid codes [groups, m], assigned in the LUT's (float32) precision whatever the
-        weight dtype: eval mode and conversion share this, so bf16 / fp16 models convert exactly."""
-        return hard_assign(self.vectors(weight.detach()).to(lut.dtype), lut)
+        """Nearest-centroid codes [groups, m] of the (channel-normalised) weight, assigned in the LUT's
+        (float32) precision whatever the weight dtype: eval mode and conversion share this, so bf16 / fp16
+        models convert exactly."""
+        return hard_assign(self.vectors(self._normalized(weight.detach())).to(lut.dtype), lut)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs) -> None:
@@ -204,6 +266,11 @@ class WeightClusterer(nn.Module):
     def extra_repr(self) -> str:
         c = self.config
         return f"method={c.method.value}, bits={c.bits}, dim={c.dim}, enabled={self.enabled}, lut_frozen={self.lut_frozen}"
+
+
+def _per_channel(scale: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """scale [out] viewed to broadcast over a weight [out, ...]."""
+    return scale.view(-1, *([1] * (like.dim() - 1)))
 
 
 def freeze_luts(model: nn.Module, frozen: bool = True) -> nn.Module:

@@ -23,7 +23,19 @@ class Granularity(str, enum.Enum):
     PER_GROUPED_CHANNEL = "per_grouped_channel"
 
 
-_LUT_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+_LUT_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
+               "int8": torch.int8}
+
+
+class ChannelScale(str, enum.Enum):
+    """How the per-output-channel scale is computed (coremltools' `enable_per_channel_scale`)."""
+
+    MAX_ABS = "max_abs"
+    RMS = "rms"
+
+
+# what per_channel_scale=True means: the measured better of the two (see ClusterConfig.per_channel_scale)
+DEFAULT_CHANNEL_SCALE = ChannelScale.MAX_ABS
 
 
 def _enum_value(enum_cls: type[enum.Enum], name: str, value: Any) -> enum.Enum:
@@ -63,7 +75,15 @@ class ClusterConfig:
             from a memory budget; 0 keeps the whole attention matrix for backward (the IDKM
             paper's O(m * 2**bits) mode, faster backward, more memory).
         adjoint_max_iter, adjoint_tol: the iterative adjoint solve of idkm.
-        lut_dtype: "float32", "float16" or "bfloat16" for the converted lookup table.
+        lut_dtype: "float32", "float16", "bfloat16" or "int8" for the converted lookup table. "int8": each LUT
+            is stored as symmetric int8 entries times one float32 scale (max |entry| / 127), as coremltools'
+            `quantize_lut`; eval-mode QAT already uses the int8-rounded LUT, so converted == eval exactly.
+        per_channel_scale: False (off), "max_abs" or "rms" (True = "max_abs"): each output channel (dim 0 of the
+            weight) is divided by its own scale (its max |w|, or its root mean square) before clustering and
+            multiplied back after; the scale is a function of the weight, so the gradient flows through it
+            in every method; the converted layer stores the float32 scales [out] beside the LUT (4 bytes per
+            output channel). Measured on the pretrained MNIST CNN's conv weights, max_abs clusters better
+            (see tests/test_per_channel_scale.py and the README); it is coremltools' choice too.
         start_step: training steps to run unclustered before clustering switches on.
         seed: seed of the initialisation.
         solver: fixed-point solver of idkm / idkm_jfb: "anderson" (safeguarded Anderson acceleration)
@@ -87,8 +107,16 @@ class ClusterConfig:
     start_step: int = 0
     seed: int = 0
     solver: Solver | str = Solver.ANDERSON
+    per_channel_scale: bool | ChannelScale | str = False
 
     def __post_init__(self) -> None:
+        if self.per_channel_scale is True:
+            object.__setattr__(self, "per_channel_scale", DEFAULT_CHANNEL_SCALE)
+        elif self.per_channel_scale is not False and self.per_channel_scale is not None:
+            object.__setattr__(self, "per_channel_scale",
+                               _enum_value(ChannelScale, "per_channel_scale", self.per_channel_scale))
+        else:
+            object.__setattr__(self, "per_channel_scale", False)
         object.__setattr__(self, "method", _enum_value(Method, "method", self.method))
         object.__setattr__(self, "init", _enum_value(Init, "init", self.init))
         object.__setattr__(self, "granularity", _enum_value(Granularity, "granularity", self.granularity))
@@ -137,6 +165,23 @@ class ClusterConfig:
     def lut_torch_dtype(self) -> torch.dtype:
         return _LUT_DTYPES[self.lut_dtype]
 
+    @property
+    def lut_quantized(self) -> bool:
+        """The LUT is stored as int8 entries + one float32 scale per LUT."""
+        return self.lut_dtype == "int8"
+
+    def palettized_nbytes(self, weight_shape: Sequence[int]) -> int:
+        """Bytes of the palettized weight (packed codes + LUTs + LUT scales + channel scales; bias not
+        counted) for a weight laid out [out, ...], exactly as the converted module stores it."""
+        numel = math.prod(weight_shape)
+        out = weight_shape[0] if len(weight_shape) else 1
+        luts = 1 if self.lut_group_size == 0 else -(-out // self.lut_group_size)
+        codes = (numel // self.dim * self.bits + 7) // 8
+        lut = luts * self.k * self.dim * self.lut_torch_dtype.itemsize
+        lut_scales = 4 * luts if self.lut_quantized else 0
+        channel_scales = 4 * out if self.per_channel_scale else 0
+        return codes + lut + lut_scales + channel_scales
+
     def replace(self, **changes: Any) -> "ClusterConfig":
         return replace(self, **changes)
 
@@ -180,6 +225,9 @@ class ModelConfig:
     small_layer: Optional[ClusterConfig] = None
     skip_unclusterable: bool = False  # True: warn and leave float a layer `dim` does not divide
     strict: bool = False  # True: a by_name key or regex that matches no layer is an error, not a warning
+    # True: a layer whose palettized form (codes + LUTs + scales) would take at least its float32 bytes is left
+    # float, with a warning (every flow applies it through idkm_plugin.layers.checked_config)
+    keep_float_if_larger: bool = True
 
     def __post_init__(self) -> None:
         for name, value in [("default", self.default), ("small_layer", self.small_layer)]:
@@ -228,6 +276,17 @@ class ModelConfig:
             return self.small_layer, "small_layer"
         return self.default, "default"
 
+    def plan(self, model: torch.nn.Module) -> "Plan":
+        """Per layer of `model` (the walk every flow uses): the rule and config it resolves to, its weights,
+        bits per weight (LUTs and scales counted) and bytes vs float32, before any training.
+
+        Layers that would not shrink are shown as float (with the reason), as every flow will leave them.
+        Returns a `Plan` (rows, `to_markdown()`).
+        """
+        from .layers import plan_layers  # layers imports this module
+
+        return plan_layers(model, self)
+
     def to_dict(self) -> dict[str, Any]:
         def enc(cfg: Optional[ClusterConfig]) -> Any:
             return _SKIP if cfg is None else cfg.to_dict()
@@ -240,6 +299,7 @@ class ModelConfig:
             "small_layer": enc(self.small_layer),
             "skip_unclusterable": self.skip_unclusterable,
             "strict": self.strict,
+            "keep_float_if_larger": self.keep_float_if_larger,
         }
 
     @classmethod
@@ -249,7 +309,7 @@ class ModelConfig:
         Entries in `by_type`, `by_name` and `small_layer` inherit unspecified fields from `default`.
         """
         allowed = {"default", "by_type", "by_name", "small_layer_params", "small_layer", "skip_unclusterable",
-                   "strict"}
+                   "strict", "keep_float_if_larger"}
         unknown = sorted(set(data) - allowed)
         if unknown:
             raise ValueError(f"ModelConfig got unknown key(s) {unknown}; allowed: {sorted(allowed)}")
@@ -273,6 +333,7 @@ class ModelConfig:
             small_layer=dec(data["small_layer"]) if data.get("small_layer") is not None else None,
             skip_unclusterable=bool(data.get("skip_unclusterable", False)),
             strict=bool(data.get("strict", False)),
+            keep_float_if_larger=bool(data.get("keep_float_if_larger", True)),
         )
 
     @classmethod

@@ -34,8 +34,8 @@ from .nn.palettized import (PalettizedConv1d, PalettizedConv2d, PalettizedEmbedd
                             PalettizedModule)
 
 __all__ = ["ConfigLike", "LayerKind", "UNSUPPORTED_TYPES", "as_model_config", "check_clusterable", "checked_config",
-           "kind_named", "kind_of", "layer_kinds", "palettize_module", "palettized_class", "register_layer_kind", "resolve_layers",
-           "subclass_instance", "unregister_layer_kind"]
+           "kind_named", "kind_of", "layer_kinds", "palettize_module", "palettized_class", "Plan", "PlanRow", "plan_layers",
+           "register_layer_kind", "resolve_layers", "subclass_instance", "unregister_layer_kind"]
 
 ConfigLike = Union[ModelConfig, ClusterConfig]
 
@@ -182,7 +182,9 @@ def checked_config(model_config: ModelConfig, name: str, type_name: str, weight_
     """`config` if it can cluster the layer; otherwise the one policy: raise ValueError naming the layer,
     or with `skip_unclusterable` warn and return None (the layer stays float).
 
-    `check` runs first (kind-specific limits; raises ValueError).
+    `check` runs first (kind-specific limits; raises ValueError). Then the size rule: with
+    `keep_float_if_larger` (default), a layer whose palettized form would take at least its float32 bytes
+    is left float with a warning (returns None).
     """
     try:
         check()
@@ -192,7 +194,25 @@ def checked_config(model_config: ModelConfig, name: str, type_name: str, weight_
             raise ValueError(f"{err} (or set ModelConfig.skip_unclusterable=True to leave it float)") from None
         warnings.warn(f"{err}; skip_unclusterable=True: leaving it float", stacklevel=4)
         return None
+    reason = larger_than_float(weight_shape, config) if model_config.keep_float_if_larger else None
+    if reason is not None:
+        warnings.warn(f"layer {name!r} ({type_name}): {reason}; leaving it float "
+                      "(ModelConfig.keep_float_if_larger=False palettizes it anyway)", stacklevel=4)
+        return None
     return config
+
+
+def larger_than_float(weight_shape: Sequence[int], config: ClusterConfig) -> Optional[str]:
+    """Why palettizing a weight of this shape with `config` would not shrink it (None if it would)."""
+    numel = 1
+    for s in weight_shape:
+        numel *= int(s)
+    nbytes = config.palettized_nbytes(tuple(int(s) for s in weight_shape))
+    if nbytes < 4 * numel:
+        return None
+    return (f"palettized with bits={config.bits}, dim={config.dim} it would take {nbytes:,} B "
+            f"({8 * nbytes / max(numel, 1):.1f} bits per weight, LUTs and scales counted), not less than its "
+            f"{4 * numel:,} B in float32")
 
 
 def _supported_names(supports: Callable[[LayerKind], bool]) -> str:
@@ -336,8 +356,92 @@ def palettize_module(module: nn.Module, clusterer: WeightClusterer, weight: Opti
     weight = kind_of(module, exact=False).clustered_weight(module) if weight is None else weight
     codes, lut = clusterer.codes_and_lut(weight)
     layer = palettized.from_float(module, codes, lut, clusterer.config.bits, weight, bias)
+    layer.set_scales(**clusterer.scales(weight))
     _share_tied_storage(layer, weight)
     return layer
+
+
+@dataclass(frozen=True)
+class PlanRow:
+    """One layer of `ModelConfig.plan`: config None means it stays float (`note` says why)."""
+
+    name: str
+    kind: str
+    rule: str  # the ModelConfig rule that resolved it ("default", "by_type:Linear", ...)
+    config: Optional[ClusterConfig]
+    weights: int
+    nbytes: int  # palettized (codes + LUTs + scales), or float32 when left float; bias not counted
+    note: str = ""
+
+    @property
+    def float32_bytes(self) -> int:
+        return 4 * self.weights
+
+    @property
+    def bits_per_weight(self) -> float:
+        return 8 * self.nbytes / max(self.weights, 1)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What every flow will do with each layer: `rows`, `to_markdown()`."""
+
+    rows: tuple[PlanRow, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(row.nbytes for row in self.rows)
+
+    @property
+    def float32_bytes(self) -> int:
+        return sum(row.float32_bytes for row in self.rows)
+
+    def to_markdown(self) -> str:
+        lines = ["| layer | kind | rule | config | weights | bits/weight | bytes | float32 bytes |",
+                 "|---|---|---|---|---:|---:|---:|---:|"]
+        for r in self.rows:
+            if r.config is None:
+                cfg = "float" + (f" ({r.note})" if r.note else "")
+            else:
+                c = r.config
+                cfg = f"{c.method.value} {c.bits} bit" + (f", dim {c.dim}" if c.dim > 1 else "")
+                if c.lut_group_size:
+                    cfg += f", LUT per {c.lut_group_size} ch"
+                if c.per_channel_scale:
+                    cfg += f", scale {c.per_channel_scale.value}"
+                if c.lut_dtype != "float32":
+                    cfg += f", {c.lut_dtype} LUT"
+            lines.append(f"| {r.name} | {r.kind} | {r.rule} | {cfg} | {r.weights:,} | {r.bits_per_weight:.2f} | "
+                         f"{r.nbytes:,} | {r.float32_bytes:,} |")
+        total = max(self.float32_bytes, 1)
+        lines.append(f"\nClustered layers: {self.nbytes:,} B vs {self.float32_bytes:,} B float32 "
+                     f"({self.float32_bytes / max(self.nbytes, 1):.2f}x, {8 * self.nbytes / (total / 4):.3f} bits "
+                     "per weight).")
+        return "\n".join(lines)
+
+
+def plan_layers(model: nn.Module, model_config: ConfigLike) -> Plan:
+    """`ModelConfig.plan`: each layer `resolve_layers` yields, with what it will cost (see `Plan`)."""
+    mp = as_model_config(model_config)
+    rows = []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        resolved = list(resolve_layers(model, mp))
+    for name, module, cfg in resolved:
+        kind = kind_of(module)
+        shape = tuple((kind.clustered_weight(module) if kind is not None else module.weight).shape)
+        weights = 1
+        for s in shape:
+            weights *= s
+        wanted, rule = mp.resolve_rule(name, module)
+        note = ""
+        if cfg is None and wanted is not None:
+            note = "larger than float32" if larger_than_float(shape, wanted) else "not clusterable"
+        nbytes = 4 * weights if cfg is None else cfg.palettized_nbytes(shape)
+        rows.append(PlanRow(name, type(module).__name__, rule, cfg, weights, nbytes, note))
+    for w in caught:  # the same warnings the flows give, shown once here
+        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    return Plan(tuple(rows))
 
 
 # id(weight Parameter) -> (the Parameter, the palettized module first converted from it), weakly

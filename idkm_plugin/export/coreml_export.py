@@ -6,7 +6,8 @@
 Each palettized layer is replaced, in a copy of the model, by its float layer holding
 `dequantize_weight()` plus the palettization metadata coremltools' own `DKMPalettizer.finalize()`
 writes (buffers `_COREML_/weight/lut`, `/compression_type`, `/vector_axis`); `ct.convert` turns that
-into an ML program whose weights are LUT + n-bit indices. What Core ML cannot express raises
+into an ML program whose weights are LUT + n-bit indices (times the per-channel scales
+`_COREML_/weight/palettization_scale` where the layer has them; an int8 LUT is written as its float values). What Core ML cannot express raises
 ValueError naming the layer: more than 8 bits, vectors (d > 1) that cross the weight's last axis.
 Core ML has no 5- or 7-bit indices: those LUTs are padded to 6 / 8 bits (same weights, 1 more bit each).
 """
@@ -53,7 +54,7 @@ def coreml_lut(name: str, module: PalettizedModule) -> tuple[torch.Tensor, Optio
         raise ValueError(f"layer {name!r}: Core ML vectors run along one axis, but dim={d} does not divide the "
                          f"last axis of the {list(shape)} weight, so its vectors cross rows; use a dim dividing "
                          f"{shape[-1]}")
-    lut = module.lut.detach()
+    lut = module.decoded_lut().detach()  # an int8 LUT as its values (lut * lut_scale, float32)
     if lut.dtype not in (torch.float16, torch.float32):
         lut = lut.to(torch.float32)  # exact for bfloat16
     if coreml_bits > bits:  # pad with unused entries
@@ -81,6 +82,9 @@ def with_coreml_metadata(model: nn.Module) -> nn.Module:
         layer.register_buffer("_COREML_/weight/compression_type", torch.tensor([_PALETTIZATION]))
         if vector_axis is not None:
             layer.register_buffer("_COREML_/weight/vector_axis", torch.tensor(vector_axis))
+        if module.channel_scale is not None:  # per-output-channel scale: constexpr_blockwise_shift_scale after the LUT
+            scale = module.channel_scale.detach().view(-1, *([1] * (len(module.weight_shape) - 1)))
+            layer.register_buffer("_COREML_/weight/palettization_scale", scale)
         parent, _, attr = name.rpartition(".")
         if not name:
             return _with_version(layer)

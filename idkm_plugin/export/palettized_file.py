@@ -44,10 +44,13 @@ def _dtype(name: str) -> torch.dtype:
 
 def layer_metadata(module: PalettizedModule) -> dict[str, Any]:
     """The JSON description of one palettized layer."""
-    return {"kind": type(module).__name__, "bits": module.bits, "dim": module.dim,
+    meta = {"kind": type(module).__name__, "bits": module.bits, "dim": module.dim,
             "weight_shape": list(module.weight_shape), "lut_groups": module.groups_lut,
             "weight_dtype": _dtype_name(module.weight_dtype), "lut_dtype": _dtype_name(module.lut.dtype),
             "hyperparameters": module.hyperparameters()}
+    if module.channel_scale is not None:  # tensor "<layer>.channel_scale" float32 [out]; an int8 LUT's "<layer>.lut_scale" [groups]
+        meta["per_channel_scale"] = True
+    return meta
 
 
 def palettized_layers(model: nn.Module) -> dict[str, PalettizedModule]:
@@ -155,6 +158,12 @@ def _build_layer(name: str, meta: dict, tensors: dict, classes: dict) -> Paletti
                          f"(lut_groups={meta['lut_groups']}, bits={meta['bits']}, dim={meta['dim']})")
     layer = cls.from_hyperparameters(meta["hyperparameters"], codes, lut, meta["bits"], tensors.get(prefix + "bias"),
                                      _dtype(meta["weight_dtype"]))
+    if meta.get("per_channel_scale") and prefix + "channel_scale" not in tensors:
+        raise ValueError(f"layer {name!r}: the file lacks tensor {prefix + 'channel_scale'!r} (per-channel scales)")
+    if lut.dtype == torch.int8 and prefix + "lut_scale" not in tensors:
+        raise ValueError(f"layer {name!r}: the file lacks tensor {prefix + 'lut_scale'!r} (its int8 LUT's scales)")
+    layer.set_scales(tensors.get(prefix + "channel_scale") if meta.get("per_channel_scale") else None,
+                     tensors.get(prefix + "lut_scale") if lut.dtype == torch.int8 else None)
     if list(layer.weight_shape) != meta["weight_shape"]:
         raise ValueError(f"layer {name!r}: weight shape {list(layer.weight_shape)} does not match its "
                          f"metadata {meta['weight_shape']}")
@@ -196,7 +205,7 @@ def _retie(built: dict[str, PalettizedModule], aliases: dict[str, str]) -> None:
     """Layers whose codes / LUT were one tensor when saved (tied weights) share one tensor again."""
     for alias, key in aliases.items():
         (layer, _, attr), (owner, _, owner_attr) = alias.rpartition("."), key.rpartition(".")
-        if attr in ("codes", "lut") and layer in built and owner in built:
+        if attr in ("codes", "lut", "channel_scale", "lut_scale") and layer in built and owner in built:
             setattr(built[layer], attr, getattr(built[owner], owner_attr))
 
 

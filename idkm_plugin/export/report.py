@@ -19,14 +19,15 @@ class LayerSize:
     code_bytes: int
     lut_bytes: int
     bias_bytes: int
+    scale_bytes: int = 0  # per-output-channel scales and int8 LUTs' scales
 
     @property
     def bytes(self) -> int:
-        return self.code_bytes + self.lut_bytes + self.bias_bytes
+        return self.code_bytes + self.lut_bytes + self.scale_bytes + self.bias_bytes
 
     @property
     def bits_per_weight(self) -> float:
-        return 8 * (self.code_bytes + self.lut_bytes) / max(self.params, 1)
+        return 8 * (self.code_bytes + self.lut_bytes + self.scale_bytes) / max(self.params, 1)
 
 
 @dataclass
@@ -51,12 +52,12 @@ class SizeReport:
         return 8 * self.total_bytes / max(params, 1)
 
     def to_markdown(self) -> str:
-        lines = ["| layer | kind | weights | bits/dim | LUTs | codes (B) | LUT (B) | bits/weight |",
-                 "|---|---|---:|---|---:|---:|---:|---:|"]
+        lines = ["| layer | kind | weights | bits/dim | LUTs | codes (B) | LUT (B) | scales (B) | bits/weight |",
+                 "|---|---|---:|---|---:|---:|---:|---:|---:|"]
         for s in self.layers:
             lines.append(f"| {s.name} | {s.kind} | {s.params:,} | {s.bits}/{s.dim} | {s.luts} | {s.code_bytes:,} | "
-                         f"{s.lut_bytes:,} | {s.bits_per_weight:.3f} |")
-        lines.append(f"| other (float) | | {self.other_params:,} | | | | {self.other_bytes:,} | 32 |")
+                         f"{s.lut_bytes:,} | {s.scale_bytes:,} | {s.bits_per_weight:.3f} |")
+        lines.append(f"| other (float) | | {self.other_params:,} | | | | {self.other_bytes:,} | | 32 |")
         lines.append(f"\nTotal {self.total_bytes:,} B vs {self.float32_bytes:,} B float32: "
                      f"{self.compression_ratio:.2f}x, {self.bits_per_weight:.3f} bits per weight.")
         return "\n".join(lines)
@@ -70,13 +71,15 @@ def size_report(model: nn.Module) -> SizeReport:
         if isinstance(module, PalettizedModule):
             params = module.num_codes * module.dim
             bias = module.bias
+            scales = [t for t in (module.channel_scale, module.lut_scale) if t is not None]
             report.layers.append(LayerSize(
                 name=name, kind=type(module).__name__, params=params, bits=module.bits, dim=module.dim,
                 luts=module.groups_lut, code_bytes=module.codes.numel(),
                 lut_bytes=module.lut.numel() * module.lut.element_size(),
-                bias_bytes=0 if bias is None else bias.numel() * bias.element_size()))
+                bias_bytes=0 if bias is None else bias.numel() * bias.element_size(),
+                scale_bytes=sum(t.numel() * t.element_size() for t in scales)))
             report.float32_bytes += 4 * (params + (0 if bias is None else bias.numel()))
-            seen.update(id(t) for t in (module.codes, module.lut, bias) if t is not None)
+            seen.update(id(t) for t in (module.codes, module.lut, bias, *scales) if t is not None)
     for tensor in list(model.parameters()) + [b for b in model.buffers() if b.is_floating_point()]:
         if id(tensor) in seen:
             continue

@@ -4,6 +4,9 @@ Each module stores
     codes: uint8 [ceil(numel / d * bits / 8)]  the packed code of every d-vector,
     lut:   [groups, 2**bits, d]                 the lookup table(s), in lut_dtype,
 and rebuilds the dense weight in `dequantize_weight()`: lut[codes] reshaped to the weight shape.
+Optional buffers (set with `set_scales`, None otherwise, then in no state_dict):
+    lut_scale: float32 [groups]       an int8 LUT's per-LUT scale: decoded LUT = lut * lut_scale,
+    channel_scale: float32 [out]  per-output-channel scale: weight = lut[codes] * channel_scale[:, None, ...].
 `forward` uses `dense_weight()`, which keeps that dense weight in a cache (a plain attribute, so
 it is in no state_dict, size report or `torch.export`ed program) until codes or LUT change.
 """
@@ -64,6 +67,8 @@ class PalettizedModule(nn.Module):
             packed = pack_codes(codes, bits)
         self.register_buffer("codes", packed)
         self.register_buffer("lut", lut.detach().clone())
+        self.register_buffer("channel_scale", None)
+        self.register_buffer("lut_scale", None)
         if bias is not None:
             self.bias = nn.Parameter(bias.detach().clone().to(dtype), requires_grad=False)
         else:
@@ -72,6 +77,34 @@ class PalettizedModule(nn.Module):
     @property
     def groups_lut(self) -> int:
         return self.lut.shape[0]
+
+    def set_scales(self, channel_scale: Optional[torch.Tensor] = None,
+                   lut_scale: Optional[torch.Tensor] = None) -> "PalettizedModule":
+        """Attach the per-output-channel scales float32 [out] and / or an int8 LUT's scales float32 [groups]."""
+        if channel_scale is not None:
+            if channel_scale.dim() != 1 or channel_scale.shape[0] != self.weight_shape[0]:
+                raise ValueError(f"channel_scale {list(channel_scale.shape)} does not match a {list(self.weight_shape)} weight: "
+                                 f"expected [{self.weight_shape[0]}] (one per output channel)")
+            self.channel_scale = channel_scale.detach().to(torch.float32).clone()
+        if lut_scale is not None:
+            if self.lut.dtype != torch.int8 or lut_scale.shape != (self.groups_lut,):
+                raise ValueError(f"lut_scale {list(lut_scale.shape)} needs an int8 lut [groups, k, d] with "
+                                 f"groups={lut_scale.numel()}; this lut is {self.lut.dtype} {list(self.lut.shape)}")
+            self.lut_scale = lut_scale.detach().to(torch.float32).clone()
+        if self.lut.dtype == torch.int8 and self.lut_scale is None:
+            raise ValueError("an int8 lut needs its lut_scale [groups]: call set_scales(lut_scale=...)")
+        return self
+
+    def decoded_lut(self) -> torch.Tensor:
+        """The LUT [groups, k, d] as values: lut itself, or int8 entries times lut_scale (float32)."""
+        if self.lut_scale is None:
+            return self.lut
+        return self.lut.to(torch.float32) * self.lut_scale.view(-1, 1, 1)
+
+    def _apply_scale(self, weight: torch.Tensor) -> torch.Tensor:
+        if self.channel_scale is None:
+            return weight
+        return weight * self.channel_scale.to(weight.dtype).view(-1, *([1] * (weight.dim() - 1)))
 
     def unpacked_codes(self) -> torch.Tensor:
         """codes [groups, m] int64."""
@@ -84,7 +117,9 @@ class PalettizedModule(nn.Module):
         program keeps codes + LUT and runs on ExecuTorch's portable kernels.
         """
         decode = dequantize_portable if torch.compiler.is_compiling() else dequantize_packed
-        return decode(self.codes, self.bits, self.num_codes, self.lut, self.weight_dtype, self.weight_shape)
+        weight = decode(self.codes, self.bits, self.num_codes, self.decoded_lut(), self.weight_dtype,
+                        self.weight_shape)
+        return self._apply_scale(weight)
 
     # ---- dense-weight cache -------------------------------------------------------------------
     def dense_weight(self) -> torch.Tensor:
@@ -110,10 +145,11 @@ class PalettizedModule(nn.Module):
 
     def _state_key(self) -> tuple:
         """Changes whenever codes or LUT are replaced or written in place."""
-        return tuple((id(t), t.device, t.dtype, -1 if t.is_inference() else t._version) for t in (self.codes, self.lut))
+        return tuple((id(t), t.device, t.dtype, -1 if t.is_inference() else t._version)
+                     for t in (self.codes, self.lut, self.channel_scale, self.lut_scale) if t is not None)
 
     def __setattr__(self, name: str, value: Any) -> None:
-        if name in ("codes", "lut"):
+        if name in ("codes", "lut", "channel_scale", "lut_scale"):
             self.__dict__["_cache"] = None
         super().__setattr__(name, value)
 
@@ -165,8 +201,9 @@ class PalettizedModule(nn.Module):
         return None if self.bias is None else nn.Parameter(self.bias.detach().clone(), requires_grad=False)
 
     def extra_repr(self) -> str:
+        scaled = ", per_channel_scale=True" if self.channel_scale is not None else ""
         return (f"weight_shape={list(self.weight_shape)}, bits={self.bits}, dim={self.dim}, "
-                f"luts={self.groups_lut}, lut_dtype={self.lut.dtype}, cache_weight={self.cache_weight}")
+                f"luts={self.groups_lut}, lut_dtype={self.lut.dtype}{scaled}, cache_weight={self.cache_weight}")
 
 
 class PalettizedWeight(PalettizedModule):

@@ -229,6 +229,7 @@ def convert_pt2e_palettized(model: fx.GraphModule, **convert_kwargs: Any) -> fx.
         weight = _evaluate(model, node.args[0], cache)
         codes, lut = fq.clusterer.codes_and_lut(weight)
         pal = PalettizedWeight(codes, lut, fq.config.bits, tuple(weight.shape), weight.dtype)
+        pal.set_scales(**fq.clusterer.scales(weight))
         target = _free_name(model, fq.clusterer.name.replace(".", "_") + "_palettized_weight")
         model.add_submodule(target, pal)
         node.target, node.args = target, ()

@@ -21,7 +21,7 @@ from idkm_plugin import ClusterConfig, Method, ModelConfig, soft_kmeans
     ("chunk_size", -5, r"chunk_size=-5 is not allowed; expected None \(automatic\), 0"),
     ("adjoint_max_iter", 0, r"adjoint_max_iter=0"),
     ("adjoint_tol", 0.0, r"adjoint_tol=0.0"),
-    ("lut_dtype", "int8", r"lut_dtype='int8' is not allowed; expected one of"),
+    ("lut_dtype", "int4", r"lut_dtype='int4' is not allowed; expected one of"),
     ("start_step", -1, r"start_step=-1"),
     ("group_size", -2, r"group_size=-2"),
 ])
