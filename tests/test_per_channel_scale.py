@@ -263,3 +263,30 @@ def test_torch_export_decode_applies_the_scales():
     model = _palettized_net(CONFIGS["rms scale + int8 LUT + grouped"])
     program = export_program(model, _inputs())
     assert torch.equal(program.module()(*_inputs()), model(*_inputs()))
+
+
+def test_coreml_weights_with_scales_and_int8_luts_equal_dequantize_weight():
+    ct = pytest.importorskip("coremltools", reason="coremltools is not installed (extra: coreml)")
+    from coremltools.optimize._utils import lut_to_dense
+
+    from idkm_plugin.export import to_coreml
+
+    model = _palettized_net(CONFIGS["rms scale + int8 LUT + grouped"])
+    mlmodel = to_coreml(model, _inputs(), compute_precision=ct.precision.FLOAT32)
+    ops = [op for function in mlmodel._mil_program.functions.values() for op in function.operations]
+    checked = set()
+    for op in ops:
+        if op.op_type != "constexpr_lut_to_dense":
+            continue
+        # coremltools folds the per-channel scale into the LUT (constexpr_blockwise_shift_scale feeding `lut`)
+        lut = op.inputs["lut"].val
+        if lut is None:
+            assert op.inputs["lut"].op.op_type == "constexpr_blockwise_shift_scale"
+            lut = op.inputs["lut"].op.materialized_val_inference()
+        axis = op.inputs.get("vector_axis")
+        name = op.name.split("_weight")[0]
+        layer = model.get_submodule(name)
+        weight = torch.from_numpy(lut_to_dense(op.inputs["indices"].val, lut, None if axis is None else axis.val))
+        assert torch.equal(weight.reshape(layer.weight_shape), layer.dequantize_weight()), name
+        checked.add(name)
+    assert checked == {"emb", "conv1", "conv2", "fc", "head"}
