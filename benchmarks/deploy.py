@@ -30,7 +30,7 @@ sys.path.insert(0, os.path.join(HERE, "..", "examples"))
 
 from idkm_plugin.clusterer import WeightClusterer  # noqa: E402
 from idkm_plugin.export import save_palettized, size_report  # noqa: E402
-from idkm_plugin.export.atomic import atomic_write_text  # noqa: E402
+from idkm_plugin.atomic import atomic_write_text  # noqa: E402
 from idkm_plugin.layers import palettize_module  # noqa: E402
 from idkm_plugin.nn import PalettizedLinear, PalettizedModule  # noqa: E402
 

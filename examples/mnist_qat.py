@@ -33,7 +33,7 @@ from mnist_common import (disk_bytes, evaluate, evaluate_pte, finetune, load_mni
 
 from idkm_plugin import ModelConfig  # noqa: E402
 from idkm_plugin.export import load_palettized, save_palettized, size_report  # noqa: E402
-from idkm_plugin.export.atomic import atomic_path, atomic_write_text  # noqa: E402
+from idkm_plugin.atomic import atomic_path, atomic_write_text  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_CONFIG = os.path.join(HERE, "mnist_mixed_1bit.yaml")

@@ -13,6 +13,7 @@ from typing import Any, Mapping, Optional, Sequence
 
 import torch
 
+from .atomic import atomic_write_text
 from .core.enums import Init, Method, Solver, Uniquify
 
 
@@ -346,8 +347,7 @@ class ModelConfig:
     def to_yaml(self, path: str) -> None:
         import yaml
 
-        with open(path, "w") as f:
-            yaml.safe_dump(self.to_dict(), f, sort_keys=False)
+        atomic_write_text(path, yaml.safe_dump(self.to_dict(), sort_keys=False))
 
 
 def _is_skip(raw: Any) -> bool:

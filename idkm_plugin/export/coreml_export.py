@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from ..nn.palettized import PalettizedModule, PalettizedWeight
-from .atomic import atomic_path
+from ..atomic import atomic_path
 
 __all__ = ["coreml_lut", "to_coreml", "with_coreml_metadata"]
 

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from ..nn.palettized import PalettizedConv1d, PalettizedConv2d, PalettizedModule
-from .atomic import atomic_write_bytes
+from ..atomic import atomic_write_bytes
 
 __all__ = ["export_program", "to_executorch"]
 

@@ -16,7 +16,7 @@ from typing import Mapping, Optional
 
 import torch
 
-from .atomic import atomic_path
+from ..atomic import atomic_path
 
 __all__ = ["read_safetensors", "write_safetensors"]
 

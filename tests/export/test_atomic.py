@@ -3,7 +3,7 @@ import os
 
 import pytest
 
-from idkm_plugin.export.atomic import atomic_path, atomic_write_bytes, atomic_write_text
+from idkm_plugin.atomic import atomic_path, atomic_write_bytes, atomic_write_text
 
 
 def test_file_is_replaced_and_no_temporary_is_left(tmp_path):
