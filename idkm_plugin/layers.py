@@ -414,7 +414,7 @@ class Plan:
             lines.append(f"| {r.name} | {r.kind} | {r.rule} | {cfg} | {r.weights:,} | {r.bits_per_weight:.2f} | "
                          f"{r.nbytes:,} | {r.float32_bytes:,} |")
         total = max(self.float32_bytes, 1)
-        lines.append(f"\nClustered layers: {self.nbytes:,} B vs {self.float32_bytes:,} B float32 "
+        lines.append(f"\nLayers with weights: {self.nbytes:,} B vs {self.float32_bytes:,} B float32 "
                      f"({self.float32_bytes / max(self.nbytes, 1):.2f}x, {8 * self.nbytes / (total / 4):.3f} bits "
                      "per weight).")
         return "\n".join(lines)
@@ -436,7 +436,8 @@ def plan_layers(model: nn.Module, model_config: ConfigLike) -> Plan:
         wanted, rule = mp.resolve_rule(name, module)
         note = ""
         if cfg is None and wanted is not None:
-            note = "larger than float32" if larger_than_float(shape, wanted) else "not clusterable"
+            note = (f"{wanted.bits} bit would not shrink it" if mp.keep_float_if_larger and larger_than_float(shape, wanted)
+                    else "not clusterable")
         nbytes = 4 * weights if cfg is None else cfg.palettized_nbytes(shape)
         rows.append(PlanRow(name, type(module).__name__, rule, cfg, weights, nbytes, note))
     for w in caught:  # the same warnings the flows give, shown once here
