@@ -60,6 +60,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--train-subset", type=int, default=None, help="use only the first N training images")
     p.add_argument("--test-subset", type=int, default=None, help="evaluate on the first N test images only")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (for logs)")
+    p.add_argument("--plan", action="store_true", help="print the per-layer plan (config, bits, bytes) and exit")
     p.add_argument("--no-runtimes", action="store_true",
                    help="skip the ExecuTorch and Core ML exports (the safetensors file is always written)")
     p.add_argument("--pte-batch", type=int, default=500, help="batch size the .pte is exported for")
@@ -180,12 +181,10 @@ def main(argv=None) -> dict:
 
     # 2. per-layer IDKM qconfigs from the YAML ModelConfig, then torch.ao's prepare_qat
     mp = load_model_config(args.config, args.method, args.bits, args.dim, args.max_iter, args.seed)
+    print(mp.plan(model).to_markdown())  # each layer's config and size (LUTs and scales counted), before training
+    if args.plan:
+        return {"plan": [row.name for row in mp.plan(model).rows]}
     assign_qconfigs(model, mp)
-    for name, module in model.named_modules():
-        cfg = mp.resolve(name, module) if hasattr(module, "weight") else None
-        if cfg is not None:
-            print(f"  {name:14s} {tuple(module.weight.shape)!s:18s} {cfg.method.value} bits={cfg.bits} "
-                  f"dim={cfg.dim} -> {cfg.bits_per_weight:g} bits/weight, t={cfg.max_iter}")
     qat = prepare_qat(model.train())
 
     # 3. fine-tune

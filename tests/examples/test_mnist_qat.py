@@ -51,9 +51,11 @@ def test_demo_writes_reports_and_converted_model_matches_qat(tmp_path):
     assert report["palettized"]["test_acc"] == report["qat_eval_acc"]  # convert changes nothing
     assert report["float"]["test_acc"] > 97.0  # pretrained weights and normalisation are right
     assert report["float"]["bits_per_weight"] == 32.0
-    # The YAML: the big Linear at 4 bits / dim 4, conv2 at 2 bits, the small layers at 8 bits.
+    # The YAML: the big Linear at 4 bits / dim 4, conv2 at 2 bits, the small Linear at 8 bits; the first conv
+    # (288 weights) stays float: 8 bits with its 1 KiB LUT would take more than its float32 bytes.
     layers = {layer["name"]: (layer["bits"], layer["dim"]) for layer in report["layers"]}
-    assert layers == {"features.0": (8, 1), "features.3": (2, 1), "classifier.0": (4, 4), "classifier.2": (8, 1)}
+    assert layers == {"features.3": (2, 1), "classifier.0": (4, 4), "classifier.2": (8, 1)}
+    assert "| features.0 | Conv2d | by_name:features.0 | float |" in stdout  # the plan, printed first
     assert 1.0 < report["palettized"]["bits_per_weight"] < 1.2
     assert report["train"]["steps"] == 4
     assert "## Layers" in (out / "report.md").read_text()
