@@ -47,11 +47,14 @@ def to_codebook_tensor(layer: PalettizedLinear) -> torch.Tensor:
     if not 1 <= layer.bits <= 8:
         raise ValueError(f"to_codebook_tensor: bits={layer.bits} is not allowed; CodebookQuantizedTensor "
                          "stores uint8 codes, so bits must be 1..8")
+    if layer.channel_scale is not None:
+        raise ValueError("to_codebook_tensor: this layer has per-channel scales (ClusterConfig.per_channel_scale), "
+                         "which CodebookQuantizedTensor cannot hold; convert it without per_channel_scale")
     cls = _codebook_tensor_class()
     out_features, in_features = layer.weight_shape
     luts = layer.groups_lut
     codes = layer.unpacked_codes().reshape(out_features, in_features).to(torch.uint8)
-    codebook = layer.lut.reshape(luts, 1, 1 << layer.bits, 1)
+    codebook = layer.decoded_lut().reshape(luts, 1, 1 << layer.bits, 1)  # an int8 LUT as its float32 values
     code_dtype = torch.uint8 if layer.bits == 8 else getattr(torch, f"uint{layer.bits}")
     return cls(codes, codebook, code_dtype, [out_features // luts, in_features],
                torch.Size(layer.weight_shape), dtype=layer.weight_dtype)

@@ -26,7 +26,8 @@ def palettized_linear(cfg: ClusterConfig, out_features: int = 8, in_features: in
 
 
 @pytest.mark.parametrize("cfg", [ClusterConfig(bits=3), ClusterConfig(bits=8, lut_dtype="float16"),
-                                 ClusterConfig(bits=2, granularity="per_grouped_channel", group_size=4)])
+                                 ClusterConfig(bits=2, granularity="per_grouped_channel", group_size=4),
+                                 ClusterConfig(bits=3, lut_dtype="int8")])
 def test_codebook_tensor_matches_palettized_linear(cfg):
     layer = palettized_linear(cfg)
     weight = codebook.to_codebook_tensor(layer)
@@ -47,5 +48,7 @@ def test_codebook_tensor_constraints():
         codebook.to_codebook_tensor(palettized_linear(ClusterConfig(bits=2, dim=2)))
     with pytest.raises(ValueError, match="bits=9 is not allowed"):
         codebook.to_codebook_tensor(palettized_linear(ClusterConfig(bits=9), out_features=32, in_features=32))
+    with pytest.raises(ValueError, match="per-channel scales"):
+        codebook.to_codebook_tensor(palettized_linear(ClusterConfig(bits=2, per_channel_scale=True)))
     with pytest.raises(ValueError, match="expects a PalettizedLinear"):
         codebook.to_codebook_tensor(nn.Linear(2, 2))
