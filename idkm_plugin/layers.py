@@ -461,3 +461,7 @@ def _share_tied_storage(layer: PalettizedModule, weight: torch.Tensor) -> None:
     elif (other.codes.shape == layer.codes.shape and torch.equal(other.codes, layer.codes)
           and other.lut.shape == layer.lut.shape and torch.equal(other.lut, layer.lut)):
         layer.codes, layer.lut = other.codes, other.lut
+        for name in ("channel_scale", "lut_scale"):  # same weight, same config: same scales
+            mine, theirs = getattr(layer, name), getattr(other, name)
+            if mine is not None and theirs is not None and torch.equal(mine, theirs):
+                setattr(layer, name, theirs)

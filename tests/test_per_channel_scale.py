@@ -290,3 +290,28 @@ def test_coreml_weights_with_scales_and_int8_luts_equal_dequantize_weight():
         assert torch.equal(weight.reshape(layer.weight_shape), layer.dequantize_weight()), name
         checked.add(name)
     assert checked == {"emb", "conv1", "conv2", "fc", "head"}
+
+
+def test_tied_weight_scales_are_stored_once_and_tied_again(tmp_path):
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.embed = nn.Embedding(16, 8)
+            self.head = nn.Linear(8, 16, bias=False)
+            self.head.weight = self.embed.weight
+
+        def forward(self, ids):
+            return self.head(self.embed(ids))
+
+    model = Tied()
+    clusterer = WeightClusterer(CONFIGS["rms scale + int8 LUT + grouped"], "embed")
+    clusterer(model.embed.weight)
+    model.embed, model.head = (palettize_module(model.embed, clusterer), palettize_module(model.head, clusterer))
+    for name in ("codes", "lut", "channel_scale", "lut_scale"):
+        assert getattr(model.head, name) is getattr(model.embed, name), name
+    save_palettized(model, tmp_path / "tied.safetensors")
+    loaded = load_palettized(tmp_path / "tied.safetensors", Tied())
+    assert loaded.head.channel_scale is loaded.embed.channel_scale and loaded.head.lut_scale is loaded.embed.lut_scale
+    ids = torch.randint(0, 16, (2, 3))
+    assert torch.equal(loaded(ids), model(ids))
