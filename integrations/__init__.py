@@ -4,7 +4,8 @@ The adapter contract. An adapter only translates a toolkit's conventions into ca
 every decision lives in the core, once:
 
 1. Select layers through the registry: `idkm_plugin.layers.resolve_layers(model, model_config, ...)`
-   yields (name, module, ClusterConfig or None) with the one `skip_unclusterable` policy and message;
+   yields (name, module, ClusterConfig or None) with the one `skip_unclusterable` policy and message, and
+   the one size rule (`keep_float_if_larger`: a layer that palettization would not shrink stays float, warned);
    supported kinds come from `idkm_plugin.layers.layer_kinds()` (never a list of types of its own).
    Pass `supports=` for kinds the toolkit has no layer for, and `unwrap=` for wrapper modules (torch.ao's
    fused ConvBn*). Where only a graph exists (PT2E), use `ModelConfig.resolve(name, type_name, shape)`
@@ -13,7 +14,9 @@ every decision lives in the core, once:
    `lut_frozen` from its own switches and calls `clusterer(weight)` (soft in training, frozen-LUT soft,
    hard in eval). It never calls `idkm_plugin.core` itself.
 3. Convert through `idkm_plugin.layers.palettize_module(module, clusterer, weight=, bias=)`, so every
-   toolkit produces the same `idkm_plugin.nn.Palettized*` modules (and the same files and exports).
+   toolkit produces the same `idkm_plugin.nn.Palettized*` modules (and the same files and exports), with
+   the clusterer's `scales(weight)` (per-channel scales, int8 LUT scales) attached; where a graph needs a
+   bare `PalettizedWeight` (PT2E), call `set_scales(**clusterer.scales(weight))` on it likewise.
 4. Import the toolkit lazily (the package `__init__` may import it; `import idkm_plugin` never does).
 
 Adding a layer kind is one registry entry plus its palettized class; the torchao and torch.ao adapters
