@@ -63,7 +63,8 @@ class ClusterConfig:
         tau: softmax temperature on squared distances, absolute as in the DKM paper; None derives it
             from the weight: tau = 0.5 * Var(W) / k**(2/d), which reproduces DKM's tuned values for
             typical conv layers and keeps one setting valid across layers of different scale.
-        max_iter: soft k-means iterations (t); for dkm, the number unrolled under autograd.
+        max_iter: soft k-means iterations (t); for dkm, the number unrolled under autograd; for idkm /
+            idkm_jfb, at most this many evaluations of the soft k-means map by the solver.
         tol: stop when max |C_t+1 - C_t| <= tol * max |W|.
         init: "kmeans++", "linear", "density" or "random" (used once; later steps warm-start).
         granularity: "per_tensor" or "per_grouped_channel" (one LUT per `group_size` output channels).
