@@ -117,7 +117,8 @@ class WeightClusterer(nn.Module):
         stats = SolveStats()
         x_hat, c = soft_kmeans(x, self.centroids, tau=cfg.tau, method=cfg.method, max_iter=cfg.max_iter,
                                tol=cfg.tol, chunk_size=cfg.chunk_size, uniquify=cfg.uniquify,
-                               adjoint_max_iter=cfg.adjoint_max_iter, adjoint_tol=cfg.adjoint_tol, stats=stats)
+                               adjoint_max_iter=cfg.adjoint_max_iter, adjoint_tol=cfg.adjoint_tol,
+                               solver=cfg.solver, stats=stats)
         self.last_stats = stats
         self.check_finite(c, "new LUT")  # never store non-finite centroids
         with torch.no_grad():

@@ -76,3 +76,15 @@ def test_solver_config_field_validated_and_round_trips():
         ClusterConfig(uniquify="grid", dim=2)
     with pytest.raises(ValueError, match="uniquify='grid' is not allowed with method='dkm'"):
         ClusterConfig(uniquify="grid", method="dkm")
+
+
+def test_the_clusterer_passes_the_configured_solver():
+    from idkm_plugin.clusterer import WeightClusterer
+
+    w = torch.randn(64, 512, generator=torch.Generator().manual_seed(0)) * 0.02
+    evals = {}
+    for solver in ["anderson", "picard"]:
+        clusterer = WeightClusterer(ClusterConfig(bits=4, solver=solver, max_iter=300, tol=1e-6)).train()
+        clusterer(w)
+        evals[solver] = clusterer.last_stats.forward_evals
+    assert evals["anderson"] < evals["picard"]
