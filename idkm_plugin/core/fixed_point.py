@@ -1,26 +1,29 @@
 """Fixed-point solvers for C* = F(C*): plain (Picard) iteration and safeguarded Anderson acceleration.
 
 IDKM's gradient depends only on the fixed point, not on the path to it, so the forward may use any
-solver. Anderson (type II, Walker & Ni 2011) extrapolates from the last `history` iterates; it is
-safeguarded per group: an extrapolation whose residual exceeds ANDERSON_GROWTH times the group's best
-residual so far, that is not finite, or that swaps centroids (_keeps_identity) is rejected,
-the group stays where it was, its history restarts and its next step is a plain one. A group whose
-best residual has not improved for ANDERSON_STALL evaluations continues with plain steps: on small
-or rugged problems (20,000 normal weights, 16 clusters, float64) Anderson can wander at ~2e-5 for
-thousands of evaluations among nearby fixed points, while plain iteration descends into one.
-Measured (evaluations to 1e-12 / 1e-12 / 1e-6 / 1e-5 on 20k f64, 262k f64, 262k f32, 1M f32 normal
-weights, 16 clusters, cold start): stall 30: 942 / 133 / 180 / 30; stall 12: 998 / 186 / 245 / 30;
-no stall rule: >3000 (stuck at 2e-5) / 133 / 203 / 30; restarting the history instead of going plain:
->3000 / 133 / 150 / 30. Plain iteration: 1417 / 825+ / - / 214.
-Why a factor and not "any increase": Anderson's residual is not monotone on the way in, and
-rejecting every increase restarts it into short, poor secant models. Measured (cold k-means++ start,
-1M normal weights, 16 clusters, to 1e-5): plain iteration 214 evaluations, Anderson without
-safeguard 30, growth factor 10: 29, 2: 32, 1 (reject any increase): 40; on a 16-point, 4-cluster
-float64 problem, rejecting any increase did not reach 1e-14 in 5,000 evaluations (plain: 20). Plain steps never reorder 1-D centroids
-(the soft k-means map is monotone in 1-D), so the cluster indices the caller holds keep their meaning.
+solver. Anderson (type II, Walker & Ni 2011) extrapolates from the last `history` iterates. It is
+safeguarded per group:
+- an extrapolation whose residual exceeds ANDERSON_GROWTH times the group's best residual so far,
+  that is not finite, or that swaps centroids (_keeps_identity) is rejected: the group stays where it
+  was, its history restarts and its next step is a plain one. Plain steps never reorder 1-D centroids
+  (the soft k-means map is monotone in 1-D), so the cluster indices the caller holds keep their meaning;
+- a group whose best residual has not improved for ANDERSON_STALL evaluations continues with plain
+  steps: on small or rugged problems Anderson can wander among nearby fixed points while plain
+  iteration descends into one;
+- the returned point is each group's lowest-residual one.
+
+Why a growth factor and not "reject any increase": Anderson's residual is not monotone on the way in,
+and rejecting every increase restarts it into short, poor secant models. Measured (cold k-means++
+start, 1M normal weights, 16 clusters, to 1e-5): plain iteration 214 evaluations; Anderson without
+safeguard 30, growth 10: 29, growth 2: 32, growth 1: 40; on a 16-point, 4-cluster float64 problem
+growth 1 did not reach 1e-14 in 5,000 evaluations (plain: 20).
+Why the stall rule (evaluations to 1e-12 / 1e-12 / 1e-6 / 1e-5 on 20k float64, 262k float64, 262k
+float32 and 1M float32 normal weights, 16 clusters, cold): stall 30: 942 / 133 / 180 / 30; stall 12:
+998 / 186 / 245 / 30; none: > 3000 (stuck at 2e-5) / 133 / 203 / 30; restarting the history instead
+of going plain: > 3000 / 133 / 150 / 30; plain iteration: 1417 / > 825 / - / 214.
 
 Shapes: C [g, k, d]; `fmap(C) -> F(C)` evaluates all groups at once (one pass over the weight).
-The residual is max |F(C) - C| / scale over all groups, as in the stopping rule `<= tol`.
+The residual is max |F(C) - C| / scale per group; the stopping rule is its maximum `<= tol`.
 """
 from __future__ import annotations
 
