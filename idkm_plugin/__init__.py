@@ -1,7 +1,7 @@
 """idkm_plugin: differentiable k-means weight clustering (DKM, IDKM, IDKM-JFB) for QAT toolkits."""
-from .config import ClusterConfig, Granularity, Init, Method, ModelConfig, Uniquify
+from .config import ClusterConfig, Granularity, Init, Method, ModelConfig, Solver, Uniquify
 from .core import SolveStats, soft_kmeans
 
 __version__ = "0.1.0"
-__all__ = ["ClusterConfig", "Granularity", "Init", "Method", "ModelConfig", "SolveStats", "Uniquify",
+__all__ = ["ClusterConfig", "Granularity", "Init", "Method", "ModelConfig", "SolveStats", "Solver", "Uniquify",
            "soft_kmeans", "__version__"]
