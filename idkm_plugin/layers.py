@@ -34,7 +34,8 @@ from .nn.palettized import (PalettizedConv1d, PalettizedConv2d, PalettizedEmbedd
                             PalettizedModule)
 
 __all__ = ["ConfigLike", "LayerKind", "UNSUPPORTED_TYPES", "as_model_config", "check_clusterable", "checked_config",
-           "kind_named", "kind_of", "layer_kinds", "palettize_module", "palettized_class", "Plan", "PlanRow", "plan_layers",
+           "kind_named", "kind_of", "layer_kinds", "palettize_module", "palettized_class", "Plan", "PlanRow",
+           "plan_layers",
            "register_layer_kind", "resolve_layers", "subclass_instance", "unregister_layer_kind"]
 
 ConfigLike = Union[ModelConfig, ClusterConfig]
@@ -436,8 +437,8 @@ def plan_layers(model: nn.Module, model_config: ConfigLike) -> Plan:
         wanted, rule = mp.resolve_rule(name, module)
         note = ""
         if cfg is None and wanted is not None:
-            note = (f"{wanted.bits} bit would not shrink it" if mp.keep_float_if_larger and larger_than_float(shape, wanted)
-                    else "not clusterable")
+            too_big = mp.keep_float_if_larger and larger_than_float(shape, wanted) is not None
+            note = f"{wanted.bits} bit would not shrink it" if too_big else "not clusterable"
         nbytes = 4 * weights if cfg is None else cfg.palettized_nbytes(shape)
         rows.append(PlanRow(name, type(module).__name__, rule, cfg, weights, nbytes, note))
     for w in caught:  # the same warnings the flows give, shown once here

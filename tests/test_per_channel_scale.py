@@ -73,7 +73,8 @@ def test_the_gradient_really_includes_the_scale_term():
 def test_per_channel_scale_values_and_true_means_max_abs():
     assert ClusterConfig(per_channel_scale=True).per_channel_scale is ChannelScale.MAX_ABS
     assert ClusterConfig(per_channel_scale=None).per_channel_scale is False
-    assert ClusterConfig.from_dict(ClusterConfig(per_channel_scale="rms").to_dict()).per_channel_scale is ChannelScale.RMS
+    rms = ClusterConfig(per_channel_scale="rms")
+    assert ClusterConfig.from_dict(rms.to_dict()).per_channel_scale is ChannelScale.RMS
     with pytest.raises(ValueError, match="per_channel_scale='max'"):
         ClusterConfig(per_channel_scale="max")
     w = torch.tensor([[3.0, -4.0], [0.0, 0.0]])

@@ -7,8 +7,9 @@ Each palettized layer is replaced, in a copy of the model, by its float layer ho
 `dequantize_weight()` plus the palettization metadata coremltools' own `DKMPalettizer.finalize()`
 writes (buffers `_COREML_/weight/lut`, `/compression_type`, `/vector_axis`); `ct.convert` turns that
 into an ML program whose weights are LUT + n-bit indices (times the per-channel scales
-`_COREML_/weight/palettization_scale` where the layer has them; an int8 LUT is written as its float values). What Core ML cannot express raises
-ValueError naming the layer: more than 8 bits, vectors (d > 1) that cross the weight's last axis.
+`_COREML_/weight/palettization_scale` where the layer has them; an int8 LUT is written as its float values).
+What Core ML cannot express raises ValueError naming the layer: more than 8 bits, vectors (d > 1) that
+cross the weight's last axis.
 Core ML has no 5- or 7-bit indices: those LUTs are padded to 6 / 8 bits (same weights, 1 more bit each).
 """
 from __future__ import annotations

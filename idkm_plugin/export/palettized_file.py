@@ -48,7 +48,8 @@ def layer_metadata(module: PalettizedModule) -> dict[str, Any]:
             "weight_shape": list(module.weight_shape), "lut_groups": module.groups_lut,
             "weight_dtype": _dtype_name(module.weight_dtype), "lut_dtype": _dtype_name(module.lut.dtype),
             "hyperparameters": module.hyperparameters()}
-    if module.channel_scale is not None:  # tensor "<layer>.channel_scale" float32 [out]; an int8 LUT's "<layer>.lut_scale" [groups]
+    # per-channel scales: tensor "<layer>.channel_scale" float32 [out] (an int8 LUT's: "<layer>.lut_scale" [groups])
+    if module.channel_scale is not None:
         meta["per_channel_scale"] = True
     return meta
 

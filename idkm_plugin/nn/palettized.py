@@ -83,8 +83,8 @@ class PalettizedModule(nn.Module):
         """Attach the per-output-channel scales float32 [out] and / or an int8 LUT's scales float32 [groups]."""
         if channel_scale is not None:
             if channel_scale.dim() != 1 or channel_scale.shape[0] != self.weight_shape[0]:
-                raise ValueError(f"channel_scale {list(channel_scale.shape)} does not match a {list(self.weight_shape)} weight: "
-                                 f"expected [{self.weight_shape[0]}] (one per output channel)")
+                raise ValueError(f"channel_scale {list(channel_scale.shape)} does not match a "
+                                 f"{list(self.weight_shape)} weight: expected [{self.weight_shape[0]}] (one per output channel)")
             self.channel_scale = channel_scale.detach().to(torch.float32).clone()
         if lut_scale is not None:
             if self.lut.dtype != torch.int8 or lut_scale.shape != (self.groups_lut,):
