@@ -316,3 +316,16 @@ def test_tied_weight_scales_are_stored_once_and_tied_again(tmp_path):
     assert loaded.head.channel_scale is loaded.embed.channel_scale and loaded.head.lut_scale is loaded.embed.lut_scale
     ids = torch.randint(0, 16, (2, 3))
     assert torch.equal(loaded(ids), model(ids))
+
+
+def test_executorch_program_applies_the_scales(tmp_path):
+    pytest.importorskip("executorch.runtime")
+    from executorch.runtime import Runtime
+
+    from idkm_plugin.export import to_executorch
+
+    model = _palettized_net(CONFIGS["rms scale + int8 LUT + grouped"])
+    to_executorch(model, _inputs(), tmp_path / "m.pte")
+    out = Runtime.get().load_program(tmp_path / "m.pte").load_method("forward").execute(list(_inputs()))[0]
+    # XNNPACK's GEMMs sum in another order than PyTorch's: equal up to float32 rounding
+    torch.testing.assert_close(out, model(*_inputs()), rtol=1e-5, atol=1e-6)
