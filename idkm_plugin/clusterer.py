@@ -10,6 +10,8 @@ from torch import nn
 from .config import ChannelScale, ClusterConfig
 from .core import SolveStats, compute_dtype, from_vectors, hard_assign, init_centroids, lookup, soft_kmeans
 from .core.frozen import frozen_soft_assign
+from .core.init import init_centroids_masked
+from .core.prune import magnitude_mask, num_pruned, on_survivors, scatter_survivors
 from .core.vectors import vector_shape
 
 
@@ -36,6 +38,8 @@ class WeightClusterer(nn.Module):
         centroids: [groups, k, d] float32 (float64 for float64 weights); empty until first use,
             then initialised from the weight and warm-started from the previous step, as DKM does.
         step: training forwards seen; clustering switches on after `config.start_step` of them.
+        mask: bool [groups, m] (True = kept), one entry per d-vector in the order of `vectors(weight)` and of
+            the codes; empty (numel 0) until pruning (`config.sparsity` > 0) first prunes a vector.
 
     forward(weight [out, ...]) -> weight of the same shape and dtype:
         training: A(C*, W) C* (the soft clustering, differentiable w.r.t. W, updates the centroids);
@@ -44,6 +48,11 @@ class WeightClusterer(nn.Module):
         training with the LUT frozen (`freeze_lut()`, torch.ao's `disable_observer`): A(C, W) C with C
             fixed, still differentiable w.r.t. W;
         disabled or before start_step: the weight unchanged.
+    With pruning (`config.sparsity`), from step `config.pruning_start` on the smallest-norm d-vectors of the raw
+    weight are pruned (`config.sparsity_at(step)` of them, layer-wise, monotone): the mask is updated, the
+    pruned entries of the weight Parameter are set to exactly 0 in place, the soft k-means (and its init) runs
+    on the surviving vectors only, and in every mode above the output is exactly 0 at pruned entries (which
+    therefore get zero gradient); eval codes of pruned vectors are 0.
     With `config.per_channel_scale`, each output channel is divided by its scale (`channel_scale`) before
     the clustering and multiplied back after, in every mode (differentiably in training).
 
@@ -59,6 +68,7 @@ class WeightClusterer(nn.Module):
         self.last_stats = SolveStats()
         self.register_buffer("centroids", torch.empty(0))
         self.register_buffer("step", torch.zeros((), dtype=torch.long))
+        self.register_buffer("mask", torch.empty(0, dtype=torch.bool))
 
     @property
     def group_size(self) -> int:
@@ -67,6 +77,15 @@ class WeightClusterer(nn.Module):
     @property
     def initialized(self) -> bool:
         return self.centroids.numel() > 0
+
+    @property
+    def pruned(self) -> bool:
+        """Pruning has pruned at least one vector (the mask is set)."""
+        return self.mask.numel() > 0
+
+    def pruning_mask(self) -> Optional[torch.Tensor]:
+        """The mask bool [groups, m] (True = kept), or None before any vector is pruned."""
+        return self.mask if self.pruned else None
 
     def check_weight(self, weight: torch.Tensor) -> None:
         """Raise ValueError (naming the layer) if this weight cannot be clustered with the config."""
@@ -92,33 +111,32 @@ class WeightClusterer(nn.Module):
         if owner is not self:
             out = owner(weight)
             self.centroids = owner.centroids  # one LUT, seen (and saved) through both layers
+            self.mask = owner.mask
             return out
         memo = _MEMO.get(self)
         if self.training and memo is not None and memo[0] == (id(weight), weight._version):
             return memo[1]  # the same weight again before backward (a tied weight): cluster once
-        on = self.count_step() if self.training else self.active()
+        on = self._count_and_prune(weight) if self.training else self.active()
         if not on:
-            return weight
+            return self._masked(weight)
         self.check_finite(weight, "weight")
         if not self.training:
             self.initialize(weight)
             lut = self.lut()
-            out = from_vectors(lookup(self._codes(weight, lut), lut).to(weight.dtype), weight.shape)
-            return self._rescale(out, weight)
+            vectors = lookup(self._codes(weight, lut), lut).to(weight.dtype)
+            if self.pruned:
+                vectors = vectors.masked_fill(~self.mask.unsqueeze(-1), 0)
+            return self._rescale(from_vectors(vectors, weight.shape), weight)
         scale = self.channel_scale(weight) if self.config.per_channel_scale else None
         normalized = weight if scale is None else weight / _per_channel(scale, weight)
         x = self.vectors(normalized)
         self.initialize(weight)
-        cfg = self.config
         if self.lut_frozen:
-            x_hat = frozen_soft_assign(x, self.centroids, tau=cfg.tau, chunk_size=cfg.chunk_size)
+            x_hat = self._frozen_assign(x)
             out = from_vectors(x_hat, weight.shape)
             return out if scale is None else (out * _per_channel(scale, out)).to(weight.dtype)
         stats = SolveStats()
-        x_hat, c = soft_kmeans(x, self.centroids, tau=cfg.tau, method=cfg.method, max_iter=cfg.max_iter,
-                               tol=cfg.tol, chunk_size=cfg.chunk_size, uniquify=cfg.uniquify,
-                               adjoint_max_iter=cfg.adjoint_max_iter, adjoint_tol=cfg.adjoint_tol,
-                               solver=cfg.solver, stats=stats)
+        x_hat, c = self._soft_kmeans(x, stats)
         self.last_stats = stats
         self.check_finite(c, "new LUT")  # never store non-finite centroids
         with torch.no_grad():
@@ -131,6 +149,90 @@ class WeightClusterer(nn.Module):
             _MEMO[self] = ((id(weight), weight._version), out)
             out.register_hook(self._forget_memo)
         return out
+
+    def _soft_kmeans(self, x: torch.Tensor, stats: SolveStats) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [groups, m, d] -> (A(C*, x) C* [groups, m, d], C* [groups, k, d]) from the current centroids.
+
+        Pruned: each group's surviving vectors are clustered on their own (pruned rows of the output are 0,
+        a group without survivors keeps its centroids); `stats` then holds the last group's solve."""
+        cfg = self.config
+
+        def solve(rows: torch.Tensor, centroids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            return soft_kmeans(rows, centroids, tau=cfg.tau, method=cfg.method, max_iter=cfg.max_iter,
+                               tol=cfg.tol, chunk_size=cfg.chunk_size, uniquify=cfg.uniquify,
+                               adjoint_max_iter=cfg.adjoint_max_iter, adjoint_tol=cfg.adjoint_tol,
+                               solver=cfg.solver, stats=stats)
+
+        if not self.pruned:
+            return solve(x, self.centroids)
+        parts = on_survivors(lambda rows, gi: solve(rows, self.centroids[gi:gi + 1]), x, self.mask)
+        dtype = _solved_dtype(parts, self.centroids)
+        centroids = torch.cat([self.centroids[gi:gi + 1].to(dtype) if p is None else p[1]
+                               for gi, p in enumerate(parts)])
+        x_hat = scatter_survivors([None if p is None else p[0] for p in parts], self.mask, x)
+        return x_hat, centroids
+
+    def _frozen_assign(self, x: torch.Tensor) -> torch.Tensor:
+        """x [groups, m, d] -> A(C, x) C [groups, m, d] with the centroids fixed (pruned rows: 0, and the
+        default tau from the survivors)."""
+        cfg = self.config
+        if not self.pruned:
+            return frozen_soft_assign(x, self.centroids, tau=cfg.tau, chunk_size=cfg.chunk_size)
+        parts = on_survivors(lambda rows, gi: frozen_soft_assign(rows, self.centroids[gi:gi + 1], tau=cfg.tau,
+                                                                 chunk_size=cfg.chunk_size), x, self.mask)
+        return scatter_survivors(parts, self.mask, x)
+
+    # ---- pruning --------------------------------------------------------------------------------
+    def _count_and_prune(self, weight: torch.Tensor) -> bool:
+        """Count one training forward (see count_step), update the pruning mask for it (when enabled) and zero
+        the pruned entries of the weight Parameter. True if clustering applies to this forward."""
+        t = int(self.step)
+        on = self.count_step()
+        if self.enabled and self.config.sparsity > 0:
+            self._update_mask(weight, t)
+        if self.pruned:
+            self._zero_pruned(weight)
+        return on
+
+    @torch.no_grad()
+    def _update_mask(self, weight: torch.Tensor, t: int) -> None:
+        """Prune up to `config.sparsity_at(t)` of the vectors (by the L2 norm of the raw weight's d-vectors).
+        When the mask is first set before any clustered training step (t <= start_step), centroids already
+        initialised (e.g. by an eval pass) are re-initialised from the survivors."""
+        x = self.vectors(weight.detach())
+        target = num_pruned(self.config.sparsity_at(t), x.shape[0] * x.shape[1])
+        have = int((~self.mask).sum()) if self.pruned else 0
+        if target <= have:
+            return
+        first = not self.pruned
+        mask = magnitude_mask(x, target, self.mask if self.pruned else None)
+        if first:
+            self.mask = mask
+        else:
+            self.mask.copy_(mask)
+        self._zero_pruned(weight)
+        if first and self.initialized and t <= self.config.start_step:
+            self.initialize(weight, force=True)
+
+    def _weight_mask(self, weight: torch.Tensor) -> torch.Tensor:
+        """The mask as bool of the weight's shape (True = kept)."""
+        g, m = self.mask.shape
+        return self.mask.unsqueeze(-1).expand(g, m, self.config.dim).reshape(weight.shape)
+
+    def _masked(self, weight: torch.Tensor) -> torch.Tensor:
+        """The weight with pruned entries exactly 0 (zero gradient there); unchanged when nothing is pruned."""
+        return weight.masked_fill(~self._weight_mask(weight), 0) if self.pruned else weight
+
+    @torch.no_grad()
+    def _zero_pruned(self, weight: torch.Tensor) -> None:
+        """Set the pruned entries of the weight Parameter to exactly 0 in place (when the weight is the
+        Parameter or a view of it, and only if one is not 0: e.g. an optimizer's momentum moved it)."""
+        is_param = isinstance(weight, nn.Parameter) or isinstance(weight._base, nn.Parameter)
+        if not is_param:
+            return
+        pruned = ~self._weight_mask(weight)
+        if bool(weight.masked_select(pruned).any()):
+            weight.masked_fill_(pruned, 0)
 
     def _tie_owner(self, weight: torch.Tensor) -> "WeightClusterer":
         """The clusterer that owns this Parameter: self, or the first clusterer that saw it (tied weights,
@@ -181,7 +283,10 @@ class WeightClusterer(nn.Module):
         if self.initialized and not force:
             return
         x = self.vectors(self._normalized(weight.detach())).to(compute_dtype(weight.dtype))
-        self.centroids = init_centroids(x, self.config.k, self.config.init, self.config.seed)
+        if self.pruned:  # from the surviving vectors only
+            self.centroids = init_centroids_masked(x, self.mask, self.config.k, self.config.init, self.config.seed)
+        else:
+            self.centroids = init_centroids(x, self.config.k, self.config.init, self.config.seed)
 
     def channel_scale(self, weight: torch.Tensor) -> torch.Tensor:
         """Per-output-channel scale [out] (float32; float64 for float64 weights) of a weight [out, ...]:
@@ -253,20 +358,29 @@ class WeightClusterer(nn.Module):
     def _codes(self, weight: torch.Tensor, lut: torch.Tensor) -> torch.Tensor:
         """Nearest-centroid codes [groups, m] of the (channel-normalised) weight, assigned in the LUT's
         (float32) precision whatever the weight dtype: eval mode and conversion share this, so bf16 / fp16
-        models convert exactly."""
-        return hard_assign(self.vectors(self._normalized(weight.detach())).to(lut.dtype), lut)
+        models convert exactly. Pruned vectors get code 0."""
+        codes = hard_assign(self.vectors(self._normalized(weight.detach())).to(lut.dtype), lut)
+        return codes.masked_fill_(~self.mask, 0) if self.pruned else codes
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs) -> None:
-        key = prefix + "centroids"
-        if key in state_dict and state_dict[key].shape != self.centroids.shape:
-            self.centroids = torch.empty_like(state_dict[key], device=self.centroids.device)
+        for name in ("centroids", "mask"):  # lazily sized buffers take the saved shape
+            key, current = prefix + name, getattr(self, name)
+            if key in state_dict and state_dict[key].shape != current.shape:
+                setattr(self, name, torch.empty_like(state_dict[key], device=current.device))
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
 
     def extra_repr(self) -> str:
         c = self.config
-        return f"method={c.method.value}, bits={c.bits}, dim={c.dim}, enabled={self.enabled}, lut_frozen={self.lut_frozen}"
+        pruned = f", sparsity={c.sparsity}" if c.sparsity else ""
+        return (f"method={c.method.value}, bits={c.bits}, dim={c.dim}{pruned}, enabled={self.enabled}, "
+                f"lut_frozen={self.lut_frozen}")
+
+
+def _solved_dtype(parts: list, centroids: torch.Tensor) -> torch.dtype:
+    """The dtype of the solved centroids among `parts` ((x_hat, c) or None), else the current centroids'."""
+    return next((p[1].dtype for p in parts if p is not None), centroids.dtype)
 
 
 def _per_channel(scale: torch.Tensor, like: torch.Tensor) -> torch.Tensor:

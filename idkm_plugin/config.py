@@ -90,6 +90,14 @@ class ClusterConfig:
         seed: seed of the initialisation.
         solver: fixed-point solver of idkm / idkm_jfb: "anderson" (safeguarded Anderson acceleration)
             or "picard" (plain iteration, DKM's path); max_iter bounds its map evaluations.
+        sparsity: fraction s of the layer's d-vectors pruned by magnitude (L2 norm of each d-vector of the raw
+            weight, layer-wise), 0 <= s < 1; exactly round(s_t * m_total) vectors end up pruned. Pruned weights
+            are exactly zero, get no gradient, are left out of the clustering (soft k-means and init run on the
+            survivors) and are stored as a 1-bit-per-vector mask beside the codes (see `sparsity_at`).
+        prune_start: clustering step (training forwards counted by the clusterer) at which pruning starts;
+            None means `start_step`, the first clustered training step.
+        prune_steps: 0 prunes once (one-shot, at prune_start); n > 0 ramps the sparsity with Zhu & Gupta's
+            cubic schedule s_t = s * (1 - (1 - (t - prune_start) / n)**3) over n steps, then keeps it.
     """
 
     method: Method | str = Method.IDKM
@@ -110,6 +118,9 @@ class ClusterConfig:
     seed: int = 0
     solver: Solver | str = Solver.ANDERSON
     per_channel_scale: bool | ChannelScale | str = False
+    sparsity: float = 0.0
+    prune_start: Optional[int] = None
+    prune_steps: int = 0
 
     def __post_init__(self) -> None:
         if self.per_channel_scale is True:
@@ -142,6 +153,12 @@ class ClusterConfig:
         _check(self.lut_dtype in _LUT_DTYPES, "lut_dtype", self.lut_dtype, f"one of {sorted(_LUT_DTYPES)}")
         _check(_is_int(self.start_step) and self.start_step >= 0, "start_step", self.start_step, "an integer >= 0")
         _check(_is_int(self.seed), "seed", self.seed, "an integer")
+        _check(_is_num(self.sparsity) and 0 <= self.sparsity < 1, "sparsity", self.sparsity,
+               "a float in [0, 1) (the fraction of weight vectors pruned)")
+        _check(self.prune_start is None or (_is_int(self.prune_start) and self.prune_start >= 0), "prune_start",
+               self.prune_start, "None (= start_step) or an integer >= 0")
+        _check(_is_int(self.prune_steps) and self.prune_steps >= 0, "prune_steps", self.prune_steps,
+               "an integer >= 0 (0: one-shot pruning)")
         if self.method is Method.DKM and self.uniquify in (Uniquify.ON, Uniquify.GRID):
             raise ValueError(f"ClusterConfig.uniquify={self.uniquify.value!r} is not allowed with method='dkm': "
                              "uniquification needs the implicit backward; use method='idkm' or 'idkm_jfb'")
@@ -164,6 +181,22 @@ class ClusterConfig:
         return self.group_size if self.granularity is Granularity.PER_GROUPED_CHANNEL else 0
 
     @property
+    def pruning_start(self) -> int:
+        """The clustering step at which pruning starts: prune_start, or start_step when it is None."""
+        return self.start_step if self.prune_start is None else self.prune_start
+
+    def sparsity_at(self, step: int) -> float:
+        """Target sparsity s_t at clustering step `step` (0-based count of training forwards): 0 before
+        `pruning_start`; then `sparsity` (one-shot), or the cubic ramp s * (1 - (1 - (t - t0) / n)**3)
+        over n = prune_steps steps, then `sparsity`."""
+        t0 = self.pruning_start
+        if self.sparsity == 0 or step < t0:
+            return 0.0
+        if self.prune_steps == 0 or step >= t0 + self.prune_steps:
+            return float(self.sparsity)
+        return float(self.sparsity) * (1 - (1 - (step - t0) / self.prune_steps) ** 3)
+
+    @property
     def lut_torch_dtype(self) -> torch.dtype:
         return _LUT_DTYPES[self.lut_dtype]
 
@@ -173,8 +206,9 @@ class ClusterConfig:
         return self.lut_dtype == "int8"
 
     def palettized_nbytes(self, weight_shape: Sequence[int]) -> int:
-        """Bytes of the palettized weight (packed codes + LUTs + LUT scales + channel scales; bias not
-        counted) for a weight laid out [out, ...], exactly as the converted module stores it."""
+        """Bytes of the palettized weight (packed codes + LUTs + LUT scales + channel scales + the pruning
+        mask, 1 bit per d-vector when sparsity > 0; bias not counted) for a weight laid out [out, ...],
+        exactly as the converted module stores it."""
         numel = math.prod(weight_shape)
         out = weight_shape[0] if len(weight_shape) else 1
         luts = 1 if self.lut_group_size == 0 else -(-out // self.lut_group_size)
@@ -182,7 +216,8 @@ class ClusterConfig:
         lut = luts * self.k * self.dim * self.lut_torch_dtype.itemsize
         lut_scales = 4 * luts if self.lut_quantized else 0
         channel_scales = 4 * out if self.per_channel_scale else 0
-        return codes + lut + lut_scales + channel_scales
+        mask = (numel // self.dim + 7) // 8 if self.sparsity > 0 else 0
+        return codes + lut + lut_scales + channel_scales + mask
 
     def replace(self, **changes: Any) -> "ClusterConfig":
         return replace(self, **changes)

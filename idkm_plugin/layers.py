@@ -352,12 +352,14 @@ def palettize_module(module: nn.Module, clusterer: WeightClusterer, weight: Opti
 
     weight / bias override the module's own (e.g. with BatchNorm folded in); the codes are the hard
     nearest-centroid assignment of that weight, so the result computes what the eval-mode QAT layer does.
+    A pruned clusterer's mask (bool [groups, m]) goes with it (`set_mask`: packed 1 bit per vector, codes 0).
     """
     palettized = palettized_class(module)
     weight = kind_of(module, exact=False).clustered_weight(module) if weight is None else weight
     codes, lut = clusterer.codes_and_lut(weight)
     layer = palettized.from_float(module, codes, lut, clusterer.config.bits, weight, bias)
     layer.set_scales(**clusterer.scales(weight))
+    layer.set_mask(clusterer.pruning_mask())
     _share_tied_storage(layer, weight)
     return layer
 
@@ -371,7 +373,7 @@ class PlanRow:
     rule: str  # the ModelConfig rule that resolved it ("default", "by_type:Linear", ...)
     config: Optional[ClusterConfig]
     weights: int
-    nbytes: int  # palettized (codes + LUTs + scales), or float32 when left float; bias not counted
+    nbytes: int  # palettized (codes + LUTs + scales + pruning mask), or float32 when left float; bias not counted
     note: str = ""
 
     @property
@@ -412,6 +414,8 @@ class Plan:
                     cfg += f", scale {c.per_channel_scale.value}"
                 if c.lut_dtype != "float32":
                     cfg += f", {c.lut_dtype} LUT"
+                if c.sparsity:
+                    cfg += f", sparsity {c.sparsity:g}"
             lines.append(f"| {r.name} | {r.kind} | {r.rule} | {cfg} | {r.weights:,} | {r.bits_per_weight:.2f} | "
                          f"{r.nbytes:,} | {r.float32_bytes:,} |")
         total = max(self.float32_bytes, 1)
@@ -462,7 +466,7 @@ def _share_tied_storage(layer: PalettizedModule, weight: torch.Tensor) -> None:
     elif (other.codes.shape == layer.codes.shape and torch.equal(other.codes, layer.codes)
           and other.lut.shape == layer.lut.shape and torch.equal(other.lut, layer.lut)):
         layer.codes, layer.lut = other.codes, other.lut
-        for name in ("channel_scale", "lut_scale"):  # same weight, same config: same scales
+        for name in ("channel_scale", "lut_scale", "mask"):  # same weight, same config: same scales and mask
             mine, theirs = getattr(layer, name), getattr(other, name)
             if mine is not None and theirs is not None and torch.equal(mine, theirs):
                 setattr(layer, name, theirs)

@@ -21,6 +21,15 @@ def init_centroids(x: torch.Tensor, k: int, method: str, seed: int = 0) -> torch
     return torch.stack([fn(xg, k, gen) for xg in x])
 
 
+def init_centroids_masked(x: torch.Tensor, mask: torch.Tensor, k: int, method: str, seed: int = 0) -> torch.Tensor:
+    """x [g, m, d], mask bool [g, m] (True = kept) -> centroids [g, k, d] initialised from the kept vectors
+    only (one generator across groups, as `init_centroids`; zeros for a group with no kept vector)."""
+    gen = torch.Generator(device="cpu").manual_seed(int(seed))
+    fn = _INITS[Init(method)]
+    return torch.stack([fn(xg[mg], k, gen) if bool(mg.any()) else xg.new_zeros(k, xg.shape[-1])
+                        for xg, mg in zip(x, mask)])
+
+
 def _linear(x: torch.Tensor, k: int, gen: torch.Generator) -> torch.Tensor:
     lo, hi = x.amin(0), x.amax(0)
     t = torch.linspace(0, 1, k, dtype=x.dtype, device=x.device).unsqueeze(1)

@@ -74,7 +74,8 @@ def size_report(model: nn.Module) -> SizeReport:
             scales = [t for t in (module.channel_scale, module.lut_scale) if t is not None]
             report.layers.append(LayerSize(
                 name=name, kind=type(module).__name__, params=params, bits=module.bits, dim=module.dim,
-                luts=module.groups_lut, code_bytes=module.codes.numel(),
+                luts=module.groups_lut,  # code bytes include a pruned layer's 1-bit mask
+                code_bytes=module.codes.numel() + (0 if module.mask is None else module.mask.numel()),
                 lut_bytes=module.lut.numel() * module.lut.element_size(),
                 bias_bytes=0 if bias is None else bias.numel() * bias.element_size(),
                 scale_bytes=sum(t.numel() * t.element_size() for t in scales)))

@@ -17,7 +17,7 @@ import torch
 
 from .packing import unpack_codes
 
-__all__ = ["codes_per_symbol", "dequantize_packed"]
+__all__ = ["apply_packed_mask", "codes_per_symbol", "dequantize_packed"]
 
 # Bytes of one table row -> the widest scalar dtype that copies it in one element (bit patterns kept).
 _RAW_DTYPES = {16: torch.complex128, 8: torch.int64, 4: torch.int32, 2: torch.int16, 1: torch.uint8}
@@ -52,6 +52,13 @@ def dequantize_packed(packed: torch.Tensor, bits: int, count: int, lut: torch.Te
         return _symbol_table_lookup(packed, bits, count, lut, u).view(shape)
     codes = unpack_codes(packed, bits, count).view(groups, -1)
     return _gather_rows(codes, lut).view(shape)
+
+
+def apply_packed_mask(weight: torch.Tensor, packed_mask: torch.Tensor, count: int) -> torch.Tensor:
+    """weight (count * d values, any shape), packed 1-bit mask uint8 [packed_nbytes(count, 1)] (1 = kept)
+    -> the weight with every pruned d-vector exactly 0 (same shape and dtype)."""
+    keep = unpack_codes(packed_mask, 1, count).bool()
+    return weight.reshape(count, -1).masked_fill(~keep.unsqueeze(1), 0).view(weight.shape)
 
 
 def _gather_rows(codes: torch.Tensor, lut: torch.Tensor) -> torch.Tensor:

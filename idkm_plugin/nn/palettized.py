@@ -7,6 +7,9 @@ and rebuilds the dense weight in `dequantize_weight()`: lut[codes] reshaped to t
 Optional buffers (set with `set_scales`, None otherwise, then in no state_dict):
     lut_scale: float32 [groups]       an int8 LUT's per-LUT scale: decoded LUT = lut * lut_scale,
     channel_scale: float32 [out]  per-output-channel scale: weight = lut[codes] * channel_scale[:, None, ...].
+Optional pruning mask (set with `set_mask`, None otherwise, then in no state_dict):
+    mask: uint8 [ceil(numel / d / 8)]  1 bit per d-vector in code order (`pack_codes(keep, 1)`, 1 = kept);
+          pruned vectors decode to exactly 0 (their codes are stored as 0).
 `forward` uses `dense_weight()`, which keeps that dense weight in a cache (a plain attribute, so
 it is in no state_dict, size report or `torch.export`ed program) until codes or LUT change.
 """
@@ -19,9 +22,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.utils import _pair, _reverse_repeat_tuple, _single
 
-from .dequantize import dequantize_packed
+from .dequantize import apply_packed_mask, dequantize_packed
 from .packing import pack_codes, packed_nbytes, unpack_codes
-from .portable_dequantize import dequantize_portable
+from .portable_dequantize import apply_packed_mask_portable, dequantize_portable
 
 
 class PalettizedModule(nn.Module):
@@ -67,6 +70,7 @@ class PalettizedModule(nn.Module):
             packed = pack_codes(codes, bits)
         self.register_buffer("codes", packed)
         self.register_buffer("lut", lut.detach().clone())
+        self.register_buffer("mask", None)
         self.register_buffer("channel_scale", None)
         self.register_buffer("lut_scale", None)
         if bias is not None:
@@ -95,6 +99,44 @@ class PalettizedModule(nn.Module):
             raise ValueError("an int8 lut needs its lut_scale [groups]: call set_scales(lut_scale=...)")
         return self
 
+    def set_mask(self, mask: Optional[torch.Tensor]) -> "PalettizedModule":
+        """Attach a pruning mask: bool [groups, m] (True = kept; any shape of num_codes entries in code order),
+        or the packed uint8 [packed_nbytes(num_codes, 1)] form `mask` stores; None removes it. The codes of
+        pruned vectors are set to 0. Returns self."""
+        if mask is None:
+            self.mask = None
+            return self
+        nbytes = packed_nbytes(self.num_codes, 1)
+        if mask.dtype == torch.uint8 and mask.dim() == 1 and mask.numel() == nbytes:
+            packed = mask.detach().clone()
+            keep = unpack_codes(packed, 1, self.num_codes).bool()
+        elif mask.dtype == torch.bool and mask.numel() == self.num_codes:
+            keep = mask.detach().reshape(-1)
+            packed = pack_codes(keep.to(torch.int64), 1)
+        else:
+            raise ValueError(f"mask {mask.dtype} {list(mask.shape)} does not match a {list(self.weight_shape)} "
+                             f"weight with dim={self.dim}: expected bool [{self.groups_lut}, "
+                             f"{self.num_codes // self.groups_lut}] or packed uint8 [{nbytes}]")
+        codes = self.unpacked_codes().reshape(-1)
+        if bool((codes[~keep.to(codes.device)] != 0).any()):
+            self.codes = pack_codes(codes.masked_fill(~keep.to(codes.device), 0), self.bits).to(self.codes.device)
+        self.mask = packed.to(self.codes.device)
+        return self
+
+    def unpacked_mask(self) -> torch.Tensor:
+        """The pruning mask bool [groups, m] (True = kept); all True when the layer has no mask."""
+        if self.mask is None:
+            return torch.ones(self.groups_lut, self.num_codes // self.groups_lut, dtype=torch.bool,
+                              device=self.codes.device)
+        return unpack_codes(self.mask, 1, self.num_codes).bool().view(self.groups_lut, -1)
+
+    @property
+    def sparsity(self) -> float:
+        """Fraction of the d-vectors pruned (0.0 without a mask)."""
+        if self.mask is None:
+            return 0.0
+        return 1 - int(self.unpacked_mask().sum()) / max(self.num_codes, 1)
+
     def decoded_lut(self) -> torch.Tensor:
         """The LUT [groups, k, d] as values: lut itself, or int8 entries times lut_scale (float32)."""
         if self.lut_scale is None:
@@ -116,9 +158,12 @@ class PalettizedModule(nn.Module):
         Under `torch.export` / `torch.compile` it is decoded with Core ATen ops only, so the traced
         program keeps codes + LUT and runs on ExecuTorch's portable kernels.
         """
-        decode = dequantize_portable if torch.compiler.is_compiling() else dequantize_packed
+        portable = torch.compiler.is_compiling()
+        decode = dequantize_portable if portable else dequantize_packed
         weight = decode(self.codes, self.bits, self.num_codes, self.decoded_lut(), self.weight_dtype,
                         self.weight_shape)
+        if self.mask is not None:  # pruned vectors: exactly 0
+            weight = (apply_packed_mask_portable if portable else apply_packed_mask)(weight, self.mask, self.num_codes)
         return self._apply_scale(weight)
 
     # ---- dense-weight cache -------------------------------------------------------------------
@@ -146,10 +191,10 @@ class PalettizedModule(nn.Module):
     def _state_key(self) -> tuple:
         """Changes whenever codes or LUT are replaced or written in place."""
         return tuple((id(t), t.device, t.dtype, -1 if t.is_inference() else t._version)
-                     for t in (self.codes, self.lut, self.channel_scale, self.lut_scale) if t is not None)
+                     for t in (self.codes, self.lut, self.channel_scale, self.lut_scale, self.mask) if t is not None)
 
     def __setattr__(self, name: str, value: Any) -> None:
-        if name in ("codes", "lut", "channel_scale", "lut_scale"):
+        if name in ("codes", "lut", "channel_scale", "lut_scale", "mask"):
             self.__dict__["_cache"] = None
         super().__setattr__(name, value)
 
@@ -160,6 +205,9 @@ class PalettizedModule(nn.Module):
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
         self.clear_weight_cache()
         self._check_loaded_layout(state_dict, prefix)
+        saved_mask = state_dict.get(prefix + "mask")
+        if saved_mask is not None and self.mask is None:  # a pruned layer's state: make room for its mask
+            self.mask = torch.empty_like(saved_mask, device=self.codes.device)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def _check_loaded_layout(self, state_dict, prefix: str) -> None:
@@ -202,8 +250,9 @@ class PalettizedModule(nn.Module):
 
     def extra_repr(self) -> str:
         scaled = ", per_channel_scale=True" if self.channel_scale is not None else ""
+        pruned = f", sparsity={self.sparsity:.4f}" if self.mask is not None else ""
         return (f"weight_shape={list(self.weight_shape)}, bits={self.bits}, dim={self.dim}, "
-                f"luts={self.groups_lut}, lut_dtype={self.lut.dtype}{scaled}, cache_weight={self.cache_weight}")
+                f"luts={self.groups_lut}, lut_dtype={self.lut.dtype}{scaled}{pruned}, cache_weight={self.cache_weight}")
 
 
 class PalettizedWeight(PalettizedModule):

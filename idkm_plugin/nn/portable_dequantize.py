@@ -13,7 +13,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-__all__ = ["dequantize_portable", "unpack_codes_portable"]
+__all__ = ["apply_packed_mask_portable", "dequantize_portable", "unpack_codes_portable"]
 
 
 def unpack_codes_portable(packed: torch.Tensor, bits: int, count: int) -> torch.Tensor:
@@ -46,3 +46,9 @@ def dequantize_portable(packed: torch.Tensor, bits: int, count: int, lut: torch.
     if groups > 1:
         codes = (codes.view(groups, -1) + torch.arange(groups).unsqueeze(1) * k).reshape(-1)
     return F.embedding(codes, lut.reshape(groups * k, d).to(dtype)).reshape(shape)
+
+
+def apply_packed_mask_portable(weight: torch.Tensor, packed_mask: torch.Tensor, count: int) -> torch.Tensor:
+    """As `apply_packed_mask` (pruned d-vectors exactly 0), with Core ATen ops only."""
+    keep = torch.ne(unpack_codes_portable(packed_mask, 1, count), 0).unsqueeze(1)
+    return torch.where(keep, weight.reshape(count, -1), torch.zeros((), dtype=weight.dtype)).reshape(weight.shape)

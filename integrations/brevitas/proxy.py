@@ -41,7 +41,7 @@ class ClusterTensorQuant(nn.Module):
         return self.clusterer(weight)
 
 
-_CLUSTERER_KEYS = tuple(f"tensor_quant.clusterer.{b}" for b in ("centroids", "step"))
+_CLUSTERER_KEYS = tuple(f"tensor_quant.clusterer.{b}" for b in ("centroids", "step", "mask"))
 
 
 def _ignore_missing_clusterer_keys(module: nn.Module, incompatible_keys: Any) -> None:

@@ -230,6 +230,7 @@ def convert_pt2e_palettized(model: fx.GraphModule, **convert_kwargs: Any) -> fx.
         codes, lut = fq.clusterer.codes_and_lut(weight)
         pal = PalettizedWeight(codes, lut, fq.config.bits, tuple(weight.shape), weight.dtype)
         pal.set_scales(**fq.clusterer.scales(weight))
+        pal.set_mask(fq.clusterer.pruning_mask())
         target = _free_name(model, fq.clusterer.name.replace(".", "_") + "_palettized_weight")
         model.add_submodule(target, pal)
         node.target, node.args = target, ()
