@@ -9,7 +9,16 @@ the header's `__metadata__["idkm_plugin.layers"]`, a JSON description of each pa
                     "hyperparameters": {"stride": [1, 1], "padding": [0, 0], ...}}, ...}
 
 so `load_palettized(path, FloatModel())` rebuilds the palettized layers from the float skeleton
-without any QAT or conversion code.
+without any QAT or conversion code. A pruned layer's mask (uint8 [packed_nbytes(num_codes, 1)], 1 bit
+per d-vector) is the tensor "<layer>.mask".
+
+Codecs (metadata "idkm_plugin.codec"): "raw" stores the state_dict as it is; "huffman" replaces a
+layer's "<layer>.codes" (and "<layer>.mask") by one uint8 tensor "<layer>.huffman" when that is
+smaller, recording "layout" (and "index_bits") in the layer's entry (see `code_layouts`).
+Integrity: metadata "idkm_plugin.crc32" holds the CRC32 of every tensor and of the header
+(`integrity`); `load_palettized` checks them and every length before building anything, and raises
+ValueError naming the file on a truncated or corrupted file. Files of format "/1" (raw, written
+before checksums existed) still load, unchecked.
 """
 from __future__ import annotations
 
@@ -21,12 +30,18 @@ import torch
 from torch import nn
 
 from ..layers import layer_kinds
+from ..nn.packing import pack_codes, packed_nbytes, unpack_codes
 from ..nn.palettized import PalettizedModule, PalettizedWeight
+from .code_layouts import decode_codes, encode_codes, layer_codes
+from .integrity import CHECKSUMS_KEY, seal, verify
 from .safetensors_format import read_safetensors, write_safetensors
 
-__all__ = ["FORMAT", "load_palettized", "palettized_layers", "save_palettized"]
+__all__ = ["CODECS", "FORMAT", "load_palettized", "palettized_layers", "save_palettized"]
 
-FORMAT = "idkm_plugin.palettized/1"
+FORMAT = "idkm_plugin.palettized/2"
+_LEGACY_FORMAT = "idkm_plugin.palettized/1"  # raw, without checksums
+CODECS = ("raw", "huffman")
+_CODEC_KEY = "idkm_plugin.codec"
 _LAYERS_KEY = "idkm_plugin.layers"
 _ALIASES_KEY = "idkm_plugin.aliases"  # tied weights: state_dict key -> the key whose tensor it is
 
@@ -59,17 +74,48 @@ def palettized_layers(model: nn.Module) -> dict[str, PalettizedModule]:
     return {name: m for name, m in model.named_modules() if isinstance(m, PalettizedModule)}
 
 
-def save_palettized(model: nn.Module, path: str | os.PathLike) -> int:
-    """Write `model` (with its palettized layers) to a safetensors file, atomically; returns its size in bytes."""
+def save_palettized(model: nn.Module, path: str | os.PathLike, codec: str = "raw") -> int:
+    """Write `model` (with its palettized layers) to a safetensors file, atomically; returns its size in bytes.
+
+    codec "raw": every tensor as the state_dict holds it (packed codes); "huffman": each layer's codes
+    (and pruning mask) in the smallest of the layouts of `code_layouts`, entropy-coded where that wins.
+    """
+    if codec not in CODECS:
+        raise ValueError(f"save_palettized: codec={codec!r} is not one of {list(CODECS)}")
     layers = palettized_layers(model)
     if not layers:
         raise ValueError("save_palettized: the model has no palettized layer; convert it first "
                          "(or save a float model with torch.save / safetensors directly)")
     tensors, aliases = _deduplicated(model.state_dict())
     described = {name: layer_metadata(module) for name, module in layers.items()}
-    metadata = {"format": "pt", "idkm_plugin.format": FORMAT, _LAYERS_KEY: json.dumps(described),
-                _ALIASES_KEY: json.dumps(aliases)}
+    if codec == "huffman":
+        _entropy_code(layers, tensors, described)
+    compact = {"separators": (",", ":")}
+    metadata = {"format": "pt", "idkm_plugin.format": FORMAT, _CODEC_KEY: codec,
+                _LAYERS_KEY: json.dumps(described, **compact), _ALIASES_KEY: json.dumps(aliases, **compact)}
+    metadata[CHECKSUMS_KEY] = seal(tensors, metadata)
     return write_safetensors(path, tensors, metadata)
+
+
+def _entropy_code(layers: dict[str, PalettizedModule], tensors: dict[str, torch.Tensor],
+                  described: dict[str, dict]) -> None:
+    """Replace each layer's stored codes (+ mask) by its "<layer>.huffman" blob where that is smaller.
+
+    A layer whose codes or mask are another layer's (tied) is left to the layer that stores them."""
+    for name, module in layers.items():
+        prefix = f"{name}." if name else ""
+        keys = [prefix + "codes"] + ([prefix + "mask"] if getattr(module, "mask", None) is not None else [])
+        if not all(key in tensors for key in keys):
+            continue
+        encoded = encode_codes(*layer_codes(module), module.bits)
+        if encoded.layout == "packed":
+            continue
+        for key in keys:
+            del tensors[key]
+        tensors[prefix + "huffman"] = encoded.blob
+        described[name]["layout"] = encoded.layout
+        if encoded.index_bits is not None:
+            described[name]["index_bits"] = encoded.index_bits
 
 
 def _deduplicated(state: dict) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -138,11 +184,62 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent_name) if parent_name else model, attr, module)
 
 
-def _read_layers(path: str | os.PathLike, metadata: dict) -> dict[str, dict]:
-    if metadata.get("idkm_plugin.format") != FORMAT or _LAYERS_KEY not in metadata:
+def _read_layers(path: str | os.PathLike, tensors: dict, metadata: dict) -> dict[str, dict]:
+    """The layers' metadata, after checking the file's format and (format /2) checksums."""
+    found = metadata.get("idkm_plugin.format")
+    if found not in (FORMAT, _LEGACY_FORMAT) or _LAYERS_KEY not in metadata:
         raise ValueError(f"{path}: not a palettized model file (no {FORMAT!r} metadata); "
                          "write it with idkm_plugin.export.save_palettized")
-    return json.loads(metadata[_LAYERS_KEY])
+    if found == FORMAT or CHECKSUMS_KEY in metadata:
+        verify(path, tensors, metadata)
+    layers = _json(path, metadata, _LAYERS_KEY)
+    if not isinstance(layers, dict) or not all(isinstance(m, dict) for m in layers.values()):
+        raise ValueError(f"{path}: corrupted file: {_LAYERS_KEY!r} is not a JSON object of layers")
+    return layers
+
+
+def _json(path: str | os.PathLike, metadata: dict, key: str, default: str = "{}"):
+    try:
+        return json.loads(metadata.get(key, default))
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path}: corrupted file: metadata {key!r} is not valid JSON ({error})") from None
+
+
+def _num_codes(meta: dict) -> int:
+    numel = 1
+    for size in meta["weight_shape"]:
+        numel *= size
+    return numel // meta["dim"]
+
+
+def _decode_layers(path: str | os.PathLike, layers: dict[str, dict], tensors: dict[str, torch.Tensor]) -> None:
+    """Replace each "<layer>.huffman" blob by the "<layer>.codes" (+ "<layer>.mask") tensors it encodes."""
+    for name, meta in layers.items():
+        layout = meta.get("layout", "packed")
+        if layout == "packed":
+            continue
+        prefix = f"{name}." if name else ""
+        blob = tensors.pop(prefix + "huffman", None)
+        if blob is None or blob.dtype != torch.uint8 or blob.dim() != 1:
+            raise ValueError(f"{path}: layer {name!r} ({layout}) lacks its uint8 tensor {prefix + 'huffman'!r}")
+        try:
+            codes, mask = decode_codes(layout, blob, _num_codes(meta), meta["bits"], meta.get("index_bits"))
+        except ValueError as error:
+            raise ValueError(f"{path}: layer {name!r}: {error}") from None
+        tensors[prefix + "codes"] = pack_codes(codes, meta["bits"])
+        if mask is not None:
+            tensors[prefix + "mask"] = pack_codes(mask, 1)
+
+
+def _attach_mask(name: str, layer: PalettizedModule, mask: torch.Tensor) -> None:
+    """Give `layer` its pruning mask uint8 [packed_nbytes(num_codes, 1)]."""
+    if mask.dtype != torch.uint8 or mask.dim() != 1 or mask.numel() != packed_nbytes(layer.num_codes, 1):
+        raise ValueError(f"layer {name!r}: mask {mask.dtype} {list(mask.shape)} is not the packed 1-bit mask "
+                         f"of its {layer.num_codes} codes (uint8 [{packed_nbytes(layer.num_codes, 1)}])")
+    if hasattr(layer, "set_mask"):
+        layer.set_mask(unpack_codes(mask, 1, layer.num_codes).bool().view(layer.groups_lut, -1))
+    else:  # a module without pruning support: keep the mask as the buffer `mask`
+        layer.register_buffer("mask", mask.clone())
 
 
 def _build_layer(name: str, meta: dict, tensors: dict, classes: dict) -> PalettizedModule:
@@ -165,6 +262,8 @@ def _build_layer(name: str, meta: dict, tensors: dict, classes: dict) -> Paletti
         raise ValueError(f"layer {name!r}: the file lacks tensor {prefix + 'lut_scale'!r} (its int8 LUT's scales)")
     layer.set_scales(tensors.get(prefix + "channel_scale") if meta.get("per_channel_scale") else None,
                      tensors.get(prefix + "lut_scale") if lut.dtype == torch.int8 else None)
+    if prefix + "mask" in tensors:
+        _attach_mask(name, layer, tensors[prefix + "mask"])
     if list(layer.weight_shape) != meta["weight_shape"]:
         raise ValueError(f"layer {name!r}: weight shape {list(layer.weight_shape)} does not match its "
                          f"metadata {meta['weight_shape']}")
@@ -180,8 +279,12 @@ def load_palettized(path: str | os.PathLike, model: nn.Module) -> nn.Module:
     layer). Any mismatch raises ValueError naming the layer or tensor.
     """
     tensors, metadata = read_safetensors(path)
-    layers = _read_layers(path, metadata)
-    aliases = json.loads(metadata.get(_ALIASES_KEY, "{}"))
+    layers = _read_layers(path, tensors, metadata)
+    aliases = _json(path, metadata, _ALIASES_KEY)
+    _decode_layers(path, layers, tensors)
+    missing = sorted(key for key in aliases.values() if key not in tensors)
+    if missing:
+        raise ValueError(f"{path}: aliases name tensors the file lacks: {missing[:8]}")
     tensors.update({alias: tensors[key] for alias, key in aliases.items()})
     classes = _palettized_classes()
     modules = dict(model.named_modules())
@@ -206,7 +309,7 @@ def _retie(built: dict[str, PalettizedModule], aliases: dict[str, str]) -> None:
     """Layers whose codes / LUT were one tensor when saved (tied weights) share one tensor again."""
     for alias, key in aliases.items():
         (layer, _, attr), (owner, _, owner_attr) = alias.rpartition("."), key.rpartition(".")
-        if attr in ("codes", "lut", "channel_scale", "lut_scale") and layer in built and owner in built:
+        if attr in ("codes", "lut", "channel_scale", "lut_scale", "mask") and layer in built and owner in built:
             setattr(built[layer], attr, getattr(built[owner], owner_attr))
 
 

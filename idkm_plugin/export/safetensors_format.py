@@ -18,7 +18,7 @@ import torch
 
 from ..atomic import atomic_path
 
-__all__ = ["read_safetensors", "write_safetensors"]
+__all__ = ["read_safetensors", "tensor_bytes", "write_safetensors"]
 
 _DTYPE_NAMES = {
     torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
@@ -39,6 +39,11 @@ def _tensor_bytes(tensor: torch.Tensor) -> bytes:
     flat = tensor.detach().to("cpu").contiguous()
     nbytes = flat.numel() * flat.element_size()
     return ctypes.string_at(flat.data_ptr(), nbytes) if nbytes else b""
+
+
+def tensor_bytes(tensor: torch.Tensor) -> bytes:
+    """The raw little-endian bytes of a tensor, row-major, as a safetensors file stores them."""
+    return _tensor_bytes(tensor)
 
 
 def write_safetensors(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor],
@@ -72,7 +77,11 @@ def write_safetensors(path: str | os.PathLike, tensors: Mapping[str, torch.Tenso
 
 
 def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """(tensors, metadata) of a safetensors file; every tensor owns its memory."""
+    """(tensors, metadata) of a safetensors file; every tensor owns its memory.
+
+    Raises ValueError naming the file when it is truncated, longer than its header says, or its
+    header is not valid JSON of the format (unknown dtype, shape / offsets that disagree, tensors
+    that do not tile the data section exactly)."""
     _check_little_endian()
     data = bytearray(os.path.getsize(path))  # writable, so torch.frombuffer can view it
     with open(path, "rb") as f:
@@ -81,18 +90,60 @@ def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], 
         raise ValueError(f"{path}: not a safetensors file (shorter than its 8-byte header length)")
     header_len = int.from_bytes(data[:8], "little")
     if 8 + header_len > len(data):
-        raise ValueError(f"{path}: not a safetensors file (header length {header_len} exceeds the file)")
-    header = json.loads(data[8:8 + header_len].decode("utf-8"))
+        raise ValueError(f"{path}: not a safetensors file or truncated (header length {header_len} "
+                         f"exceeds the file's {len(data)} bytes)")
+    try:
+        header = json.loads(data[8:8 + header_len].decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"{path}: corrupted safetensors header ({error})") from None
+    if not isinstance(header, dict):
+        raise ValueError(f"{path}: corrupted safetensors header (not a JSON object)")
     metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise ValueError(f"{path}: corrupted safetensors header (__metadata__ must map str to str)")
     body = memoryview(data)[8 + header_len:]
+    entries = {name: _entry(path, name, entry) for name, entry in header.items()}
+    _check_tiling(path, entries, len(body))
     tensors = {}
-    for name, entry in header.items():
-        dtype = _DTYPES.get(entry["dtype"])
-        if dtype is None:
-            raise ValueError(f"{path}: tensor {name!r} has unsupported dtype {entry['dtype']!r}")
-        begin, end = entry["data_offsets"]
+    for name, (dtype, shape, begin, end) in entries.items():
         raw = torch.empty(end - begin, dtype=torch.uint8)
         if end > begin:
             raw.copy_(torch.frombuffer(body[begin:end], dtype=torch.uint8))
-        tensors[name] = raw.view(dtype).reshape(entry["shape"])
+        tensors[name] = raw.view(dtype).reshape(shape)
     return tensors, metadata
+
+
+def _entry(path, name: str, entry) -> tuple[torch.dtype, list[int], int, int]:
+    """(dtype, shape, begin, end) of one header entry, checked for consistency."""
+    if not isinstance(entry, dict) or not {"dtype", "shape", "data_offsets"} <= set(entry):
+        raise ValueError(f"{path}: corrupted safetensors header (entry {name!r} is not a tensor description)")
+    dtype = _DTYPES.get(entry["dtype"])
+    if dtype is None:
+        raise ValueError(f"{path}: tensor {name!r} has unsupported dtype {entry['dtype']!r}")
+    shape, offsets = entry["shape"], entry["data_offsets"]
+    if (not isinstance(shape, list) or not all(isinstance(s, int) and s >= 0 for s in shape)
+            or not isinstance(offsets, list) or len(offsets) != 2 or not all(isinstance(o, int) for o in offsets)):
+        raise ValueError(f"{path}: corrupted safetensors header (tensor {name!r}: shape {shape!r}, "
+                         f"data_offsets {offsets!r})")
+    begin, end = offsets
+    numel = 1
+    for s in shape:
+        numel *= s
+    if end - begin != numel * dtype.itemsize:
+        raise ValueError(f"{path}: corrupted safetensors header (tensor {name!r}: {entry['dtype']} {shape} "
+                         f"needs {numel * dtype.itemsize} bytes, its offsets give {end - begin})")
+    return dtype, shape, begin, end
+
+
+def _check_tiling(path, entries: dict, body_len: int) -> None:
+    """The tensors' byte ranges must cover the data section exactly, without gaps or overlaps."""
+    position = 0
+    for name, (_, _, begin, end) in sorted(entries.items(), key=lambda item: (item[1][2], item[1][3])):
+        if begin != position:
+            raise ValueError(f"{path}: corrupted safetensors header (tensor {name!r} starts at byte {begin} "
+                             f"of the data, expected {position})")
+        position = end
+    if position != body_len:
+        state = "truncated" if position > body_len else "longer than its header says"
+        raise ValueError(f"{path}: the file is {state}: its header describes {position} bytes of tensor "
+                         f"data, the file holds {body_len}")
