@@ -27,7 +27,7 @@ import torch
 from ..nn.packing import packed_nbytes, unpack_codes
 from . import huffman
 
-__all__ = ["EncodedCodes", "LAYOUTS", "decode_codes", "encode_codes", "layer_codes", "layout_sizes",
+__all__ = ["EncodedCodes", "LAYOUTS", "best_layout", "decode_codes", "encode_codes", "layer_codes", "layout_sizes",
            "sparse_fixed_width_nbytes"]
 
 LAYOUTS = ("packed", "huffman", "huffman_reserved", "huffman_sparse")
@@ -46,7 +46,7 @@ class EncodedCodes:
 def layer_codes(module) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """(codes int64 [N], mask bool [N] or None) of a palettized layer (N = module.num_codes)."""
     codes = unpack_codes(module.codes.cpu(), module.bits, module.num_codes)
-    packed_mask = getattr(module, "mask", None)
+    packed_mask = module.mask
     if packed_mask is None:
         return codes, None
     return codes, unpack_codes(packed_mask.reshape(-1).cpu(), 1, module.num_codes).bool()
@@ -102,11 +102,16 @@ def layout_sizes(codes: torch.Tensor, mask: Optional[torch.Tensor], bits: int) -
     return sizes
 
 
-def encode_codes(codes: torch.Tensor, mask: Optional[torch.Tensor], bits: int) -> EncodedCodes:
-    """The smallest layout of codes int64 [N] (+ mask bool [N]); ties keep the earlier of LAYOUTS."""
+def best_layout(codes: torch.Tensor, mask: Optional[torch.Tensor], bits: int) -> tuple[str, int, Optional[int]]:
+    """(layout, bytes, index width or None) of the smallest layout; ties keep the earlier of LAYOUTS."""
     sizes = layout_sizes(codes, mask, bits)
     layout = min(sizes, key=lambda name: (sizes[name][0], LAYOUTS.index(name)))
-    nbytes, width = sizes[layout]
+    return layout, *sizes[layout]
+
+
+def encode_codes(codes: torch.Tensor, mask: Optional[torch.Tensor], bits: int) -> EncodedCodes:
+    """codes int64 [N] (+ mask bool [N]) in their smallest layout (`best_layout`)."""
+    layout, nbytes, width = best_layout(codes, mask, bits)
     if layout == "packed":
         return EncodedCodes(layout, nbytes)
     if layout == "huffman":

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from ..layers import layer_kinds
-from ..nn.packing import pack_codes, packed_nbytes, unpack_codes
+from ..nn.packing import pack_codes, packed_nbytes
 from ..nn.palettized import PalettizedModule, PalettizedWeight
 from .code_layouts import decode_codes, encode_codes, layer_codes
 from .integrity import CHECKSUMS_KEY, seal, verify
@@ -104,7 +104,7 @@ def _entropy_code(layers: dict[str, PalettizedModule], tensors: dict[str, torch.
     A layer whose codes or mask are another layer's (tied) is left to the layer that stores them."""
     for name, module in layers.items():
         prefix = f"{name}." if name else ""
-        keys = [prefix + "codes"] + ([prefix + "mask"] if getattr(module, "mask", None) is not None else [])
+        keys = [prefix + "codes"] + ([prefix + "mask"] if module.mask is not None else [])
         if not all(key in tensors for key in keys):
             continue
         encoded = encode_codes(*layer_codes(module), module.bits)
@@ -236,10 +236,7 @@ def _attach_mask(name: str, layer: PalettizedModule, mask: torch.Tensor) -> None
     if mask.dtype != torch.uint8 or mask.dim() != 1 or mask.numel() != packed_nbytes(layer.num_codes, 1):
         raise ValueError(f"layer {name!r}: mask {mask.dtype} {list(mask.shape)} is not the packed 1-bit mask "
                          f"of its {layer.num_codes} codes (uint8 [{packed_nbytes(layer.num_codes, 1)}])")
-    if hasattr(layer, "set_mask"):
-        layer.set_mask(unpack_codes(mask, 1, layer.num_codes).bool().view(layer.groups_lut, -1))
-    else:  # a module without pruning support: keep the mask as the buffer `mask`
-        layer.register_buffer("mask", mask.clone())
+    layer.set_mask(mask)
 
 
 def _build_layer(name: str, meta: dict, tensors: dict, classes: dict) -> PalettizedModule:

@@ -1,11 +1,19 @@
-"""Size report of a (partly) palettized model: bytes of codes + LUT per layer, compression ratio."""
+"""Size report of a (partly) palettized model: bytes of codes + LUT per layer, compression ratio.
+
+Per palettized layer: the dense packed codes (+ a pruned layer's 1-bit mask) as codec="raw" stores
+them, Deep Compression's fixed-width sparse form (pruned layers), and the bytes codec="huffman" stores
+for codes + mask (`code_layouts.best_layout`); with `file=`, the saved file's actual size.
+"""
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
+from typing import Optional
 
 from torch import nn
 
 from ..nn.palettized import PalettizedModule
+from .code_layouts import best_layout, layer_codes, sparse_fixed_width_nbytes
 
 
 @dataclass
@@ -16,10 +24,14 @@ class LayerSize:
     bits: int
     dim: int
     luts: int
-    code_bytes: int
+    code_bytes: int  # dense packed: codes at `bits` bits + a pruned layer's mask at 1 bit per code
     lut_bytes: int
     bias_bytes: int
     scale_bytes: int = 0  # per-output-channel scales and int8 LUTs' scales
+    mask_bytes: int = 0  # the pruning mask's share of code_bytes
+    sparse_bytes: Optional[int] = None  # pruned layers: survivors' codes + fixed-width relative index
+    entropy_bytes: Optional[int] = None  # codes + mask as codec="huffman" stores them
+    layout: str = "packed"  # the layout codec="huffman" picks (see code_layouts)
 
     @property
     def bytes(self) -> int:
@@ -36,10 +48,18 @@ class SizeReport:
     other_bytes: int = 0  # parameters and buffers of modules that are not palettized, as stored
     other_params: int = 0
     float32_bytes: int = 0  # the whole model's parameters in float32
+    file: Optional[str] = None  # the saved file `size_report(model, file=...)` measured
+    file_bytes: Optional[int] = None  # its size on disk
 
     @property
     def total_bytes(self) -> int:
         return sum(layer.bytes for layer in self.layers) + self.other_bytes
+
+    @property
+    def entropy_total_bytes(self) -> int:
+        """total_bytes with every layer's codes + mask as codec="huffman" stores them."""
+        return self.total_bytes + sum(layer.entropy_bytes - layer.code_bytes for layer in self.layers
+                                      if layer.entropy_bytes is not None)
 
     @property
     def compression_ratio(self) -> float:
@@ -52,35 +72,57 @@ class SizeReport:
         return 8 * self.total_bytes / max(params, 1)
 
     def to_markdown(self) -> str:
-        lines = ["| layer | kind | weights | bits/dim | LUTs | codes (B) | LUT (B) | scales (B) | bits/weight |",
-                 "|---|---|---:|---|---:|---:|---:|---:|---:|"]
+        lines = ["| layer | kind | weights | bits/dim | LUTs | codes (B) | LUT (B) | scales (B) | bits/weight "
+                 "| sparse (B) | entropy-coded (B) | layout |",
+                 "|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---|"]
         for s in self.layers:
+            sparse = "" if s.sparse_bytes is None else f"{s.sparse_bytes:,}"
+            entropy = "" if s.entropy_bytes is None else f"{s.entropy_bytes:,}"
             lines.append(f"| {s.name} | {s.kind} | {s.params:,} | {s.bits}/{s.dim} | {s.luts} | {s.code_bytes:,} | "
-                         f"{s.lut_bytes:,} | {s.scale_bytes:,} | {s.bits_per_weight:.3f} |")
-        lines.append(f"| other (float) | | {self.other_params:,} | | | | {self.other_bytes:,} | | 32 |")
+                         f"{s.lut_bytes:,} | {s.scale_bytes:,} | {s.bits_per_weight:.3f} | {sparse} | {entropy} | "
+                         f"{s.layout} |")
+        lines.append(f"| other (float) | | {self.other_params:,} | | | | {self.other_bytes:,} | | 32 | | | |")
         lines.append(f"\nTotal {self.total_bytes:,} B vs {self.float32_bytes:,} B float32: "
                      f"{self.compression_ratio:.2f}x, {self.bits_per_weight:.3f} bits per weight.")
+        entropy = self.entropy_total_bytes
+        lines.append(f"Entropy-coded (save_palettized(..., codec=\"huffman\")): {entropy:,} B, "
+                     f"{self.float32_bytes / max(entropy, 1):.2f}x (before the file's header).")
+        if self.file_bytes is not None:
+            lines.append(f"File {os.path.basename(self.file)}: {self.file_bytes:,} B, "
+                         f"{self.float32_bytes / max(self.file_bytes, 1):.2f}x.")
         return "\n".join(lines)
 
 
-def size_report(model: nn.Module) -> SizeReport:
-    """Walk `model` and account for every stored parameter and buffer exactly once."""
+def _layer_size(name: str, module: PalettizedModule) -> LayerSize:
+    bias = module.bias
+    scales = [t for t in (module.channel_scale, module.lut_scale) if t is not None]
+    mask_bytes = 0 if module.mask is None else module.mask.numel()
+    codes, mask = layer_codes(module)
+    layout, entropy_bytes, _ = best_layout(codes, mask, module.bits)
+    return LayerSize(
+        name=name, kind=type(module).__name__, params=module.num_codes * module.dim, bits=module.bits,
+        dim=module.dim, luts=module.groups_lut, code_bytes=module.codes.numel() + mask_bytes,
+        lut_bytes=module.lut.numel() * module.lut.element_size(),
+        bias_bytes=0 if bias is None else bias.numel() * bias.element_size(),
+        scale_bytes=sum(t.numel() * t.element_size() for t in scales), mask_bytes=mask_bytes,
+        sparse_bytes=None if mask is None else sparse_fixed_width_nbytes(mask, module.bits),
+        entropy_bytes=entropy_bytes, layout=layout)
+
+
+def size_report(model: nn.Module, file: Optional[str | os.PathLike] = None) -> SizeReport:
+    """Walk `model` and account for every stored parameter and buffer exactly once; with `file`
+    (a file `save_palettized` wrote for this model), also report its size on disk."""
     report = SizeReport()
+    if file is not None:
+        report.file, report.file_bytes = os.fspath(file), os.path.getsize(file)
     seen: set[int] = set()
     for name, module in model.named_modules():
         if isinstance(module, PalettizedModule):
-            params = module.num_codes * module.dim
-            bias = module.bias
-            scales = [t for t in (module.channel_scale, module.lut_scale) if t is not None]
-            report.layers.append(LayerSize(
-                name=name, kind=type(module).__name__, params=params, bits=module.bits, dim=module.dim,
-                luts=module.groups_lut,  # code bytes include a pruned layer's 1-bit mask
-                code_bytes=module.codes.numel() + (0 if module.mask is None else module.mask.numel()),
-                lut_bytes=module.lut.numel() * module.lut.element_size(),
-                bias_bytes=0 if bias is None else bias.numel() * bias.element_size(),
-                scale_bytes=sum(t.numel() * t.element_size() for t in scales)))
-            report.float32_bytes += 4 * (params + (0 if bias is None else bias.numel()))
-            seen.update(id(t) for t in (module.codes, module.lut, bias, *scales) if t is not None)
+            layer = _layer_size(name, module)
+            report.layers.append(layer)
+            report.float32_bytes += 4 * layer.params + (0 if module.bias is None else 4 * module.bias.numel())
+            seen.update(id(t) for t in (module.codes, module.lut, module.bias, module.mask, module.channel_scale,
+                                        module.lut_scale) if t is not None)
     for tensor in list(model.parameters()) + [b for b in model.buffers() if b.is_floating_point()]:
         if id(tensor) in seen:
             continue
