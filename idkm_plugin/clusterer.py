@@ -47,7 +47,7 @@ class WeightClusterer(nn.Module):
             the weight the converted model will use;
         training with the LUT frozen (`freeze_lut()`, torch.ao's `disable_observer`): A(C, W) C with C
             fixed, still differentiable w.r.t. W;
-        disabled or before start_step: the weight unchanged.
+        disabled or before start_step: the weight unchanged (but for pruned entries, which stay 0).
     With pruning (`config.sparsity`), from step `config.pruning_start` on the smallest-norm d-vectors of the raw
     weight are pruned (`config.sparsity_at(step)` of them, layer-wise, monotone): the mask is updated, the
     pruned entries of the weight Parameter are set to exactly 0 in place, the soft k-means (and its init) runs
@@ -294,9 +294,10 @@ class WeightClusterer(nn.Module):
         Differentiable w.r.t. the weight."""
         w = weight.to(compute_dtype(weight.dtype)).reshape(weight.shape[0] if weight.dim() else 1, -1)
         if self.config.per_channel_scale is ChannelScale.RMS:
-            scale = w.square().mean(1).sqrt()
-        else:
-            scale = w.abs().amax(1)
+            # sqrt after the all-zero test: sqrt's infinite slope at 0 would make the gradient NaN (a pruned channel)
+            square = w.square().mean(1)
+            return torch.where(square > 0, square, torch.ones_like(square)).sqrt()
+        scale = w.abs().amax(1)
         return torch.where(scale > 0, scale, torch.ones_like(scale))
 
     def _normalized(self, weight: torch.Tensor) -> torch.Tensor:

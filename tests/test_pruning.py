@@ -452,3 +452,34 @@ def test_every_flow_reaches_the_pruning_fields():
         warnings.simplefilter("ignore")
         with pytest.raises(ValueError, match=r"sparsity=1.5 is not allowed"):
             qnn.QuantLinear(16, 4, weight_quant=ib.IDKMWeightQuant, weight_sparsity=1.5).weight_quant.cluster_config
+
+
+@pytest.mark.parametrize("scale", ["rms", "max_abs"])
+def test_a_wholly_pruned_channel_keeps_the_scaled_gradient_finite(scale):
+    rest = torch.randn(6, 8, generator=torch.Generator().manual_seed(0))
+    weight = nn.Parameter(torch.cat([1e-3 * torch.ones(2, 8), rest]))  # 16 smallest: channels 0 and 1
+    clusterer = WeightClusterer(ClusterConfig(**FAST, sparsity=0.25, per_channel_scale=scale), "w")
+    clusterer(weight).square().sum().backward()
+    assert bool((weight[:2] == 0).all()) and bool(torch.isfinite(weight.grad).all())
+    assert bool((weight.grad[:2] == 0).all())
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_converted_equals_eval_qat_exactly_with_pruning(dtype):
+    pytest.importorskip("torchao")
+    from torchao.quantization import quantize_
+
+    from idkm_plugin.integrations import torchao as ito
+
+    model = Net().to(dtype)
+    quantize_(model, ito.IDKMQATConfig(ClusterConfig(bits=3, max_iter=5, sparsity=0.6, per_channel_scale="rms")),
+              filter_fn=ito.clusterable)
+    ids, img = _inputs()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    for _ in range(3):
+        opt.zero_grad()
+        model.train()(ids, img.to(dtype)).float().square().mean().backward()
+        opt.step()
+    expected = model.eval()(ids, img.to(dtype))
+    quantize_(model, ito.IDKMQATConfig(step="convert"), filter_fn=ito.clusterable)
+    assert torch.equal(model(ids, img.to(dtype)), expected)

@@ -38,8 +38,12 @@ def magnitude_mask(x: torch.Tensor, n_pruned: int, previous: Optional[torch.Tens
 
 def on_survivors(fn: Callable[[torch.Tensor, int], torch.Tensor], x: torch.Tensor, mask: torch.Tensor
                  ) -> list[Optional[torch.Tensor]]:
-    """fn(x_g [1, n_g, d] surviving vectors of group g, g) for each group; None for a group with no survivors."""
-    return [fn(x[gi, mask[gi]].unsqueeze(0), gi) if bool(mask[gi].any()) else None for gi in range(x.shape[0])]
+    """fn(x_g [1, n_g, d] surviving vectors of group g, g) for each group; None for a group with no survivors.
+
+    (masked_select: its backward keeps only the bool mask, not an int64 index per survivor.)"""
+    d = x.shape[-1]
+    return [fn(x[gi].masked_select(mask[gi].unsqueeze(-1)).view(1, -1, d), gi) if bool(mask[gi].any()) else None
+            for gi in range(x.shape[0])]
 
 
 def scatter_survivors(parts: list[Optional[torch.Tensor]], mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -50,7 +54,6 @@ def scatter_survivors(parts: list[Optional[torch.Tensor]], mask: torch.Tensor, l
     for gi, part in enumerate(parts):
         full = like.new_zeros(like.shape[1:])
         if part is not None:
-            index = mask[gi].nonzero().squeeze(1)
-            full = full.index_copy(0, index, part[0].to(like.dtype))
+            full = full.masked_scatter(mask[gi].unsqueeze(-1), part[0].to(like.dtype))
         rows.append(full)
-    return torch.stack(rows)
+    return rows[0].unsqueeze(0) if len(rows) == 1 else torch.stack(rows)
