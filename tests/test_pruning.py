@@ -483,3 +483,29 @@ def test_half_precision_converted_equals_eval_qat_exactly_with_pruning(dtype):
     expected = model.eval()(ids, img.to(dtype))
     quantize_(model, ito.IDKMQATConfig(step="convert"), filter_fn=ito.clusterable)
     assert torch.equal(model(ids, img.to(dtype)), expected)
+
+
+@ignore_torch_ao_deprecation
+def test_fx_with_batchnorm_folding_keeps_the_mask():
+    from torch.ao.quantization.quantize_fx import prepare_qat_fx
+
+    from idkm_plugin.integrations.torch_ao import convert_fx_palettized, qconfig_mapping
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(), nn.Linear(128, 4)).train()
+    x = torch.randn(4, 2, 6, 6, generator=torch.Generator().manual_seed(1))
+    mp = ModelConfig(default=ClusterConfig(**FAST, sparsity=0.5))
+    qat = prepare_qat_fx(model, qconfig_mapping(mp, model), (x,))
+    opt = torch.optim.SGD(qat.parameters(), lr=0.05, momentum=0.9)
+    for _ in range(3):  # the conv's clustered weight is BN-scaled (not the Parameter): masked all the same
+        opt.zero_grad()
+        qat(x).square().mean().backward()
+        opt.step()
+    expected = qat.eval()(x)
+    deployed = convert_fx_palettized(qat)
+    layers = [m for m in deployed.modules() if isinstance(m, PalettizedModule)]
+    assert len(layers) == 2 and all(m.sparsity == 0.5 for m in layers)
+    for m in layers:
+        pruned = ~m.unpacked_mask().reshape(-1)
+        assert bool((m.dequantize_weight().reshape(pruned.numel(), -1)[pruned] == 0).all())
+    torch.testing.assert_close(deployed(x), expected, rtol=1e-5, atol=1e-5)  # BN folding: rounding only (as unpruned)
