@@ -15,8 +15,9 @@ every decision lives in the core, once:
    hard in eval). It never calls `idkm_plugin.core` itself.
 3. Convert through `idkm_plugin.layers.palettize_module(module, clusterer, weight=, bias=)`, so every
    toolkit produces the same `idkm_plugin.nn.Palettized*` modules (and the same files and exports), with
-   the clusterer's `scales(weight)` (per-channel scales, int8 LUT scales) attached; where a graph needs a
-   bare `PalettizedWeight` (PT2E), call `set_scales(**clusterer.scales(weight))` on it likewise.
+   the clusterer's `scales(weight)` (per-channel scales, int8 LUT scales) and pruning mask attached; where a
+   graph needs a bare `PalettizedWeight` (PT2E), call `set_scales(**clusterer.scales(weight))` and
+   `set_mask(clusterer.pruning_mask())` on it likewise.
 4. Import the toolkit lazily (the package `__init__` may import it; `import idkm_plugin` never does).
 
 Adding a layer kind is one registry entry plus its palettized class; the torchao and torch.ao adapters

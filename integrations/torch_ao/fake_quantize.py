@@ -4,7 +4,8 @@ It is a `torch.ao.quantization.FakeQuantizeBase`, so the stock QAT machinery
 (`prepare_qat`, `prepare_qat_fx`, `disable_observer`, `enable_fake_quant`, ...) drives it
 like torch.ao's own `FakeQuantize`:
 
-    fake_quant_enabled == 0  -> the weight passes through unchanged (no clustering; steps do not count);
+    fake_quant_enabled == 0  -> the weight passes through unchanged (no clustering; steps do not count;
+                                weights already pruned, with ClusterConfig.sparsity, stay 0);
     observer_enabled == 1    -> training: DKM / IDKM / IDKM-JFB soft k-means, the LUT (centroids) is updated;
     observer_enabled == 0    -> training: the LUT is frozen; the weight is softly assigned to it
                                 (A(C, W) C, still differentiable w.r.t. W);
