@@ -371,6 +371,8 @@ class WeightClusterer(nn.Module):
                 setattr(self, name, torch.empty_like(state_dict[key], device=current.device))
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
+        if prefix + "mask" in missing_keys and not self.pruned:  # saved before pruning existed: nothing pruned
+            missing_keys.remove(prefix + "mask")
 
     def extra_repr(self) -> str:
         c = self.config

@@ -410,6 +410,16 @@ def test_qat_state_dict_round_trip_keeps_the_mask(flow):
     assert torch.equal(fresh.eval()(*_inputs()), qat.eval()(*_inputs()))
 
 
+def test_a_state_dict_saved_without_a_mask_still_loads_strictly():
+    weight = nn.Parameter(torch.randn(8, 4))
+    old = WeightClusterer(ClusterConfig(**FAST), "w")
+    old(weight)
+    state = {k: v for k, v in old.state_dict().items() if k != "mask"}  # as saved before pruning existed
+    new = WeightClusterer(ClusterConfig(**FAST), "w")
+    new.load_state_dict(state)
+    assert torch.equal(new.centroids, old.centroids) and not new.pruned
+
+
 @ignore_torch_ao_deprecation
 @pytest.mark.parametrize("flow", list(FLOWS))
 def test_resume_5_plus_5_equals_10_bit_exact_while_pruning_ramps(flow, tmp_path):
