@@ -6,16 +6,18 @@ bool [N] (True = kept; a pruned vector's code is 0). Layouts, the smallest one i
     packed           the codes bit-packed at `bits` bits (+ the mask at 1 bit), as codec="raw" stores them
     huffman          one Huffman stream of the N codes (layers without a mask)
     huffman_reserved one Huffman stream of N symbols over K + 1: symbol K = pruned (layers with a mask)
-    huffman_sparse   Deep Compression's relative index (layers with a mask): a Huffman stream of the
-                     survivors' codes, then a Huffman stream of position gaps at index width w bits:
-                     a survivor whose skip s (pruned vectors since the previous survivor) is < 2**w is
-                     the symbol s; a larger skip first emits filler symbols 2**w, each skipping 2**w
-                     positions, until the rest is < 2**w. The width is chosen per layer among 1..8 bits
-                     by the exact encoded size: a wider index costs a larger code-length table
-                     (2**w + 1 entries), a narrower one more fillers; 8 bits is Deep Compression's width
-                     for conv layers and a Huffman table of 257 entries is already ~130 bytes.
+    huffman_sparse   Deep Compression's relative index (layers with a mask): a stream of the survivors'
+                     codes, then a stream of position gaps at index width w bits (alphabet 2**w, F = 2**w - 1):
+                     a survivor whose skip s (pruned vectors since the previous survivor) is < F is the
+                     symbol s; a larger skip first emits filler symbols F, each skipping F positions,
+                     until the rest is < F (a filler stores no code, unlike the paper's zero entries).
+                     The width is chosen per layer among 1..8 bits by the exact encoded size: a wider
+                     index costs a larger code-length table (2**w entries), a narrower one more fillers
+                     (w = 1 is a plain bitmap up to the last survivor); 8 bits is Deep Compression's width
+                     for conv layers, and a 256-entry length table already costs ~130 bytes.
 
-The blob of a huffman layout is the concatenation of its streams (`huffman.encode`).
+The blob of a huffman layout is the concatenation of its streams (`huffman.encode`: each Huffman-coded,
+or stored at fixed width when that is not larger).
 """
 from __future__ import annotations
 
@@ -59,18 +61,20 @@ def _gaps(mask: torch.Tensor) -> torch.Tensor:
 
 
 def _gap_symbols(gaps: torch.Tensor, width: int) -> torch.Tensor:
-    """The gap stream at index width `width`: int64 [survivors + fillers], filler = 2**width."""
-    fillers = gaps >> width
-    per_survivor = fillers + 1
-    symbols = torch.full((int(per_survivor.sum()),), 1 << width, dtype=torch.int64)
-    symbols[torch.cumsum(per_survivor, 0) - 1] = gaps & ((1 << width) - 1)
+    """The gap stream at index width `width`: int64 [survivors + fillers], filler F = 2**width - 1."""
+    filler = (1 << width) - 1
+    per_survivor = gaps // filler + 1
+    symbols = torch.full((int(per_survivor.sum()),), filler, dtype=torch.int64)
+    symbols[torch.cumsum(per_survivor, 0) - 1] = gaps % filler
     return symbols
 
 
 def _gap_counts(gaps: torch.Tensor, width: int) -> torch.Tensor:
-    """Symbol counts of `_gap_symbols(gaps, width)`: int64 [2**width + 1], without building it."""
-    counts = torch.bincount(gaps & ((1 << width) - 1), minlength=1 << width)
-    return torch.cat([counts, (gaps >> width).sum().view(1)])
+    """Symbol counts of `_gap_symbols(gaps, width)`: int64 [2**width], without building it."""
+    filler = (1 << width) - 1
+    counts = torch.bincount(gaps % filler, minlength=1 << width)
+    counts[filler] = (gaps // filler).sum()
+    return counts
 
 
 def _sparse_choice(codes: torch.Tensor, mask: torch.Tensor, bits: int) -> tuple[int, int]:
@@ -120,7 +124,7 @@ def encode_codes(codes: torch.Tensor, mask: Optional[torch.Tensor], bits: int) -
         blob = huffman.encode(_reserved_symbols(codes, mask, bits), (1 << bits) + 1)
     else:
         blob = torch.cat([huffman.encode(codes[mask], 1 << bits),
-                          huffman.encode(_gap_symbols(_gaps(mask), width), (1 << width) + 1)])
+                          huffman.encode(_gap_symbols(_gaps(mask), width), 1 << width)])
     if blob.numel() != nbytes:
         raise RuntimeError(f"encode_codes: {layout} wrote {blob.numel()} bytes, measured {nbytes}")
     return EncodedCodes(layout, nbytes, blob, width)
@@ -142,7 +146,7 @@ def decode_codes(layout: str, blob: torch.Tensor, count: int, bits: int,
         if index_bits not in INDEX_BITS:
             raise ValueError(f"huffman_sparse: index width {index_bits!r} is not one of 1..8")
         survivors, end = huffman.decode(blob, 0, None, 1 << bits)
-        gap_symbols, end = huffman.decode(blob, end, None, (1 << index_bits) + 1)
+        gap_symbols, end = huffman.decode(blob, end, None, 1 << index_bits)
         codes, mask = _scatter_survivors(survivors, gap_symbols, index_bits, count)
     else:
         raise ValueError(f"unknown codes layout {layout!r}; known: {list(LAYOUTS)}")
@@ -154,8 +158,8 @@ def decode_codes(layout: str, blob: torch.Tensor, count: int, bits: int,
 def _scatter_survivors(survivors: torch.Tensor, gap_symbols: torch.Tensor, width: int,
                        count: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Survivors' codes [S] at the positions the gap stream gives -> (codes int64 [count], mask bool [count])."""
-    filler = gap_symbols == 1 << width
-    advance = torch.where(filler, torch.full_like(gap_symbols, 1 << width), gap_symbols + 1)
+    filler = gap_symbols == (1 << width) - 1
+    advance = torch.where(filler, gap_symbols, gap_symbols + 1)
     positions = (torch.cumsum(advance, 0) - 1)[~filler]
     if positions.numel() != survivors.numel():
         raise ValueError(f"huffman_sparse: {positions.numel()} positions for {survivors.numel()} survivors")

@@ -1,27 +1,30 @@
 """Canonical, length-limited Huffman coding of integer symbol streams, encoded and decoded with torch ops.
 
-A stream of N symbols from the alphabet [0, n_symbols) becomes one uint8 blob (little-endian fields):
+A stream of N symbols from the alphabet [0, n_symbols) becomes one uint8 blob; integers marked
+varint are LEB128 (7 bits per byte, low bits first):
 
-    count      u64       N
-    n_symbols  u32       alphabet size
-    block_log2 u8        symbols per block = 2**block_log2 (BLOCK_LOG2 = 12: 4096)
-    width      u8        bits per entry of the code-length table (0 when no symbol occurs)
+    count      varint    N
+    n_symbols  varint    alphabet size
+    mode       u8        (block_log2 << 3) | width; width 0: stored, 1..5: Huffman
+  stored (fixed width, when it is not larger than the Huffman form, as deflate's stored blocks):
+    symbols    packed    `pack_codes(symbols, bit_length(n_symbols - 1))` (nothing for a 1-symbol alphabet)
+  Huffman:
     lengths    packed    code length of every symbol (0 = absent), `pack_codes(lengths, width)`
-    block_bits u32 [B]   payload bits of each of the B = ceil(N / 2**block_log2) blocks
-    payload    bytes     the codes, MSB first: bit j of the stream is bit 7 - j % 8 of byte j // 8
+    block_bits u24 [B]   payload bits of each block of 2**block_log2 symbols (BLOCK_LOG2 = 12: 4096),
+                         little-endian, B = ceil(N / 2**block_log2), or B = 0 when a single symbol occurs
+    payload    bytes     the codes, MSB first: bit j of the payload is bit 7 - j % 8 of byte j // 8
 
 The code is canonical (codes of one length are consecutive integers in symbol order, shorter codes
 first), so the lengths alone define it. A stream with a single distinct symbol stores no blocks and
 no payload (its symbol has length 1 in the table, never written). Decoding runs every block at once,
-one symbol position at a time, through a 2**L-entry peek table (L = the longest code): about 4096
+one symbol position at a time, through a 2**L-entry peek table (L = the longest code): at most 4096
 vectorised steps whatever N is. Every length is checked on decode, and each block must end exactly
-where the next one starts: a corrupted stream raises ValueError, it never decodes to wrong symbols
-silently (a flipped payload bit that keeps the block lengths consistent is caught by the file's CRC32).
+where the next one starts: a corrupted stream raises ValueError; a flipped payload bit that keeps
+every block length consistent is caught by the file's CRC32, not here.
 """
 from __future__ import annotations
 
 import heapq
-import struct
 
 import torch
 
@@ -32,7 +35,7 @@ __all__ = ["BLOCK_LOG2", "MAX_LENGTH", "canonical_codes", "code_lengths", "decod
 MAX_LENGTH = 16  # default limit on code lengths (raised to ceil(log2(alphabet)) when the alphabet needs it)
 _HARD_MAX_LENGTH = 24  # a code of L <= 24 bits at any bit offset fits in the 32-bit peek window
 BLOCK_LOG2 = 12
-_HEADER = struct.Struct("<QIBB")
+_BLOCK_FIELD = 3  # bytes per block length (u24: a block holds at most 4096 * 24 bits)
 _CHUNK_BLOCKS = 64  # blocks encoded per vectorised chunk
 _MAX_SYMBOLS = 1 << 20  # refuse headers claiming larger alphabets (a corrupted field, not a real stream)
 
@@ -142,47 +145,88 @@ def _table_nbytes(n_symbols: int, width: int) -> int:
     return packed_nbytes(n_symbols, width) if width else 0
 
 
-def encoded_nbytes(counts: torch.Tensor, max_length: int = MAX_LENGTH) -> int:
-    """Bytes `encode` writes for a stream with these symbol counts int [n_symbols] (without encoding it)."""
-    counts = counts.reshape(-1).to(torch.int64)
-    lengths = _lengths_for(counts, max_length)
-    width = int(lengths.max()).bit_length() if lengths.numel() else 0
-    size = _HEADER.size + _table_nbytes(counts.numel(), width)
+def _stored_width(n_symbols: int) -> int:
+    """Bits per symbol of the stored form (0 for a one-symbol alphabet)."""
+    return (n_symbols - 1).bit_length()
+
+
+def _varint(value: int) -> list[int]:
+    """LEB128 bytes of value >= 0."""
+    out = []
+    while True:
+        byte, value = value & 0x7F, value >> 7
+        out.append(byte | (0x80 if value else 0))
+        if not value:
+            return out
+
+
+def _header(count: int, n_symbols: int, width: int) -> list[int]:
+    return _varint(count) + _varint(n_symbols) + [(BLOCK_LOG2 << 3) | width]
+
+
+def _huffman_nbytes(counts: torch.Tensor, lengths: torch.Tensor) -> int:
+    """Bytes of the Huffman form after the header: table, block table, payload."""
+    size = _table_nbytes(counts.numel(), int(lengths.max()).bit_length())
     if int((counts > 0).sum()) >= 2:
-        total = int(counts.sum())
-        size += 4 * -(-total // (1 << BLOCK_LOG2)) + (int((counts * lengths).sum()) + 7) // 8
+        n_blocks = -(-int(counts.sum()) // (1 << BLOCK_LOG2))
+        size += _BLOCK_FIELD * n_blocks + (int((counts * lengths).sum()) + 7) // 8
     return size
 
 
+def _stored_nbytes(count: int, n_symbols: int) -> int | None:
+    width = _stored_width(n_symbols)
+    return None if width > 16 else packed_nbytes(count, width)
+
+
+def encoded_nbytes(counts: torch.Tensor, max_length: int = MAX_LENGTH) -> int:
+    """Bytes `encode` writes for a stream with these symbol counts int [n_symbols], without encoding it."""
+    counts = counts.reshape(-1).to(torch.int64)
+    n, n_symbols = int(counts.sum()), counts.numel()
+    lengths = _lengths_for(counts, max_length)
+    stored = _stored_nbytes(n, n_symbols)
+    huffman = _huffman_nbytes(counts, lengths) if n else None
+    body = min(x for x in (stored, huffman) if x is not None)
+    return len(_header(n, n_symbols, 0)) + body
+
+
 def encode(symbols: torch.Tensor, n_symbols: int, max_length: int = MAX_LENGTH) -> torch.Tensor:
-    """symbols int [N] (values in [0, n_symbols)) -> the stream's blob uint8 [encoded_nbytes(counts)]."""
+    """symbols int [N] (values in [0, n_symbols)) -> the stream's blob uint8 [*]: Huffman-coded, or
+    stored at fixed width when that is not larger."""
     symbols = symbols.reshape(-1).to(torch.int64).cpu()
     if not 1 <= n_symbols <= _MAX_SYMBOLS:
         raise ValueError(f"huffman.encode: n_symbols={n_symbols} is outside 1..{_MAX_SYMBOLS}")
     if symbols.numel() and (int(symbols.min()) < 0 or int(symbols.max()) >= n_symbols):
         raise ValueError(f"huffman.encode: symbols must lie in [0, {n_symbols}); got "
                          f"[{int(symbols.min())}, {int(symbols.max())}]")
+    n = symbols.numel()
     counts = torch.bincount(symbols, minlength=n_symbols)
     lengths = _lengths_for(counts, max_length)
+    stored = _stored_nbytes(n, n_symbols)
+    if not n or (stored is not None and stored <= _huffman_nbytes(counts, lengths)):
+        width = _stored_width(n_symbols)
+        body = [pack_codes(symbols, width)] if width and n else []
+        return torch.cat([_bytes(_header(n, n_symbols, 0)), *body])
     width = int(lengths.max()).bit_length()
-    parts = [torch.tensor(list(_HEADER.pack(symbols.numel(), n_symbols, BLOCK_LOG2, width)), dtype=torch.uint8)]
-    if width:
-        parts.append(pack_codes(lengths, width))
+    parts = [_bytes(_header(n, n_symbols, width)), pack_codes(lengths, width)]
     if int((counts > 0).sum()) >= 2:
-        parts.extend(_encode_payload(symbols, lengths, canonical_codes(lengths)))
+        block_bits = _block_sums(symbols, lengths, 1 << BLOCK_LOG2)
+        fields = block_bits.view(-1, 1).bitwise_right_shift(torch.tensor([0, 8, 16])) & 0xFF
+        parts += [fields.reshape(-1).to(torch.uint8),
+                  _encode_payload(symbols, lengths, canonical_codes(lengths), int(block_bits.sum()))]
     return torch.cat(parts)
 
 
-def _encode_payload(symbols: torch.Tensor, lengths: torch.Tensor, codes: torch.Tensor) -> list[torch.Tensor]:
-    """[block_bits as uint8 [4 B], payload uint8]: every code OR-ed into the <= 4 bytes it touches.
+def _bytes(values: list[int]) -> torch.Tensor:
+    return torch.tensor(values, dtype=torch.uint8)
+
+
+def _encode_payload(symbols: torch.Tensor, lengths: torch.Tensor, codes: torch.Tensor, total: int) -> torch.Tensor:
+    """The payload uint8 [ceil(total / 8)]: every code OR-ed into the <= 4 bytes it touches.
 
     Works through the stream in chunks of _CHUNK_BLOCKS blocks, so its temporaries stay small."""
-    block = 1 << BLOCK_LOG2
-    block_bits = _block_sums(symbols, lengths, block)
-    total = int(block_bits.sum())
     nbytes = (total + 7) // 8
     buffer = torch.zeros(nbytes + 4, dtype=torch.int64)
-    chunk, base = block * _CHUNK_BLOCKS, 0
+    chunk, base = (1 << BLOCK_LOG2) * _CHUNK_BLOCKS, 0
     for i in range(0, symbols.numel(), chunk):
         part = symbols[i:i + chunk]
         sym_lengths, sym_codes = lengths.index_select(0, part), codes.index_select(0, part)
@@ -193,7 +237,7 @@ def _encode_payload(symbols: torch.Tensor, lengths: torch.Tensor, codes: torch.T
         first_byte = starts.bitwise_right_shift_(3)
         for k in range(4):  # codes touch disjoint bits, so adding the bytes is OR-ing them
             buffer.index_add_(0, first_byte + k, (window >> (24 - 8 * k)) & 0xFF)
-    return [block_bits.to(torch.int32).view(torch.uint8), buffer[:nbytes].to(torch.uint8)]
+    return buffer[:nbytes].to(torch.uint8)
 
 
 def _block_sums(symbols: torch.Tensor, lengths: torch.Tensor, block: int) -> torch.Tensor:
@@ -213,8 +257,21 @@ def _corrupt(message: str) -> ValueError:
     return ValueError(f"corrupted Huffman stream: {message}")
 
 
-def _read_u32(blob: torch.Tensor, begin: int, count: int) -> torch.Tensor:
-    return blob[begin:begin + 4 * count].clone().view(torch.int32).to(torch.int64)
+def _read_varints(blob: torch.Tensor, pos: int, count: int) -> tuple[list[int], int]:
+    """`count` LEB128 integers from byte `pos` of blob -> (values, end position)."""
+    window = blob[pos:pos + 4 * count + 8].tolist()  # values here need at most 4 bytes each (< 2**28)
+    values, value, shift, i = [], 0, 0, 0
+    while len(values) < count:
+        if i >= len(window) or shift > 28:
+            raise _corrupt("truncated or malformed integer field")
+        byte = window[i]
+        value |= (byte & 0x7F) << shift
+        shift += 7
+        i += 1
+        if not byte & 0x80:
+            values.append(value)
+            value, shift = 0, 0
+    return values, pos + i
 
 
 def decode(blob: torch.Tensor, offset: int = 0, count: int | None = None,
@@ -227,25 +284,27 @@ def decode(blob: torch.Tensor, offset: int = 0, count: int | None = None,
     blob = blob.reshape(-1)
     if blob.dtype != torch.uint8:
         raise ValueError(f"huffman.decode: expected a uint8 blob, got {blob.dtype}")
-    if blob.numel() < offset + _HEADER.size:
-        raise _corrupt(f"{blob.numel() - offset} bytes left, shorter than its {_HEADER.size}-byte header")
-    n, alphabet, block_log2, width = _HEADER.unpack(bytes(blob[offset:offset + _HEADER.size].tolist()))
+    (n, alphabet), pos = _read_varints(blob, offset, 2)
+    if pos >= blob.numel():
+        raise _corrupt("truncated inside its header")
+    mode = int(blob[pos])
+    pos += 1
+    block_log2, width = mode >> 3, mode & 7
     if count is not None and n != count:
         raise _corrupt(f"it holds {n} symbols, expected {count}")
     if n_symbols is not None and alphabet != n_symbols:
         raise _corrupt(f"its alphabet has {alphabet} symbols, expected {n_symbols}")
-    if not 1 <= alphabet <= _MAX_SYMBOLS or not 4 <= block_log2 <= 20 or width > 5:
-        raise _corrupt(f"impossible header (n_symbols={alphabet}, block_log2={block_log2}, width={width})")
-    pos = offset + _HEADER.size
+    if not 1 <= alphabet <= _MAX_SYMBOLS or block_log2 != BLOCK_LOG2 or width > 5:
+        raise _corrupt(f"impossible header (n_symbols={alphabet}, mode={mode})")
+    if width == 0:
+        return _decode_stored(blob, pos, n, alphabet)
     table_end = pos + _table_nbytes(alphabet, width)
     if blob.numel() < table_end:
         raise _corrupt("truncated inside its code-length table")
-    lengths = unpack_codes(blob[pos:table_end], width, alphabet) if width else torch.zeros(alphabet, dtype=torch.int64)
+    lengths = unpack_codes(blob[pos:table_end], width, alphabet)
     present = torch.nonzero(lengths).reshape(-1)
-    if present.numel() == 0:
-        if n:
-            raise _corrupt(f"{n} symbols but no symbol has a code")
-        return torch.zeros(0, dtype=torch.int64), table_end
+    if n == 0 or present.numel() == 0:
+        raise _corrupt(f"{n} symbols and {present.numel()} codes in a Huffman stream")
     if int(lengths.max()) > _HARD_MAX_LENGTH or float(torch.sum(2.0 ** -lengths[present].double())) > 1.0:
         raise _corrupt("its code lengths do not form a prefix code")
     if present.numel() == 1:
@@ -253,16 +312,35 @@ def decode(blob: torch.Tensor, offset: int = 0, count: int | None = None,
     return _decode_blocks(blob, table_end, n, lengths, 1 << block_log2)
 
 
+def _decode_stored(blob: torch.Tensor, pos: int, n: int, alphabet: int) -> tuple[torch.Tensor, int]:
+    width = _stored_width(alphabet)
+    if width == 0:
+        return torch.zeros(n, dtype=torch.int64), pos
+    if width > 16:
+        raise _corrupt(f"a stored stream of a {alphabet}-symbol alphabet")
+    end = pos + packed_nbytes(n, width)
+    if blob.numel() < end:
+        raise _corrupt(f"truncated: {end - pos} stored bytes expected, {blob.numel() - pos} left")
+    symbols = unpack_codes(blob[pos:end], width, n)
+    if n and int(symbols.max()) >= alphabet:
+        raise _corrupt(f"a stored symbol {int(symbols.max())} outside its alphabet of {alphabet}")
+    return symbols, end
+
+
 def _decode_blocks(blob: torch.Tensor, pos: int, n: int, lengths: torch.Tensor,
                    block: int) -> tuple[torch.Tensor, int]:
     n_blocks = -(-n // block)
-    if blob.numel() < pos + 4 * n_blocks:
+    end = pos + _BLOCK_FIELD * n_blocks
+    if blob.numel() < end:
         raise _corrupt("truncated inside its block table")
-    block_bits = _read_u32(blob, pos, n_blocks)
-    pos += 4 * n_blocks
-    if n_blocks == 0 or int(block_bits.min()) < 0:
-        raise _corrupt("empty or negative block lengths")
+    fields = blob[pos:end].to(torch.int64).view(n_blocks, _BLOCK_FIELD)
+    block_bits = fields[:, 0] | (fields[:, 1] << 8) | (fields[:, 2] << 16)
+    pos = end
     total = int(block_bits.sum())
+    per_block = torch.full((n_blocks,), block, dtype=torch.int64)
+    per_block[-1] = n - (n_blocks - 1) * block
+    if bool((block_bits < per_block).any()):  # every code is at least 1 bit long
+        raise _corrupt("a block shorter than one bit per symbol")
     nbytes = (total + 7) // 8
     if blob.numel() < pos + nbytes:
         raise _corrupt(f"truncated: {nbytes} payload bytes expected, {blob.numel() - pos} left")

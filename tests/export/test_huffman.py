@@ -39,12 +39,23 @@ def test_skewed_stream_is_close_to_its_entropy():
 def test_one_symbol_stream_stores_no_payload():
     symbols = torch.full((100_000,), 5)
     blob = _round_trip(symbols, 16)
-    assert blob.numel() <= 14 + 8  # header + the 16-entry length table
+    assert blob.numel() == 3 + 1 + 1 + 2  # varints 100000 (3 bytes), 16 (1 byte), mode; 16 lengths of 1 bit
 
 
 def test_empty_stream():
     blob = _round_trip(torch.zeros(0, dtype=torch.int64), 4)
-    assert blob.numel() == 14
+    assert blob.numel() == 3  # count, alphabet, mode
+
+
+@pytest.mark.parametrize("n_symbols", [1, 2, 4, 256])
+def test_near_uniform_streams_are_stored_at_fixed_width(n_symbols):
+    torch.manual_seed(0)
+    symbols = torch.randint(0, n_symbols, (1000,))
+    blob = _round_trip(symbols, n_symbols)
+    width = (n_symbols - 1).bit_length()
+    mode_at = len(huffman._varint(1000)) + len(huffman._varint(n_symbols))
+    assert blob[mode_at] & 7 == 0  # stored
+    assert blob.numel() == mode_at + 1 + (1000 * width + 7) // 8
 
 
 @pytest.mark.parametrize("max_length", [9, 12, 16])
@@ -112,7 +123,7 @@ def test_wrong_expectations_and_truncation_are_refused():
 def test_corrupted_block_table_is_refused():
     symbols = _geometric(3 * 4096, 16, 0.6)
     blob = huffman.encode(symbols, 16).clone()
-    table_end = 14 + 8  # header + 16 lengths of 4 bits
+    table_end = len(huffman._header(3 * 4096, 16, 4)) + 8  # header + 16 lengths of 4 bits
     blob[table_end] ^= 0x01  # first block's bit count off by one: block 0 cannot end where block 1 starts
     with pytest.raises(ValueError, match="corrupted Huffman stream"):
         huffman.decode(blob)

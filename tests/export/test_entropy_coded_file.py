@@ -1,0 +1,293 @@
+"""save_palettized(..., codec="huffman") rebuilds the exact palettized model (codes, LUTs, masks, scales, ties)."""
+import json
+import os
+
+import pytest
+import torch
+from torch import nn
+
+from idkm_plugin import ClusterConfig
+from idkm_plugin.clusterer import WeightClusterer
+from idkm_plugin.export import load_palettized, save_palettized, size_report
+from idkm_plugin.export.safetensors_format import read_safetensors, write_safetensors
+from idkm_plugin.layers import palettize_module
+from idkm_plugin.nn import PalettizedEmbedding, PalettizedLinear, PalettizedModule, PalettizedWeight
+from palettized_models import CONFIGS, AllKinds, palettize, trained_bn
+
+
+def _prune(model, sparsity, seed=0):
+    """Give every palettized layer a random mask keeping 1 - sparsity of its vectors."""
+    generator = torch.Generator().manual_seed(seed)
+    for module in model.modules():
+        if isinstance(module, PalettizedModule):
+            module.set_mask(torch.rand(module.num_codes, generator=generator) >= sparsity)
+    return model
+
+
+def _layers(path):
+    return json.loads(read_safetensors(path)[1]["idkm_plugin.layers"])
+
+
+def _assert_same_model(loaded, saved, inputs):
+    assert torch.equal(loaded(*inputs), saved(*inputs))
+    for name, module in saved.named_modules():
+        if isinstance(module, PalettizedModule):
+            other = loaded.get_submodule(name)
+            assert type(other) is type(module), name
+            for attr in ("codes", "lut", "mask", "channel_scale", "lut_scale", "bias"):
+                mine, theirs = getattr(module, attr), getattr(other, attr)
+                assert (mine is None) == (theirs is None), (name, attr)
+                if mine is not None:
+                    assert mine.dtype == theirs.dtype and torch.equal(mine, theirs), (name, attr)
+            assert torch.equal(other.dequantize_weight(), module.dequantize_weight()), name
+
+
+@pytest.mark.parametrize("sparsity", [None, 0.3, 0.97])
+@pytest.mark.parametrize("case", CONFIGS)
+def test_huffman_file_rebuilds_the_model_exactly(tmp_path, case, sparsity):
+    torch.manual_seed(1)
+    saved = palettize(trained_bn(AllKinds()), CONFIGS[case])
+    if sparsity is not None:
+        _prune(saved, sparsity)
+    path = tmp_path / "model.safetensors"
+    size = save_palettized(saved, path, codec="huffman")
+    assert size == os.path.getsize(path)
+    loaded = load_palettized(path, AllKinds()).eval()
+    _assert_same_model(loaded, saved, saved.example_inputs())
+    raw = tmp_path / "raw.safetensors"
+    save_palettized(saved, raw)
+    _assert_same_model(load_palettized(raw, AllKinds()).eval(), saved, saved.example_inputs())
+
+
+def test_pruned_layers_use_both_layouts(tmp_path):
+    """Moderate sparsity favours the reserved symbol, extreme sparsity the relative index."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 128), nn.Linear(128, 64))
+    for i in (0, 1):
+        clusterer = WeightClusterer(ClusterConfig(bits=3))
+        clusterer(model[i].weight)
+        model[i] = palettize_module(model[i], clusterer)
+    generator = torch.Generator().manual_seed(0)
+    model[0].set_mask(torch.rand(128 * 64, generator=generator) >= 0.3)
+    model[1].set_mask(torch.rand(64 * 128, generator=generator) >= 0.98)
+    path = tmp_path / "m.safetensors"
+    save_palettized(model, path, codec="huffman")
+    layers = _layers(path)
+    assert layers["0"]["layout"] == "huffman_reserved"
+    assert layers["1"]["layout"] == "huffman_sparse" and layers["1"]["index_bits"] in range(1, 9)
+    loaded = load_palettized(path, nn.Sequential(nn.Linear(64, 128), nn.Linear(128, 64)))
+    _assert_same_model(loaded, model, (torch.randn(3, 64),))
+    report = size_report(model, file=path)
+    assert [s.layout for s in report.layers] == ["huffman_reserved", "huffman_sparse"]
+    tensors, _ = read_safetensors(path)
+    assert [s.entropy_bytes for s in report.layers] == [tensors["0.huffman"].numel(), tensors["1.huffman"].numel()]
+    sparse = report.layers[1]  # a random mask and near-uniform codes: little to gain over fixed width
+    assert sparse.entropy_bytes < 1.05 * sparse.sparse_bytes and sparse.sparse_bytes < sparse.code_bytes / 10
+
+
+def test_pruned_layers_from_clustering_with_sparsity(tmp_path):
+    torch.manual_seed(0)
+    config = {"embed": ClusterConfig(bits=2, sparsity=0.5), "conv1": ClusterConfig(bits=3, sparsity=0.8),
+              "conv2": ClusterConfig(bits=4, dim=3), "fc": ClusterConfig(bits=4, sparsity=0.9)}
+    saved = palettize(trained_bn(AllKinds()), config)
+    assert saved.fc.mask is not None and saved.conv2.mask is None
+    path = tmp_path / "m.safetensors"
+    save_palettized(saved, path, codec="huffman")
+    _assert_same_model(load_palettized(path, AllKinds()).eval(), saved, saved.example_inputs())
+
+
+def _scaled(model):
+    """Per-channel scales on every layer, and an int8 LUT with its scales on the Linear."""
+    for module in model.modules():
+        if isinstance(module, PalettizedModule):
+            module.set_scales(channel_scale=torch.rand(module.weight_shape[0]) + 0.5)
+    fc = model.fc
+    lut = torch.randint(-127, 128, fc.lut.shape, dtype=torch.int8)
+    model.fc = PalettizedLinear(fc.in_features, fc.out_features, fc.codes, lut, fc.bits, fc.bias)
+    model.fc.set_scales(torch.rand(fc.out_features) + 0.5, torch.rand(fc.groups_lut) * 0.01)
+    return model
+
+
+def test_scales_and_int8_lut_round_trip(tmp_path):
+    torch.manual_seed(0)
+    saved = _prune(_scaled(palettize(trained_bn(AllKinds()), CONFIGS["grouped LUTs"])), 0.5)
+    path = tmp_path / "m.safetensors"
+    save_palettized(saved, path, codec="huffman")
+    loaded = load_palettized(path, AllKinds()).eval()
+    assert loaded.fc.lut.dtype == torch.int8
+    _assert_same_model(loaded, saved, saved.example_inputs())
+
+
+class TiedLM(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(64, 16)
+        self.head = nn.Linear(16, 64, bias=False)
+        self.head.weight = self.embed.weight
+
+    def forward(self, ids):
+        return self.head(self.embed(ids))
+
+
+@pytest.mark.parametrize("pruned", [False, True])
+def test_tied_layers_are_encoded_once_and_tied_again(tmp_path, pruned):
+    torch.manual_seed(0)
+    probs = torch.tensor([0.7, 0.2, 0.05, 0.05])
+    codes, lut = torch.multinomial(probs, 1024, replacement=True).view(1, -1), torch.randn(1, 4, 1)
+    model = TiedLM()
+    model.embed = PalettizedEmbedding(64, 16, codes, lut, 2)
+    model.head = PalettizedLinear(16, 64, codes, lut, 2)
+    if pruned:
+        model.embed.set_mask(codes != 0)
+        model.head.mask = model.embed.mask
+    model.head.codes, model.head.lut = model.embed.codes, model.embed.lut
+    path = tmp_path / "tied.safetensors"
+    save_palettized(model, path, codec="huffman")
+    tensors, _ = read_safetensors(path)
+    assert set(tensors) == {"embed.huffman", "embed.lut"}
+    assert "layout" not in _layers(path)["head"]
+    loaded = load_palettized(path, TiedLM())
+    assert loaded.head.codes is loaded.embed.codes and loaded.head.lut is loaded.embed.lut
+    assert (loaded.head.mask is loaded.embed.mask) if pruned else loaded.head.mask is None
+    _assert_same_model(loaded, model, (torch.randint(0, 64, (2, 5)),))
+
+
+def test_gpt2_conv1d_round_trips(tmp_path):
+    pytorch_utils = pytest.importorskip("transformers.pytorch_utils")
+
+    def skeleton():
+        return nn.Sequential(pytorch_utils.Conv1D(48, 16), nn.Linear(48, 4))
+
+    torch.manual_seed(0)
+    model = skeleton()
+    for i, cfg in ((0, ClusterConfig(bits=3, dim=2, sparsity=0.6)), (1, ClusterConfig(bits=2))):
+        clusterer = WeightClusterer(cfg)
+        clusterer(model[i].weight.t() if i == 0 else model[i].weight)
+        model[i] = palettize_module(model[i], clusterer)
+    assert type(model[0]).__name__ == "PalettizedConv1D"
+    path = tmp_path / "gpt.safetensors"
+    save_palettized(model.eval(), path, codec="huffman")
+    _assert_same_model(load_palettized(path, skeleton()).eval(), model, (torch.randn(2, 3, 16),))
+
+
+def test_palettized_weight_round_trips(tmp_path):
+    class Holder(nn.Module):
+        def __init__(self, weight):
+            super().__init__()
+            self.w = weight
+
+        def forward(self, x):
+            return x @ self.w().t()
+
+    torch.manual_seed(0)
+    codes = torch.multinomial(torch.tensor([0.9, 0.05, 0.03, 0.02]), 400, replacement=True).view(1, -1)
+    model = Holder(PalettizedWeight(codes, torch.randn(1, 4, 1), 2, (20, 20), torch.float32))
+    save_palettized(model, tmp_path / "w.safetensors", codec="huffman")
+    skeleton = Holder(PalettizedWeight(torch.zeros(1, 400, dtype=torch.long), torch.zeros(1, 4, 1), 2, (20, 20),
+                                       torch.float32))
+    assert _layers(tmp_path / "w.safetensors")["w"]["layout"] == "huffman"
+    _assert_same_model(load_palettized(tmp_path / "w.safetensors", skeleton), model, (torch.randn(3, 20),))
+
+
+def _skewed_linear(bits=4, out=256, inp=256):
+    torch.manual_seed(0)
+    probs = torch.tensor([0.5 ** i for i in range(1 << bits)])
+    codes = torch.multinomial(probs, out * inp, replacement=True).view(1, -1)
+    return nn.Sequential(PalettizedLinear(inp, out, codes, torch.randn(1, 1 << bits, 1), bits, torch.randn(out)))
+
+
+def test_huffman_file_is_smaller_on_skewed_codes(tmp_path):
+    model = _skewed_linear()
+    raw = save_palettized(model, tmp_path / "raw.safetensors")
+    coded = save_palettized(model, tmp_path / "huffman.safetensors", codec="huffman")
+    assert coded < 0.6 * raw  # ~2 bits per code instead of 4
+    report = size_report(model, file=tmp_path / "huffman.safetensors")
+    assert report.file_bytes == coded
+    header_len = int.from_bytes((tmp_path / "huffman.safetensors").read_bytes()[:8], "little")
+    assert coded - 8 - header_len == report.entropy_total_bytes  # the data section, byte for byte
+    text = report.to_markdown()
+    assert "entropy-coded (B)" in text and "File huffman.safetensors" in text
+
+
+def test_uniform_codes_stay_packed(tmp_path):
+    torch.manual_seed(0)
+    model = nn.Sequential(PalettizedLinear(16, 8, torch.randint(0, 4, (1, 128)), torch.randn(1, 4, 1), 2))
+    save_palettized(model, tmp_path / "m.safetensors", codec="huffman")
+    tensors, _ = read_safetensors(tmp_path / "m.safetensors")
+    assert "0.codes" in tensors and "layout" not in _layers(tmp_path / "m.safetensors")["0"]
+
+
+def test_unknown_codec_is_refused(tmp_path):
+    with pytest.raises(ValueError, match=r"codec='zip' is not one of \['raw', 'huffman'\]"):
+        save_palettized(_skewed_linear(), tmp_path / "m.safetensors", codec="zip")
+
+
+def _pruned_all_kinds():
+    torch.manual_seed(3)
+    return _prune(palettize(trained_bn(AllKinds()), CONFIGS["bits 1..8 mixed"]), 0.6)
+
+
+@pytest.mark.parametrize("codec", ["raw", "huffman"])
+def test_flipped_bytes_anywhere_are_refused(tmp_path, codec):
+    path = tmp_path / "m.safetensors"
+    save_palettized(_pruned_all_kinds(), path, codec=codec)
+    data = path.read_bytes()
+    header_end = 8 + int.from_bytes(data[:8], "little")
+    tensors, _ = read_safetensors(path)
+    if codec == "huffman":
+        assert any(name.endswith(".huffman") for name in tensors)
+    positions = sorted({0, 3, 7, 8, 9, header_end // 2, header_end - 1, header_end, len(data) - 1}
+                       | set(range(10, header_end, 97)) | set(range(header_end, len(data), 13)))
+    for position in positions:
+        corrupted = bytearray(data)
+        corrupted[position] ^= 0xFF
+        path.write_bytes(bytes(corrupted))
+        with pytest.raises(ValueError, match="m.safetensors"):
+            load_palettized(path, AllKinds())
+
+
+@pytest.mark.parametrize("codec", ["raw", "huffman"])
+def test_truncated_or_extended_files_are_refused(tmp_path, codec):
+    path = tmp_path / "m.safetensors"
+    save_palettized(_pruned_all_kinds(), path, codec=codec)
+    data = path.read_bytes()
+    for length in (0, 4, 8, 100, len(data) // 2, len(data) - 1):
+        path.write_bytes(data[:length])
+        with pytest.raises(ValueError, match="m.safetensors"):
+            load_palettized(path, AllKinds())
+    path.write_bytes(data + b"\0")
+    with pytest.raises(ValueError, match="longer than its header says"):
+        load_palettized(path, AllKinds())
+
+
+def test_a_flipped_payload_byte_names_the_tensor(tmp_path):
+    path = tmp_path / "m.safetensors"
+    save_palettized(_pruned_all_kinds(), path, codec="huffman")
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0x10  # the last byte of the data section (the last tensor in the file)
+    path.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match=r"m.safetensors: corrupted file: tensor '.*' fails its CRC32 check"):
+        load_palettized(path, AllKinds())
+
+
+def test_checksums_are_required(tmp_path):
+    path = tmp_path / "m.safetensors"
+    save_palettized(_skewed_linear(), path, codec="huffman")
+    tensors, metadata = read_safetensors(path)
+    del metadata["idkm_plugin.crc32"]
+    write_safetensors(path, tensors, metadata)
+    with pytest.raises(ValueError, match="checksums .* are missing"):
+        load_palettized(path, nn.Sequential(nn.Linear(256, 256)))
+
+
+def test_format_1_files_without_checksums_still_load(tmp_path):
+    model = _skewed_linear()
+    path = tmp_path / "m.safetensors"
+    save_palettized(model, path)
+    tensors, metadata = read_safetensors(path)
+    del metadata["idkm_plugin.crc32"], metadata["idkm_plugin.codec"]
+    metadata["idkm_plugin.format"] = "idkm_plugin.palettized/1"
+    write_safetensors(path, tensors, metadata)
+    loaded = load_palettized(path, nn.Sequential(nn.Linear(256, 256)))
+    x = torch.randn(2, 256)
+    assert torch.equal(loaded(x), model(x))
