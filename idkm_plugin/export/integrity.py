@@ -1,8 +1,8 @@
 """CRC32 checksums of a safetensors file's tensors and header, stored in its own metadata.
 
-`seal` returns the value of metadata[CHECKSUMS_KEY]: a JSON list of the CRC32 (zlib) of every
-tensor's bytes, in sorted name order, followed by the CRC32 of the header itself (every other
-metadata entry and each tensor's name, dtype and shape, serialised canonically). `verify` recomputes
+`seal` returns the value of metadata[CHECKSUMS_KEY]: the CRC32 (zlib) of every tensor's bytes, in
+sorted name order, then the CRC32 of the header itself (every other metadata entry and each tensor's
+name, dtype and shape, serialised canonically, with the tensors' CRCs), each as 8 hex digits, concatenated. `verify` recomputes
 both from what was read and raises ValueError naming the file and the first tensor (or the header)
 that does not match. zlib.crc32 detects every error burst up to 32 bits and any odd number of flipped bits.
 """
@@ -32,20 +32,20 @@ def _header_crc(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]
 def seal(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> str:
     """The checksums entry for a file holding `tensors` and `metadata` (without this entry)."""
     crcs = [zlib.crc32(tensor_bytes(tensors[name])) for name in sorted(tensors)]
-    return json.dumps(crcs + [_header_crc(tensors, metadata, crcs)], separators=(",", ":"))
+    return "".join(f"{crc:08x}" for crc in crcs + [_header_crc(tensors, metadata, crcs)])
 
 
 def verify(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> None:
     """Raise ValueError naming `path` unless every checksum in metadata[CHECKSUMS_KEY] matches."""
     if CHECKSUMS_KEY not in metadata:
         raise ValueError(f"{path}: corrupted file: its checksums ({CHECKSUMS_KEY!r}) are missing")
+    text, names = metadata[CHECKSUMS_KEY], sorted(tensors)
     try:
-        stored = json.loads(metadata[CHECKSUMS_KEY])
-    except json.JSONDecodeError:
-        stored = None
-    names = sorted(tensors)
-    if not isinstance(stored, list) or len(stored) != len(names) + 1 or not all(isinstance(c, int) for c in stored):
-        raise ValueError(f"{path}: corrupted file: its checksum list does not match its {len(names)} tensors")
+        stored = [int(text[i:i + 8], 16) for i in range(0, len(text), 8)]
+    except ValueError:
+        stored = []
+    if len(text) != 8 * (len(names) + 1) or len(stored) != len(names) + 1:
+        raise ValueError(f"{path}: corrupted file: its checksums do not match its {len(names)} tensors")
     if _header_crc(tensors, metadata, stored[:-1]) != stored[-1]:
         raise ValueError(f"{path}: corrupted file: the header (metadata, tensor names, dtypes or shapes) "
                          "fails its CRC32 check")

@@ -8,6 +8,9 @@ the header's `__metadata__["idkm_plugin.layers"]`, a JSON description of each pa
                     "lut_groups": 1, "weight_dtype": "float32", "lut_dtype": "float32",
                     "hyperparameters": {"stride": [1, 1], "padding": [0, 0], ...}}, ...}
 
+written compactly: entries equal to their default (dim 1, lut_groups 1, float32 dtypes, a weight_shape
+the hyperparameters already hold) are left out, and read back as those defaults.
+
 so `load_palettized(path, FloatModel())` rebuilds the palettized layers from the float skeleton
 without any QAT or conversion code. A pruned layer's mask (uint8 [packed_nbytes(num_codes, 1)], 1 bit
 per d-vector) is the tensor "<layer>.mask".
@@ -57,8 +60,11 @@ def _dtype(name: str) -> torch.dtype:
     return dtype
 
 
+_LAYER_DEFAULTS = {"dim": 1, "lut_groups": 1, "weight_dtype": "float32", "lut_dtype": "float32"}
+
+
 def layer_metadata(module: PalettizedModule) -> dict[str, Any]:
-    """The JSON description of one palettized layer."""
+    """The JSON description of one palettized layer (every key; see `_compact`)."""
     meta = {"kind": type(module).__name__, "bits": module.bits, "dim": module.dim,
             "weight_shape": list(module.weight_shape), "lut_groups": module.groups_lut,
             "weight_dtype": _dtype_name(module.weight_dtype), "lut_dtype": _dtype_name(module.lut.dtype),
@@ -67,6 +73,25 @@ def layer_metadata(module: PalettizedModule) -> dict[str, Any]:
     if module.channel_scale is not None:
         meta["per_channel_scale"] = True
     return meta
+
+
+def _compact(meta: dict[str, Any]) -> dict[str, Any]:
+    """`meta` without the entries `_expanded` restores (defaults, a weight_shape the hyperparameters hold)."""
+    out = {k: v for k, v in meta.items() if _LAYER_DEFAULTS.get(k, _MISSING) != v}
+    if out["weight_shape"] == out["hyperparameters"].get("weight_shape"):
+        del out["weight_shape"]
+    return out
+
+
+def _expanded(meta: dict[str, Any]) -> dict[str, Any]:
+    """Inverse of `_compact`."""
+    full = {**_LAYER_DEFAULTS, **meta}
+    if "weight_shape" not in full and isinstance(meta.get("hyperparameters"), dict):
+        full["weight_shape"] = meta["hyperparameters"].get("weight_shape")
+    return full
+
+
+_MISSING = object()
 
 
 def palettized_layers(model: nn.Module) -> dict[str, PalettizedModule]:
@@ -87,12 +112,14 @@ def save_palettized(model: nn.Module, path: str | os.PathLike, codec: str = "raw
         raise ValueError("save_palettized: the model has no palettized layer; convert it first "
                          "(or save a float model with torch.save / safetensors directly)")
     tensors, aliases = _deduplicated(model.state_dict())
-    described = {name: layer_metadata(module) for name, module in layers.items()}
+    described = {name: _compact(layer_metadata(module)) for name, module in layers.items()}
     if codec == "huffman":
         _entropy_code(layers, tensors, described)
     compact = {"separators": (",", ":")}
     metadata = {"format": "pt", "idkm_plugin.format": FORMAT, _CODEC_KEY: codec,
-                _LAYERS_KEY: json.dumps(described, **compact), _ALIASES_KEY: json.dumps(aliases, **compact)}
+                _LAYERS_KEY: json.dumps(described, **compact)}
+    if aliases:
+        metadata[_ALIASES_KEY] = json.dumps(aliases, **compact)
     metadata[CHECKSUMS_KEY] = seal(tensors, metadata)
     return write_safetensors(path, tensors, metadata)
 
@@ -195,7 +222,7 @@ def _read_layers(path: str | os.PathLike, tensors: dict, metadata: dict) -> dict
     layers = _json(path, metadata, _LAYERS_KEY)
     if not isinstance(layers, dict) or not all(isinstance(m, dict) for m in layers.values()):
         raise ValueError(f"{path}: corrupted file: {_LAYERS_KEY!r} is not a JSON object of layers")
-    return layers
+    return {name: _expanded(meta) for name, meta in layers.items()}
 
 
 def _json(path: str | os.PathLike, metadata: dict, key: str, default: str = "{}"):

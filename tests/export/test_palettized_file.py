@@ -62,12 +62,17 @@ def test_metadata_describes_every_layer(tmp_path):
     _, metadata = read_safetensors(tmp_path / "m.safetensors")
     layers = json.loads(metadata["idkm_plugin.layers"])
     assert set(layers) == {"embed", "conv1", "conv2", "fc"}
+    # compact: dim 1, float32 dtypes and the weight_shape the hyperparameters hold are left out
     assert layers["conv2"] == {
-        "kind": "PalettizedConv2d", "bits": 4, "dim": 1, "weight_shape": [8, 2, 3, 3], "lut_groups": 4,
-        "weight_dtype": "float32", "lut_dtype": "float32",
+        "kind": "PalettizedConv2d", "bits": 4, "lut_groups": 4,
         "hyperparameters": {"weight_shape": [8, 2, 3, 3], "stride": [2, 2], "padding": [1, 1], "dilation": [1, 1],
                             "groups": 2, "padding_mode": "reflect"}}
-    assert layers["embed"]["hyperparameters"] == {"num_embeddings": 40, "embedding_dim": 12, "padding_idx": 0}
+    assert layers["embed"] == {"kind": "PalettizedEmbedding", "bits": 2, "weight_shape": [40, 12], "lut_groups": 5,
+                               "hyperparameters": {"num_embeddings": 40, "embedding_dim": 12, "padding_idx": 0}}
+    float16 = palettize(AllKinds(), CONFIGS["d>1, float16 LUT"])
+    save_palettized(float16, tmp_path / "f16.safetensors")
+    layers = json.loads(read_safetensors(tmp_path / "f16.safetensors")[1]["idkm_plugin.layers"])
+    assert layers["embed"]["lut_dtype"] == "float16" and layers["embed"]["dim"] == 4
 
 
 def test_the_safetensors_library_reads_the_file(tmp_path):
