@@ -3,9 +3,8 @@
 `seal` returns the value of metadata[CHECKSUMS_KEY]: the CRC32 (zlib) of every tensor's bytes, in
 sorted name order, then the CRC32 of the header itself (every other metadata entry and each tensor's
 name, dtype and shape, serialised canonically, with the tensors' CRCs), each as 8 hex digits,
-concatenated. `verify` recomputes
-both from what was read and raises ValueError naming the file and the first tensor (or the header)
-that does not match. zlib.crc32 detects every error burst up to 32 bits and any odd number of flipped bits.
+concatenated. `verify` recomputes both from what was read and raises ValueError naming the file and
+the first tensor (or the header) that does not match. CRC32 detects every error burst of up to 32 bits.
 """
 from __future__ import annotations
 
