@@ -145,8 +145,8 @@ def decode_codes(layout: str, blob: torch.Tensor, count: int, bits: int,
     elif layout == "huffman_sparse":
         if index_bits not in INDEX_BITS:
             raise ValueError(f"huffman_sparse: index width {index_bits!r} is not one of 1..8")
-        survivors, end = huffman.decode(blob, 0, None, 1 << bits)
-        gap_symbols, end = huffman.decode(blob, end, None, 1 << index_bits)
+        survivors, end = huffman.decode(blob, 0, None, 1 << bits, max_count=count)
+        gap_symbols, end = huffman.decode(blob, end, None, 1 << index_bits, max_count=count)
         codes, mask = _scatter_survivors(survivors, gap_symbols, index_bits, count)
     else:
         raise ValueError(f"unknown codes layout {layout!r}; known: {list(LAYOUTS)}")

@@ -182,11 +182,11 @@ def encoded_nbytes(counts: torch.Tensor, max_length: int = MAX_LENGTH) -> int:
     """Bytes `encode` writes for a stream with these symbol counts int [n_symbols], without encoding it."""
     counts = counts.reshape(-1).to(torch.int64)
     n, n_symbols = int(counts.sum()), counts.numel()
-    lengths = _lengths_for(counts, max_length)
+    if n == 0:
+        return len(_header(0, n_symbols, 0))
     stored = _stored_nbytes(n, n_symbols)
-    huffman = _huffman_nbytes(counts, lengths) if n else None
-    body = min(x for x in (stored, huffman) if x is not None)
-    return len(_header(n, n_symbols, 0)) + body
+    huffman = _huffman_nbytes(counts, _lengths_for(counts, max_length))
+    return len(_header(n, n_symbols, 0)) + (huffman if stored is None else min(stored, huffman))
 
 
 def encode(symbols: torch.Tensor, n_symbols: int, max_length: int = MAX_LENGTH) -> torch.Tensor:
@@ -274,12 +274,12 @@ def _read_varints(blob: torch.Tensor, pos: int, count: int) -> tuple[list[int], 
     return values, pos + i
 
 
-def decode(blob: torch.Tensor, offset: int = 0, count: int | None = None,
-           n_symbols: int | None = None) -> tuple[torch.Tensor, int]:
+def decode(blob: torch.Tensor, offset: int = 0, count: int | None = None, n_symbols: int | None = None,
+           max_count: int | None = None) -> tuple[torch.Tensor, int]:
     """Decode the stream starting at byte `offset` of `blob` uint8 [*] -> (symbols int64 [N], end offset).
 
-    `count` / `n_symbols`, when given, must match the stream's header. Raises ValueError on any
-    inconsistency (lengths, table, block ends).
+    `count` / `n_symbols`, when given, must match the stream's header, and N must not exceed
+    `max_count`. Raises ValueError on any inconsistency (lengths, table, block ends).
     """
     blob = blob.reshape(-1)
     if blob.dtype != torch.uint8:
@@ -294,6 +294,8 @@ def decode(blob: torch.Tensor, offset: int = 0, count: int | None = None,
         raise _corrupt(f"it holds {n} symbols, expected {count}")
     if n_symbols is not None and alphabet != n_symbols:
         raise _corrupt(f"its alphabet has {alphabet} symbols, expected {n_symbols}")
+    if max_count is not None and n > max_count:
+        raise _corrupt(f"it holds {n} symbols, more than the {max_count} possible")
     if not 1 <= alphabet <= _MAX_SYMBOLS or block_log2 != BLOCK_LOG2 or width > 5:
         raise _corrupt(f"impossible header (n_symbols={alphabet}, mode={mode})")
     if width == 0:
@@ -314,7 +316,7 @@ def decode(blob: torch.Tensor, offset: int = 0, count: int | None = None,
 
 def _decode_stored(blob: torch.Tensor, pos: int, n: int, alphabet: int) -> tuple[torch.Tensor, int]:
     width = _stored_width(alphabet)
-    if width == 0:
+    if width == 0 or n == 0:
         return torch.zeros(n, dtype=torch.int64), pos
     if width > 16:
         raise _corrupt(f"a stored stream of a {alphabet}-symbol alphabet")

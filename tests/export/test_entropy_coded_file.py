@@ -291,3 +291,13 @@ def test_format_1_files_without_checksums_still_load(tmp_path):
     loaded = load_palettized(path, nn.Sequential(nn.Linear(256, 256)))
     x = torch.randn(2, 256)
     assert torch.equal(loaded(x), model(x))
+
+
+def test_the_safetensors_library_reads_a_huffman_file(tmp_path):
+    safetensors_torch = pytest.importorskip("safetensors.torch")
+    path = tmp_path / "m.safetensors"
+    save_palettized(_pruned_all_kinds(), path, codec="huffman")
+    theirs = safetensors_torch.load_file(str(path))
+    ours, _ = read_safetensors(path)
+    assert set(theirs) == set(ours) and any(name.endswith(".huffman") for name in ours)
+    assert all(torch.equal(theirs[name], ours[name]) for name in ours)

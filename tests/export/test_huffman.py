@@ -42,9 +42,10 @@ def test_one_symbol_stream_stores_no_payload():
     assert blob.numel() == 3 + 1 + 1 + 2  # varints 100000 (3 bytes), 16 (1 byte), mode; 16 lengths of 1 bit
 
 
-def test_empty_stream():
-    blob = _round_trip(torch.zeros(0, dtype=torch.int64), 4)
-    assert blob.numel() == 3  # count, alphabet, mode
+@pytest.mark.parametrize("n_symbols", [1, 4, 65_537])
+def test_empty_stream(n_symbols):
+    blob = _round_trip(torch.zeros(0, dtype=torch.int64), n_symbols)
+    assert blob.numel() == 2 + len(huffman._varint(n_symbols))  # count, alphabet, mode
 
 
 @pytest.mark.parametrize("n_symbols", [1, 2, 4, 256])
@@ -115,6 +116,8 @@ def test_wrong_expectations_and_truncation_are_refused():
         huffman.decode(blob, 0, 9999)
     with pytest.raises(ValueError, match="alphabet has 16 symbols, expected 17"):
         huffman.decode(blob, 0, None, 17)
+    with pytest.raises(ValueError, match="holds 10000 symbols, more than the 9000 possible"):
+        huffman.decode(blob, 0, max_count=9000)
     for cut in (0, 5, 14, 20, 30, blob.numel() - 1):
         with pytest.raises(ValueError, match="corrupted Huffman stream"):
             huffman.decode(blob[:cut])
