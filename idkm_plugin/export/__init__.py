@@ -2,12 +2,15 @@
 
 `pack_codes` / `unpack_codes` / `packed_nbytes` live in `idkm_plugin.nn.packing` (the modules use them)
 and are re-exported here. `to_executorch` and `to_coreml` import their runtime lazily.
+`save_palettized(model, path, codec="raw" | "huffman")`: `huffman` (canonical Huffman streams) and
+`code_layouts` (a layer's codes + mask as packed / huffman / reserved-symbol / sparse) implement the
+entropy-coded codec, `integrity` the CRC32 checks every file carries.
 """
 from ..nn.packing import pack_codes, packed_nbytes, unpack_codes
-from .palettized_file import load_palettized, save_palettized
+from .palettized_file import CODECS, load_palettized, save_palettized
 from .report import LayerSize, SizeReport, size_report
 
-__all__ = ["LayerSize", "SizeReport", "load_palettized", "pack_codes", "packed_nbytes", "save_palettized",
+__all__ = ["CODECS", "LayerSize", "SizeReport", "load_palettized", "pack_codes", "packed_nbytes", "save_palettized",
            "size_report", "to_coreml", "to_executorch", "unpack_codes"]
 
 
