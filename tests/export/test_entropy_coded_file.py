@@ -301,3 +301,17 @@ def test_the_safetensors_library_reads_a_huffman_file(tmp_path):
     ours, _ = read_safetensors(path)
     assert set(theirs) == set(ours) and any(name.endswith(".huffman") for name in ours)
     assert all(torch.equal(theirs[name], ours[name]) for name in ours)
+
+
+@pytest.mark.parametrize("bits", [1, 2, 7, 16])
+@pytest.mark.parametrize("pruned", [False, True])
+def test_every_bit_width_round_trips(tmp_path, bits, pruned):
+    torch.manual_seed(bits)
+    probs = torch.rand(1 << bits) ** 4  # skewed, so the Huffman layouts win
+    codes = torch.multinomial(probs, 48 * 40, replacement=True).view(1, -1)
+    model = nn.Sequential(PalettizedLinear(40, 48, codes, torch.randn(1, 1 << bits, 1), bits, torch.randn(48)))
+    if pruned:
+        model[0].set_mask(torch.rand(48 * 40) > 0.5)
+    save_palettized(model, tmp_path / "m.safetensors", codec="huffman")
+    loaded = load_palettized(tmp_path / "m.safetensors", nn.Sequential(nn.Linear(40, 48)))
+    _assert_same_model(loaded, model, (torch.randn(3, 40),))
