@@ -45,12 +45,16 @@ def coreml_lut(name: str, module: PalettizedModule) -> tuple[torch.Tensor, Optio
 
     Ours: lut [groups, 2**bits, d], groups = consecutive blocks of output channels, vectors = d
     consecutive elements of the row-major weight. Core ML's: lut [groups, 1, ..., 1, 2**n, d] (rank =
-    weight rank + 2, n in 1, 2, 3, 4, 6, 8) and vectors along one axis: here the last one.
+    weight rank + 2, n in 1, 2, 3, 4, 6, 8) and vectors along one axis: here the last one. A pruned
+    layer gets the next width up, so that its zeros decode from a spare all-zero entry.
     """
     bits, d, shape = module.bits, module.dim, module.weight_shape
-    coreml_bits = next((b for b in _COREML_BITS if b >= bits), None)
+    pruned = module.mask is not None
+    # a pruned layer's zeros need a LUT entry of their own: the next width up, whose spare entries are 0
+    coreml_bits = next((b for b in _COREML_BITS if b > bits or (b == bits and not pruned)), None)
     if coreml_bits is None:
-        raise ValueError(f"layer {name!r}: Core ML palettizes with at most 8 bits; this layer has bits={bits}")
+        allowed = "at most 7 bits for a pruned layer (its zeros take a LUT entry)" if pruned else "at most 8 bits"
+        raise ValueError(f"layer {name!r}: Core ML palettizes with {allowed}; this layer has bits={bits}")
     if d > 1 and shape[-1] % d:
         raise ValueError(f"layer {name!r}: Core ML vectors run along one axis, but dim={d} does not divide the "
                          f"last axis of the {list(shape)} weight, so its vectors cross rows; use a dim dividing "

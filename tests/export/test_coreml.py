@@ -63,11 +63,26 @@ def test_mlpackage_is_the_packed_size_plus_the_rest(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["m.mlpackage"]  # no temporary left behind
 
 
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_pruned_layers_decompress_exactly(bits):
+    model = palettize(AllKinds(), {name: ClusterConfig(bits=bits, sparsity=0.6)
+                                   for name in ("embed", "conv1", "conv2", "fc")})
+    ops = lut_ops(to_coreml(model, model.example_inputs(), compute_precision=ct.precision.FLOAT32))
+    for name, layer in palettized(model).items():
+        assert layer.mask is not None
+        weight = torch.from_numpy(ops[f"{name}_weight"].materialized_val_inference())
+        assert torch.equal(weight, layer.dequantize_weight()), name
+        assert int((weight == 0).sum()) >= 0.6 * weight.numel() - 1
+
+
 def test_what_core_ml_cannot_express_is_refused():
     torch.manual_seed(0)
     wide = nn.Sequential(PalettizedLinear(8, 4, torch.randint(0, 1024, (1, 32)), torch.randn(1, 1024, 1), 10))
     with pytest.raises(ValueError, match=r"layer '0': Core ML palettizes with at most 8 bits; this layer has bits=10"):
         to_coreml(wide, (torch.randn(1, 8),))
+    pruned8 = palettize(nn.Sequential(nn.Linear(8, 4)), {"0": ClusterConfig(bits=8, sparsity=0.5)})
+    with pytest.raises(ValueError, match=r"layer '0': Core ML palettizes with at most 7 bits for a pruned layer"):
+        to_coreml(pruned8, (torch.randn(1, 8),))
     crossing = palettize(nn.Sequential(nn.Conv2d(2, 4, 3)), {"0": ClusterConfig(bits=2, dim=2)})
     with pytest.raises(ValueError, match=r"layer '0': .*dim=2 does not divide the last axis of the \[4, 2, 3, 3\]"):
         to_coreml(crossing, (torch.randn(1, 2, 5, 5),))
