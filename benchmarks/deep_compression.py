@@ -1,0 +1,293 @@
+"""Deep Compression on MNIST, reproduced and compared: pruning, clustering, Huffman coding.
+
+    python benchmarks/deep_compression.py                        # both LeNets, every row (~30 min, 2 cores)
+    python benchmarks/deep_compression.py --nets lenet300 --methods idkm --epochs 1   # a quick look
+
+For LeNet-300-100 and LeNet-5 (Caffe layout), trained from scratch and cached (benchmarks/lenet.py):
+  float            the baseline (test error on the 10k MNIST test images);
+  DC pruned        Deep Compression's per-layer pruning (the paper's kept fractions) + retraining, float weights
+                   (size: 32-bit values + relative indices, as the paper counts it);
+  DC recipe        Deep Compression itself: prune -> retrain -> k-means with linear init -> centroid
+                   fine-tuning -> Huffman (the paper's bits per layer), stored with our huffman codec;
+  ours cluster     clustering alone (no pruning), each method;
+  ours prune+cl.   `ClusterConfig(sparsity=..., prune_steps=...)`: pruning and clustering in one QAT run,
+                   each method (dkm t=3, idkm, idkm_jfb), through torch.ao's prepare_qat / convert.
+Compression is the float32 model's bytes (weights and biases) over the bytes of the saved file that rebuilds
+the model (`save_palettized(..., codec=...)`: codes, LUTs, masks, biases, metadata; nothing left out).
+Writes benchmarks/results/deep_compression.{json,md,png}.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import sys
+import tempfile
+import time
+import warnings
+
+import torch
+from torch import nn
+from torch.func import functional_call
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(HERE, "..", "examples"))
+sys.path.insert(0, HERE)
+from lenet import NETS, float_model, train  # noqa: E402
+from mnist_common import evaluate, load_mnist  # noqa: E402
+
+from idkm_plugin import ClusterConfig, ModelConfig  # noqa: E402
+from idkm_plugin.atomic import atomic_write_text  # noqa: E402
+from idkm_plugin.export import load_palettized, save_palettized  # noqa: E402
+from idkm_plugin.nn import PalettizedConv2d, PalettizedLinear  # noqa: E402
+
+# Deep Compression's Table (LeNet rows): per layer (fraction of weights pruned, bits per code)
+DC_RECIPE = {
+    "lenet300": {"fc1": (0.92, 6), "fc2": (0.91, 6), "fc3": (0.74, 6)},
+    "lenet5": {"conv1": (0.34, 8), "conv2": (0.88, 8), "fc1": (0.92, 5), "fc2": (0.81, 5)},
+}
+DC_PAPER = {"lenet300": (1.64, 1.58, 40), "lenet5": (0.80, 0.74, 39)}  # float error, DC error, compression
+DC_INDEX_BITS = {nn.Linear: 5, nn.Conv2d: 8}  # the paper's relative-index widths
+
+# ours: per layer (sparsity, bits), chosen to reach well past the paper's ratio
+OURS = {
+    "lenet300": {"fc1": (0.96, 2), "fc2": (0.92, 2), "fc3": (0.6, 3)},
+    "lenet5": {"conv1": (0.4, 4), "conv2": (0.92, 2), "fc1": (0.98, 2), "fc2": (0.85, 2)},
+}
+METHODS = {"dkm": {"method": "dkm", "max_iter": 3}, "idkm": {"method": "idkm"}, "idkm_jfb": {"method": "idkm_jfb"}}
+
+
+def float_bytes(model: nn.Module) -> int:
+    return 4 * sum(p.numel() for p in model.parameters())
+
+
+def saved_bytes(model: nn.Module, skeleton: nn.Module, codec: str, probe: torch.Tensor) -> int:
+    """Bytes of the file `save_palettized(model, codec=codec)` writes; checks that it rebuilds the model exactly."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, f"model.{codec}.safetensors")
+        save_palettized(model, path, codec=codec)
+        rebuilt = load_palettized(path, copy.deepcopy(skeleton)).eval()
+        with torch.no_grad():
+            if not torch.equal(rebuilt(probe), model.eval()(probe)):
+                raise AssertionError(f"the {codec} file does not rebuild the model exactly")
+        return os.path.getsize(path)
+
+
+# ---------------------------------------------------------------- Deep Compression's recipe
+def weighted_layers(model: nn.Module) -> dict[str, nn.Module]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))}
+
+
+def magnitude_masks(model: nn.Module, pruned: dict[str, float]) -> dict[str, torch.Tensor]:
+    """name -> bool mask [weight shape] keeping all but round(s * numel) smallest-|w| weights of each layer."""
+    masks = {}
+    for name, layer in weighted_layers(model).items():
+        w = layer.weight.detach().flatten()
+        drop = round(pruned[name] * w.numel())
+        keep = torch.ones(w.numel(), dtype=torch.bool)
+        keep[torch.argsort(w.abs(), stable=True)[:drop]] = False
+        masks[name] = keep.view_as(layer.weight)
+    return masks
+
+
+def apply_masks(model: nn.Module, masks: dict[str, torch.Tensor]) -> None:
+    with torch.no_grad():
+        for name, layer in weighted_layers(model).items():
+            layer.weight.mul_(masks[name])
+
+
+def sparse_float_bytes(model: nn.Module, masks: dict[str, torch.Tensor]) -> int:
+    """Deep Compression's count for a pruned float model: 32-bit values + relative indices of the layer's
+    index width (a filler entry when a gap exceeds it), biases in float32."""
+    total = 0
+    for name, layer in weighted_layers(model).items():
+        width = DC_INDEX_BITS[type(layer)]
+        positions = masks[name].flatten().nonzero().flatten()
+        gaps = torch.diff(positions, prepend=positions.new_tensor([-1]))
+        entries = int(((gaps + (1 << width) - 1) // (1 << width)).sum())  # fillers included
+        total += (entries * (32 + width) + 7) // 8 + 4 * layer.bias.numel()
+    return total
+
+
+def linear_kmeans(w: torch.Tensor, k: int, iters: int = 30) -> tuple[torch.Tensor, torch.Tensor]:
+    """1-D Lloyd k-means of w [n] from Deep Compression's linear init; returns (codes [n] int64, lut [k])."""
+    lut = torch.linspace(float(w.min()), float(w.max()), k)
+    for _ in range(iters):
+        codes = (w[:, None] - lut[None]).abs().argmin(1)
+        sums = torch.zeros(k).index_add_(0, codes, w)
+        counts = torch.zeros(k).index_add_(0, codes, torch.ones_like(w))
+        lut = torch.where(counts > 0, sums / counts.clamp(min=1), lut)
+    return (w[:, None] - lut[None]).abs().argmin(1), lut
+
+
+class SharedWeights(nn.Module):
+    """`model` with every weighted layer's weight = lut[codes] * mask; only the LUTs train (DC's centroid
+    fine-tuning: each centroid's gradient is the sum of its weights' gradients)."""
+
+    def __init__(self, model: nn.Module, codes: dict, luts: dict, masks: dict) -> None:
+        super().__init__()
+        self.model, self.codes, self.masks = model, codes, masks
+        self.luts = nn.ParameterDict({n.replace(".", "_"): nn.Parameter(l.clone()) for n, l in luts.items()})
+
+    def weights(self) -> dict[str, torch.Tensor]:
+        out = {}
+        for name, layer in weighted_layers(self.model).items():
+            lut = self.luts[name.replace(".", "_")]
+            out[f"{name}.weight"] = lut[self.codes[name]].view_as(layer.weight) * self.masks[name]
+        return out
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return functional_call(self.model, self.weights(), (x,))
+
+
+def palettized_from_codes(model: nn.Module, codes: dict, luts: dict, masks: dict, bits: dict) -> nn.Module:
+    """`model` with each weighted layer replaced by its palettized form (codes, LUT [1, k, 1], mask)."""
+    out = copy.deepcopy(model)
+    for name, layer in weighted_layers(model).items():
+        cls = PalettizedLinear if isinstance(layer, nn.Linear) else PalettizedConv2d
+        lut = luts[name].detach().view(1, -1, 1)
+        pal = cls.from_float(layer, codes[name].view(1, -1) * masks[name].view(1, -1), lut, bits[name])
+        pal.set_mask(masks[name].view(1, -1))
+        parent, _, child = name.rpartition(".")
+        setattr(out.get_submodule(parent) if parent else out, child, pal)
+    return out.eval()
+
+
+def deep_compression_recipe(name: str, base: nn.Module, data: dict, epochs: float, seed: int) -> tuple[nn.Module, nn.Module, dict]:
+    """Deep Compression: prune -> retrain -> linear-init k-means -> centroid fine-tuning.
+
+    Returns (pruned float model, palettized model, masks)."""
+    recipe = DC_RECIPE[name]
+    pruned = copy.deepcopy(base)
+    masks = magnitude_masks(pruned, {n: s for n, (s, _) in recipe.items()})
+    apply_masks(pruned, masks)
+    train(pruned, *data["train"], epochs=epochs, lr=1e-3, seed=seed, after_step=lambda m: apply_masks(m, masks),
+          desc=f"{name} DC retrain")
+    codes, luts, bits = {}, {}, {}
+    for lname, layer in weighted_layers(pruned).items():
+        bits[lname] = recipe[lname][1]
+        w = layer.weight.detach().flatten()
+        keep = masks[lname].flatten()
+        c, lut = linear_kmeans(w[keep], 1 << bits[lname])
+        codes[lname] = torch.zeros(w.numel(), dtype=torch.long).masked_scatter_(keep, c)
+        luts[lname] = lut
+    shared = SharedWeights(copy.deepcopy(pruned), codes, luts, masks)
+    train(shared, *data["train"], epochs=epochs, lr=1e-4, seed=seed, params=shared.luts.parameters(),
+          desc=f"{name} DC centroids")
+    tuned = {n: shared.luts[n.replace(".", "_")].detach() for n in codes}
+    return pruned.eval(), palettized_from_codes(pruned, codes, tuned, masks, bits), masks
+
+
+# ---------------------------------------------------------------- ours
+def ours(name: str, base: nn.Module, method: str, prune: bool, data: dict, epochs: float, seed: int) -> nn.Module:
+    """Pruning (if `prune`) and clustering in one torch.ao QAT run; returns the converted model."""
+    from torch.ao.quantization import convert, prepare_qat
+
+    from idkm_plugin.integrations.torch_ao import assign_qconfigs, palettize_mapping
+
+    steps = int(epochs * len(data["train"][1]) // 128)
+    by_name = {}
+    for lname, (sparsity, bits) in OURS[name].items():
+        extra = {"sparsity": sparsity, "prune_steps": steps // 3} if prune else {}
+        by_name[lname] = ClusterConfig(bits=bits, seed=seed, **METHODS[method], **extra)
+    mp = ModelConfig(default=None, by_name=by_name, strict=True)
+    qat = prepare_qat(assign_qconfigs(copy.deepcopy(base), mp).train())
+    train(qat, *data["train"], epochs=epochs, lr=3e-4, seed=seed, desc=f"{name} {method}{' prune' if prune else ''}")
+    deployed = convert(copy.deepcopy(qat).eval(), mapping=palettize_mapping())
+    probe = data["test"][0][:512]
+    with torch.no_grad():
+        if not torch.equal(deployed(probe), qat.eval()(probe)):
+            raise AssertionError("converted model != eval-mode QAT model")
+    return deployed
+
+
+def row(net: str, label: str, model: nn.Module, data: dict, size: int, base_bytes: int, **extra) -> dict:
+    err = 100 - evaluate(model, *data["test"])
+    r = {"net": net, "row": label, "error": err, "bytes": size, "compression": base_bytes / size, **extra}
+    print(f"{net:9s} {label:34s} error {err:5.2f}%  {size / 1024:8.1f} KB  {r['compression']:6.1f}x", flush=True)
+    return r
+
+
+def run_net(name: str, args, data: dict) -> list[dict]:
+    base = float_model(name, args.seed)
+    fbytes = float_bytes(base)
+    probe = data["test"][0][:256]
+    rows = [row(name, "float", base, data, fbytes, fbytes)]
+    if "dc" in args.rows:
+        pruned, dc, masks = deep_compression_recipe(name, base, data, args.epochs, args.seed)
+        rows.append(row(name, "DC pruned (float, paper's count)", pruned, data, sparse_float_bytes(pruned, masks), fbytes))
+        rows.append(row(name, "DC recipe + raw file", dc, data, saved_bytes(dc, NETS[name](), "raw", probe), fbytes))
+        rows.append(row(name, "DC recipe + Huffman", dc, data, saved_bytes(dc, NETS[name](), "huffman", probe), fbytes))
+    for method in args.methods:
+        for prune in ([False] if "cluster" in args.rows else []) + ([True] if "prune" in args.rows else []):
+            start = time.perf_counter()
+            deployed = ours(name, base, method, prune, data, args.epochs, args.seed)
+            seconds = time.perf_counter() - start
+            what = f"{method} {'prune+cluster' if prune else 'cluster'}"
+            for codec in ("raw", "huffman"):
+                rows.append(row(name, f"{what} + {codec}", deployed, data,
+                                saved_bytes(deployed, NETS[name](), codec, probe), fbytes, seconds=seconds))
+    return rows
+
+
+def markdown(rows: list[dict]) -> str:
+    lines = ["| network | row | test error | file bytes | compression |", "|---|---|---:|---:|---:|"]
+    for net, (f_err, dc_err, dc_ratio) in DC_PAPER.items():
+        if any(r["net"] == net for r in rows):
+            lines.append(f"| {net} | Deep Compression paper (float {f_err}%) | {dc_err:.2f}% | | {dc_ratio}x |")
+        lines += [f"| {r['net']} | {r['row']} | {r['error']:.2f}% | {r['bytes']:,} | {r['compression']:.1f}x |"
+                  for r in rows if r["net"] == net]
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    nets = sorted({r["net"] for r in rows})
+    fig, axes = plt.subplots(1, len(nets), figsize=(6 * len(nets), 4.5), squeeze=False)
+    for ax, net in zip(axes[0], nets):
+        for r in (r for r in rows if r["net"] == net):
+            marker = "*" if r["row"].startswith("DC") else ("s" if "huffman" in r["row"] else "o")
+            ax.scatter(r["compression"], r["error"], marker=marker, s=60)
+            ax.annotate(r["row"], (r["compression"], r["error"]), fontsize=6, xytext=(3, 3), textcoords="offset points")
+        ax.set_xscale("log")
+        ax.set(title=net, xlabel="compression (float32 bytes / file bytes)", ylabel="test error (%)")
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--nets", nargs="+", choices=sorted(NETS), default=sorted(NETS))
+    p.add_argument("--methods", nargs="+", choices=sorted(METHODS), default=["dkm", "idkm", "idkm_jfb"])
+    p.add_argument("--rows", nargs="+", choices=["dc", "cluster", "prune"], default=["dc", "cluster", "prune"])
+    p.add_argument("--epochs", type=float, default=4, help="epochs of each retraining / QAT run")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--out", default=os.path.join(HERE, "results"))
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> list[dict]:
+    args = parse_args(argv)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)  # torch.ao.quantization's notice
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    data = {"train": load_mnist("train"), "test": load_mnist("test")}
+    rows = [r for net in args.nets for r in run_net(net, args, data)]
+    os.makedirs(args.out, exist_ok=True)
+    meta = {"epochs": args.epochs, "seed": args.seed, "ours": OURS, "dc_recipe": DC_RECIPE}
+    atomic_write_text(os.path.join(args.out, "deep_compression.json"), json.dumps({"meta": meta, "rows": rows}, indent=1))
+    atomic_write_text(os.path.join(args.out, "deep_compression.md"), markdown(rows) + "\n")
+    plot(rows, os.path.join(args.out, "deep_compression.png"))
+    print(markdown(rows))
+    return rows
+
+
+if __name__ == "__main__":
+    main()
