@@ -33,6 +33,7 @@ from mnist_common import (disk_bytes, evaluate, evaluate_pte, finetune, load_mni
 
 from idkm_plugin import ModelConfig  # noqa: E402
 from idkm_plugin.export import load_palettized, save_palettized, size_report  # noqa: E402
+from idkm_plugin.nn import PalettizedModule  # noqa: E402
 from idkm_plugin.atomic import atomic_path, atomic_write_text  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -50,6 +51,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--dim", type=int, default=None,
                    help="cluster dimension of the YAML `default` entry (bits/dim bits per weight); default: the YAML's, 4")
     p.add_argument("--max-iter", type=int, default=None, help="soft k-means iterations t for every layer")
+    p.add_argument("--sparsity", type=float, default=None,
+                   help="fraction of each clustered layer's weights pruned by magnitude at the first step "
+                        "(0 <= s < 1; default: the YAML's, none)")
     p.add_argument("--steps", type=int, default=200,
                    help="fine-tuning steps (200 x batch 128 = 0.51 epoch of the 50k training images)")
     p.add_argument("--batch-size", type=int, default=128, help="training batch size")
@@ -67,7 +71,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def load_model_config(path: str, method=None, bits=None, dim=None, max_iter=None, seed=None) -> ModelConfig:
+def load_model_config(path: str, method=None, bits=None, dim=None, max_iter=None, seed=None,
+                      sparsity=None) -> ModelConfig:
     """The YAML ModelConfig, with command-line overrides applied before the entries inherit from `default`."""
     with open(path) as f:
         raw = yaml.safe_load(f) or {}
@@ -75,7 +80,7 @@ def load_model_config(path: str, method=None, bits=None, dim=None, max_iter=None
     for key, value in (("bits", bits), ("dim", dim)):
         if value is not None:
             default[key] = value
-    for key, value in (("method", method), ("max_iter", max_iter), ("seed", seed)):  # every layer
+    for key, value in (("method", method), ("max_iter", max_iter), ("seed", seed), ("sparsity", sparsity)):  # every layer
         if value is not None:
             for entry in [default, raw.get("small_layer")] + list((raw.get("by_name") or {}).values()) \
                     + list((raw.get("by_type") or {}).values()):
@@ -108,13 +113,16 @@ def deploy(deployed: torch.nn.Module, out: str, x_test: torch.Tensor, y_test: to
     with torch.no_grad():
         expected = deployed(probe)
 
-    # self-describing safetensors file, reloaded into a plain float skeleton (no QAT code)
-    path = os.path.join(out, "model.safetensors")
-    save_palettized(deployed, path)
-    reloaded = load_palettized(path, MNISTNet(28)).eval()
-    with torch.no_grad():
-        report["safetensors"] = {"file": "model.safetensors", "bytes": disk_bytes(path),
-                                 "reload_equal": bool(torch.equal(reloaded(probe), expected))}
+    # self-describing safetensors files (fixed-width codes, and Huffman-coded), each reloaded into a plain
+    # float skeleton (no QAT code)
+    for key, codec, name in (("safetensors", "raw", "model.safetensors"),
+                             ("huffman", "huffman", "model.huffman.safetensors")):
+        path = os.path.join(out, name)
+        save_palettized(deployed, path, codec=codec)
+        reloaded = load_palettized(path, MNISTNet(28)).eval()
+        with torch.no_grad():
+            report[key] = {"file": name, "bytes": disk_bytes(path),
+                           "reload_equal": bool(torch.equal(reloaded(probe), expected))}
     if args.no_runtimes:
         return report
 
@@ -146,9 +154,10 @@ def deploy(deployed: torch.nn.Module, out: str, x_test: torch.Tensor, y_test: to
 
 def deploy_table(files: dict, pytorch_acc: float) -> str:
     lines = ["| file | size (KB) | test accuracy | check |", "|---|---:|---:|---|"]
-    st = files["safetensors"]
-    lines.append(f"| {st['file']} | {st['bytes'] / 1024:.1f} | {pytorch_acc:.2f}% (PyTorch) | "
-                 f"reloaded into a float MNISTNet: outputs equal = {st['reload_equal']} |")
+    for key in ("safetensors", "huffman"):
+        st = files[key]
+        lines.append(f"| {st['file']} | {st['bytes'] / 1024:.1f} | {pytorch_acc:.2f}% (PyTorch) | "
+                     f"reloaded into a float MNISTNet: outputs equal = {st['reload_equal']} |")
     et = files.get("executorch", {})
     if "bytes" in et:
         lines.append(f"| {et['file']} | {et['bytes'] / 1024:.1f} | {et['test_acc']:.2f}% (executorch.runtime) | "
@@ -180,7 +189,7 @@ def main(argv=None) -> dict:
           f"{float_row['size_kb']:.1f} KB")
 
     # 2. per-layer IDKM qconfigs from the YAML ModelConfig, then torch.ao's prepare_qat
-    mp = load_model_config(args.config, args.method, args.bits, args.dim, args.max_iter, args.seed)
+    mp = load_model_config(args.config, args.method, args.bits, args.dim, args.max_iter, args.seed, args.sparsity)
     print(mp.plan(model).to_markdown())  # each layer's config and size (LUTs and scales counted), before training
     if args.plan:
         return {"plan": [row.name for row in mp.plan(model).rows]}
@@ -228,6 +237,7 @@ def main(argv=None) -> dict:
         "float": float_row, "palettized": rows[1], "qat_eval_acc": qat_acc, "converted_equals_qat_eval": exact,
         "accuracy_drop_points": float_acc - deployed_acc, "train": vars(train), "seconds_total": elapsed,
         "layers": [vars(layer) for layer in layers.layers], "model_config": mp.to_dict(), "deploy": files,
+        "sparsity": {name: m.sparsity for name, m in deployed.named_modules() if isinstance(m, PalettizedModule)},
     }
     atomic_write_text(os.path.join(args.out, "report.json"), json.dumps(report, indent=2, default=str))
     atomic_write_text(os.path.join(args.out, "report.md"),

@@ -34,7 +34,8 @@ def has(module):
 def test_demo_writes_reports_and_converted_model_matches_qat(tmp_path):
     out, stdout = run_demo(tmp_path)
     assert "| float32 (pretrained) |" in stdout and "| idkm palettized |" in stdout
-    expected = ["model.safetensors", "model_config.yaml", "palettized_state_dict.pt", "report.json", "report.md"]
+    expected = ["model.safetensors", "model.huffman.safetensors", "model_config.yaml", "palettized_state_dict.pt",
+                "report.json", "report.md"]
     expected += ["model.pte"] if has("executorch.runtime") else []
     expected += ["model.mlpackage"] if has("coremltools") else []
     assert sorted(os.listdir(out)) == sorted(expected)  # and no temporary file left behind
@@ -42,6 +43,8 @@ def test_demo_writes_reports_and_converted_model_matches_qat(tmp_path):
     deploy = report["deploy"]
     assert deploy["safetensors"]["reload_equal"] is True
     assert deploy["safetensors"]["bytes"] == os.path.getsize(out / "model.safetensors")
+    assert deploy["huffman"]["reload_equal"] is True
+    assert deploy["huffman"]["bytes"] < deploy["safetensors"]["bytes"]  # entropy coding shrinks the codes
     if has("executorch.runtime"):  # the .pte, run by executorch.runtime, scores what PyTorch scores
         assert deploy["executorch"]["test_acc"] == report["palettized"]["test_acc"]
         assert deploy["executorch"]["bytes"] == os.path.getsize(out / "model.pte")
@@ -72,9 +75,18 @@ def test_demo_flags_override_the_yaml(tmp_path):
     assert cfg["by_name"]["features.3"]["max_iter"] == 5
 
 
+def test_sparsity_flag_prunes_every_clustered_layer(tmp_path):
+    out, _ = run_demo(tmp_path, "--sparsity", "0.5", "--no-runtimes")
+    report = json.loads((out / "report.json").read_text())
+    assert report["sparsity"] == pytest.approx(
+        {"features.3": 0.5, "classifier.0": 0.5, "classifier.2": 0.5}, abs=1e-3)
+    assert report["converted_equals_qat_eval"] is True
+    assert report["deploy"]["huffman"]["reload_equal"] is True
+
+
 def test_help_documents_the_flags():
     proc = subprocess.run([sys.executable, SCRIPT, "--help"], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0
     for flag in ("--method", "--bits", "--dim", "--steps", "--seed", "--out", "--config", "--train-subset",
-                 "--no-runtimes"):
+                 "--no-runtimes", "--sparsity"):
         assert flag in proc.stdout
