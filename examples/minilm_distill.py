@@ -197,10 +197,12 @@ def distill_loss(student: torch.Tensor, teacher: torch.Tensor, sim_weight: float
 
 # ---- configuration -------------------------------------------------------------------------------------------
 def load_model_config(path: str, method: Optional[str] = None, max_iter: Optional[int] = None) -> ModelConfig:
-    """The YAML ModelConfig; `method` / `max_iter` (when given) replace those fields in every entry."""
+    """The YAML ModelConfig; `method` / `max_iter` (when given) replace those fields in every entry
+    (method "dkm" also sets uniquify "off": uniquification needs the implicit backward)."""
     with open(path) as f:
         raw = yaml.safe_load(f) or {}
-    for key, value in (("method", method), ("max_iter", max_iter)):
+    uniquify = "off" if method == "dkm" else None
+    for key, value in (("method", method), ("max_iter", max_iter), ("uniquify", uniquify)):
         if value is None:
             continue
         entries = [raw.setdefault("default", {}), raw.get("small_layer")]

