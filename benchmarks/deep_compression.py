@@ -14,7 +14,8 @@ For LeNet-300-100 and LeNet-5 (Caffe layout), trained from scratch and cached (b
                    each method (dkm t=3, idkm, idkm_jfb), through torch.ao's prepare_qat / convert.
 Compression is the float32 model's bytes (weights and biases) over the bytes of the saved file that rebuilds
 the model (`save_palettized(..., codec=...)`: codes, LUTs, masks, biases, metadata; nothing left out).
-Writes benchmarks/results/deep_compression_<nets><tag>.{json,md,png}.
+Writes benchmarks/results/deep_compression_<nets><tag>.{json,md}; --merge gathers them in
+deep_compression.md and a plot of error vs compression, deep_compression.png.
 """
 from __future__ import annotations
 
@@ -52,7 +53,7 @@ DC_INDEX_BITS = {nn.Linear: 5, nn.Conv2d: 8}  # the paper's relative-index width
 
 # ours: per layer (sparsity, bits) (--ours overrides them)
 OURS = {
-    "lenet300": {"fc1": (0.92, 3), "fc2": (0.9, 3), "fc3": (0.7, 4)},
+    "lenet300": {"fc1": (0.95, 3), "fc2": (0.9, 3), "fc3": (0.7, 4)},
     "lenet5": {"conv1": (0.3, 4), "conv2": (0.85, 3), "fc1": (0.97, 3), "fc2": (0.8, 3)},
 }
 METHODS = {"dkm": {"method": "dkm", "max_iter": 3}, "idkm": {"method": "idkm"}, "idkm_jfb": {"method": "idkm_jfb"}}
@@ -180,7 +181,8 @@ def deep_compression_recipe(name: str, base: nn.Module, data: dict, epochs: floa
 
 
 # ---------------------------------------------------------------- ours
-def ours(name: str, base: nn.Module, method: str, prune: bool, data: dict, epochs: float, seed: int) -> nn.Module:
+def ours(name: str, base: nn.Module, method: str, prune: bool, data: dict, epochs: float, seed: int,
+         lr: float = 3e-4) -> nn.Module:
     """Pruning (if `prune`) and clustering in one torch.ao QAT run; returns the converted model."""
     from torch.ao.quantization import convert, prepare_qat
 
@@ -196,7 +198,7 @@ def ours(name: str, base: nn.Module, method: str, prune: bool, data: dict, epoch
         by_name[lname] = ClusterConfig(bits=bits, seed=seed, **METHODS[method], **extra)
     mp = ModelConfig(default=None, by_name=by_name, strict=True)
     qat = prepare_qat(assign_qconfigs(copy.deepcopy(base), mp).train())
-    train(qat, *data["train"], epochs=epochs, lr=3e-4, seed=seed, desc=f"{name} {method}{' prune' if prune else ''}")
+    train(qat, *data["train"], epochs=epochs, lr=lr, seed=seed, desc=f"{name} {method}{' prune' if prune else ''}")
     deployed = convert(copy.deepcopy(qat).eval(), mapping=palettize_mapping())
     probe = data["test"][0][:512]
     with torch.no_grad():
@@ -235,7 +237,7 @@ def run_net(name: str, args, data: dict) -> list[dict]:
     for method in args.methods:
         for prune in ([False] if "cluster" in args.rows else []) + ([True] if "prune" in args.rows else []):
             start = time.perf_counter()
-            deployed = ours(name, base, method, prune, data, args.epochs, args.seed)
+            deployed = ours(name, base, method, prune, data, args.epochs, args.seed, args.lr)
             seconds = time.perf_counter() - start
             what = f"{method} {'prune+cluster' if prune else 'cluster'}"
             for codec in ("raw", "huffman"):
@@ -255,21 +257,35 @@ def markdown(rows: list[dict]) -> str:
 
 
 def plot(rows: list[dict], path: str) -> None:
+    """Test error vs compression (log scale), one panel per network; lines at float, float + 0.1, + 0.5."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     nets = sorted({r["net"] for r in rows})
-    fig, axes = plt.subplots(1, len(nets), figsize=(6 * len(nets), 4.5), squeeze=False)
+    fig, axes = plt.subplots(1, len(nets), figsize=(7 * len(nets), 5), squeeze=False)
     for ax, net in zip(axes[0], nets):
-        for r in (r for r in rows if r["net"] == net):
-            marker = "*" if r["row"].startswith("DC") else ("s" if "huffman" in r["row"] else "o")
-            ax.scatter(r["compression"], r["error"], marker=marker, s=60)
-            ax.annotate(r["row"], (r["compression"], r["error"]), fontsize=6, xytext=(3, 3), textcoords="offset points")
+        float_err = next(r["error"] for r in rows if r["net"] == net and r["row"] == "float")
+        for delta, style in ((0, "-"), (0.1, "--"), (0.5, ":")):
+            ax.axhline(float_err + delta, color="grey", lw=0.8, ls=style)
+        groups: dict[str, list] = {}
+        for r in rows:
+            if r["net"] == net and r["row"] != "float":
+                key = r["row"].split(" (")[0] + (" (" + r["row"].split(" (")[1].split(";")[0] + ")"
+                                                 if " (" in r["row"] and not r["row"].startswith("DC") else "")
+                groups.setdefault(key, []).append(r)
+        for key, group in groups.items():
+            marker = "*" if key.startswith("DC") else ("s" if "huffman" in key else "o")
+            ax.scatter([r["compression"] for r in group], [r["error"] for r in group], marker=marker, s=50,
+                       label=key)
+        _, paper_err, paper_ratio = DC_PAPER[net]
+        ax.scatter([paper_ratio], [paper_err], marker="*", s=120, color="black", label="Deep Compression paper")
         ax.set_xscale("log")
-        ax.set(title=net, xlabel="compression (float32 bytes / file bytes)", ylabel="test error (%)")
+        ax.set(title=f"{net} (lines: float, +0.1, +0.5 points)", xlabel="compression (float32 bytes / file bytes)",
+               ylabel="test error (%)")
         ax.grid(alpha=0.3)
+        ax.legend(fontsize=6, loc="best")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
@@ -280,18 +296,48 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--methods", nargs="+", choices=sorted(METHODS), default=["dkm", "idkm", "idkm_jfb"])
     p.add_argument("--rows", nargs="+", choices=["dc", "cluster", "prune"], default=["dc", "cluster", "prune"])
     p.add_argument("--epochs", type=float, default=4, help="epochs of each retraining / QAT run")
+    p.add_argument("--lr", type=float, default=3e-4, help="Adam learning rate of our QAT runs (cosine decay)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads (default 1: on a shared machine more threads than free cores stall)")
     p.add_argument("--out", default=os.path.join(HERE, "results"))
     p.add_argument("--ours", nargs="*", metavar="NET:LAYER=SPARSITY:BITS,...",
                    help="override our per-layer (sparsity, bits), e.g. lenet300:fc1=0.95:3,fc2=0.9:3,fc3=0.7:4")
+    p.add_argument("--merge", action="store_true",
+                   help="only merge the deep_compression_*.json under --out into deep_compression.md / .png")
     p.add_argument("--tag", default="", help="suffix of the output files' names")
     return p.parse_args(argv)
 
 
+def merge(out: str) -> list[dict]:
+    """Every deep_compression_*.json under `out` -> one table (deep_compression.md) and plot (.png)."""
+    import glob
+
+    rows, seen = [], set()
+    for path in sorted(glob.glob(os.path.join(out, "deep_compression_*.json"))):
+        with open(path) as f:
+            run = json.load(f)
+        setting = f"{run['meta']['epochs']:g} ep, lr {run['meta'].get('lr', 3e-4):g}"
+        for r in run["rows"]:
+            if r["row"] == "float" and r["net"] in seen:
+                continue
+            seen.add(r["net"]) if r["row"] == "float" else None
+            ours_cfg = run["meta"]["ours"][r["net"]]
+            pruned = "prune" in r["row"]
+            layers = ", ".join(f"{k} {s:g}/{b}" if pruned else f"{k} {b}" for k, (s, b) in ours_cfg.items())
+            label = r["row"] if r["row"] == "float" or r["row"].startswith("DC") else \
+                f"{r['row']} ({setting}; {'sparsity/bits' if pruned else 'bits'}: {layers})"
+            rows.append({**r, "row": label})
+    rows.sort(key=lambda r: (r["net"], r["row"] != "float", not r["row"].startswith("DC"), -r["compression"]))
+    atomic_write_text(os.path.join(out, "deep_compression.md"), markdown(rows) + "\n")
+    plot(rows, os.path.join(out, "deep_compression.png"))
+    return rows
+
+
 def main(argv=None) -> list[dict]:
     args = parse_args(argv)
+    if args.merge:
+        return merge(args.out)
     for item in args.ours or []:
         net, _, layers = item.partition(":")
         OURS[net] = parse_layers(layers)
@@ -301,11 +347,11 @@ def main(argv=None) -> list[dict]:
     data = {"train": load_mnist("train"), "test": load_mnist("test")}
     rows = [r for net in args.nets for r in run_net(net, args, data)]
     os.makedirs(args.out, exist_ok=True)
-    meta = {"epochs": args.epochs, "seed": args.seed, "ours": OURS, "dc_recipe": DC_RECIPE}
+    meta = {"epochs": args.epochs, "lr": args.lr, "seed": args.seed, "ours": OURS, "dc_recipe": DC_RECIPE}
     stem = os.path.join(args.out, f"deep_compression_{'_'.join(args.nets)}{args.tag}")
     atomic_write_text(stem + ".json", json.dumps({"meta": meta, "rows": rows}, indent=1))
     atomic_write_text(stem + ".md", markdown(rows) + "\n")
-    plot(rows, stem + ".png")
+
     print(markdown(rows))
     return rows
 
