@@ -142,10 +142,12 @@ def _extrapolate(xs: list[torch.Tensor], fs: list[torch.Tensor], start: torch.Te
     valid = (col.unsqueeze(0) >= start.unsqueeze(1)).to(d_res.dtype).unsqueeze(1)  # [g, 1, h - 1]
     d_res, d_f = d_res * valid, d_f * valid
     gram = d_res.transpose(1, 2) @ d_res  # [g, h - 1, h - 1]
-    ridge = 1e-12 * gram.diagonal(dim1=1, dim2=2).amax(1).clamp_min(1e-300)
+    ridge = 1e-12 * gram.diagonal(dim1=1, dim2=2).amax(1).clamp_min(torch.finfo(gram.dtype).tiny)
     gram = gram + ridge.view(-1, 1, 1) * torch.eye(gram.shape[1], dtype=gram.dtype, device=gram.device)
     rhs = d_res.transpose(1, 2) @ resid[..., -1:]  # [g, h - 1, 1]
-    gamma = torch.linalg.solve(gram, rhs)
+    # solve_ex: a singular Gram matrix (e.g. a group whose history collapsed) must not raise, as CUDA's
+    # solve does; that group takes the plain step instead
+    gamma, info = torch.linalg.solve_ex(gram, rhs)
     cand = fval[..., -1] - (d_f @ gamma).squeeze(-1)
-    has_history = valid.squeeze(1).any(1)
+    has_history = valid.squeeze(1).any(1) & (info == 0)
     return torch.where(has_history.unsqueeze(1), cand, fx), has_history & torch.isfinite(cand).all(1)

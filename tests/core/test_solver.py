@@ -88,3 +88,15 @@ def test_the_clusterer_passes_the_configured_solver():
         clusterer(w)
         evals[solver] = clusterer.last_stats.forward_evals
     assert evals["anderson"] < evals["picard"]
+
+
+def test_singular_anderson_history_takes_the_plain_step():
+    """A history whose differences vanish (a singular Gram matrix) must not raise (CUDA's solve does): the
+    group falls back to the plain step F(x_last)."""
+    from idkm_plugin.core.fixed_point import _extrapolate
+
+    x = torch.ones(2, 6)
+    fx = torch.full((2, 6), 2.0)
+    cand, extrapolated = _extrapolate([x, x, x], [fx, fx, fx], torch.zeros(2, dtype=torch.long), 2)
+    assert not extrapolated.any()
+    assert torch.equal(cand, fx)
