@@ -42,7 +42,8 @@ def ptq_kmeans(model: nn.Module, model_config: ModelConfig, init: Optional[str] 
             continue
         clusterer = WeightClusterer(cfg if init is None else cfg.replace(init=init), name=name).eval()
         clusterer.initialize(module.weight)
-        x = clusterer.vectors(module.weight.detach()).to(clusterer.centroids.dtype)
+        # Lloyd on what the LUT encodes: the weight divided by its channel scales when the config has them
+        x = clusterer.vectors(clusterer._normalized(module.weight.detach())).to(clusterer.centroids.dtype)
         clusterer.centroids = lloyd(x, clusterer.centroids, iters)
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
