@@ -40,6 +40,7 @@ from mnist_common import evaluate, load_mnist  # noqa: E402
 
 from idkm_plugin import ClusterConfig, ModelConfig  # noqa: E402
 from idkm_plugin.atomic import atomic_write_text  # noqa: E402
+from idkm_plugin.core.prune import magnitude_mask, num_pruned  # noqa: E402
 from idkm_plugin.export import load_palettized, save_palettized  # noqa: E402
 from idkm_plugin.nn import PalettizedConv2d, PalettizedLinear  # noqa: E402
 
@@ -84,11 +85,8 @@ def magnitude_masks(model: nn.Module, pruned: dict[str, float]) -> dict[str, tor
     """name -> bool mask [weight shape] keeping all but round(s * numel) smallest-|w| weights of each layer."""
     masks = {}
     for name, layer in weighted_layers(model).items():
-        w = layer.weight.detach().flatten()
-        drop = round(pruned[name] * w.numel())
-        keep = torch.ones(w.numel(), dtype=torch.bool)
-        keep[torch.argsort(w.abs(), stable=True)[:drop]] = False
-        masks[name] = keep.view_as(layer.weight)
+        w = layer.weight.detach().reshape(1, -1, 1)  # one group of 1-D vectors: the core's magnitude pruning
+        masks[name] = magnitude_mask(w, num_pruned(pruned[name], w.shape[1])).view_as(layer.weight)
     return masks
 
 
