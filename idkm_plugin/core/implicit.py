@@ -32,6 +32,7 @@ from .kernel import attention_chunks, map_sums, soft_map
 from .soft_step import chunk_rows, compute_dtype, empty_clusters, update_centroids
 from .stats import SolveStats
 from .uniquify import gather_rows, grid_rows, scatter_rows, uniquify_rows
+from .window import sort_rows, use_window, window_soft_map
 
 
 UNSTABLE_MARGIN = 1e-4  # spectral radius of dF/dC above 1 + this: an unstable (saddle) fixed point
@@ -96,10 +97,15 @@ def _solve(x: torch.Tensor, n: Optional[torch.Tensor], c0: torch.Tensor, tau: to
            opts: SolveOptions, solver: Solver, stats: SolveStats):
     """The fixed point and the output pass at it (see output_pass), filling the forward stats."""
     scale = x.abs().amax().clamp_min(torch.finfo(x.dtype).tiny)
-    sol = solve_fixed_point(lambda c: soft_map(x, n, c, tau, rows), c0, solver, opts.max_iter, opts.tol, scale)
+    k, d = c0.shape[1:]
+    if use_window(k, d):
+        sorted_rows = sort_rows(x, n)
+        fmap = lambda c: window_soft_map(sorted_rows, c, tau)  # noqa: E731
+    else:
+        fmap = lambda c: soft_map(x, n, c, tau, rows)  # noqa: E731
+    sol = solve_fixed_point(fmap, c0, solver, opts.max_iter, opts.tol, scale)
     stats.forward_iters, stats.forward_evals = sol.iters, stats.forward_evals + sol.evals
     stats.forward_rejections, stats.forward_residual = sol.rejections, sol.residual
-    k, d = c0.shape[1:]
     with_jacobian = not opts.jfb and use_explicit_jacobian(k, d)
     out = output_pass(x, n, sol.c, tau, rows, opts.chunk_size == 0, with_jacobian)
     stats.spectral_radius = spectral_radius(out[3]) if with_jacobian else math.nan
