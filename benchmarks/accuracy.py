@@ -1,7 +1,8 @@
 """Method comparison on real data: the pretrained MNIST CNN compressed at several bits/dim.
 
     python benchmarks/accuracy.py                                  # everything (long on 2 CPU cores)
-    python benchmarks/accuracy.py --steps 50 --configs 1/1,4/4 --methods ptq,idkm
+    python benchmarks/accuracy.py --steps 50 --configs 1/1,4/4 --methods ptq,idkm_t30
+    python benchmarks/accuracy.py --configs 8/8 --methods dkm_t3 --merge   # replace those rows, keep the rest
 
 For every configuration bits/dim (applied to the two big layers, features.3 and classifier.0;
 the two small layers, 1,568 weights in all, stay at 8 bits in every method) and every method:
@@ -135,24 +136,24 @@ def run_one(method: str, bits: int, dim: int, data, args) -> dict:
 
 def write_outputs(rows: list[dict], args, out: str) -> None:
     os.makedirs(out, exist_ok=True)
-    meta = {"steps": args.steps, "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed,
+    meta = {"batch_size": args.batch_size, "lr": args.lr, "seed": args.seed,
             "device": args.device + (f" ({torch.cuda.get_device_name()})" if args.device.startswith("cuda") else
                                      f" ({torch.get_num_threads()} threads)"),
             "test_images": args.test_subset or 10000}
     with open(os.path.join(out, "accuracy.json"), "w") as f:
         json.dump({"meta": meta, "rows": rows}, f, indent=2)
     lines = [f"Pretrained ccexam MNISTNet, {meta['test_images']:,} MNIST test images; trained methods: "
-             f"{args.steps} Adam steps of batch {args.batch_size} (lr {args.lr}, seed {args.seed}) on "
+             f"the steps column's Adam steps of batch {args.batch_size} (lr {args.lr}, seed {args.seed}) on "
              f"{meta['device']}. bits/dim applies to features.3 and classifier.0 (99.6% of the weights); "
              f"the two small layers are at 8 bits in every method. Uniform QAT uses round(bits/dim) bits per "
              "channel. Memory: bytes held for backward in one training step (whole model).\n",
-             "| bits/dim | method | test acc (%) | size (KB) | compression | bits/weight | step (ms) | "
-             "held for backward (MiB) |", "|---|---|---:|---:|---:|---:|---:|---:|"]
+             "| bits/dim | method | test acc (%) | size (KB) | compression | bits/weight | steps | step (ms) | "
+             "held for backward (MiB) |", "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         step = "" if r["step_ms"] is None else f"{r['step_ms']:.0f}"
         held = "" if r["held_MiB"] is None else f"{r['held_MiB']:.1f}"
         lines.append(f"| {r['config']} | {r['method']} | {r['test_acc']:.2f} | {r['size_kb']:.1f} | "
-                     f"{r['compression']:.1f}x | {r['bits_per_weight']:.3f} | {step} | {held} |")
+                     f"{r['compression']:.1f}x | {r['bits_per_weight']:.3f} | {r['steps'] or ''} | {step} | {held} |")
     with open(os.path.join(out, "accuracy.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     plot(rows, os.path.join(out, "accuracy.png"), meta)
@@ -179,7 +180,8 @@ def plot(rows: list[dict], path: str, meta: dict) -> None:
     ax.set_xlabel("model size (KB, log scale)")
     ax.set_ylabel("MNIST test accuracy (%)")
     ax.set_ylim(max(0.0, min([r["test_acc"] for r in rows] + [90]) - 1), 100)
-    ax.set_title(f"Accuracy vs size, {meta['steps']} fine-tuning steps, {meta['device']}", fontsize=9)
+    steps = "/".join(str(s) for s in sorted({r["steps"] for r in rows if r["steps"]}))
+    ax.set_title(f"Accuracy vs size, {steps} fine-tuning steps, {meta['device']}", fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
@@ -200,6 +202,8 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--test-subset", type=int, default=None)
     p.add_argument("--out", default=RESULTS, help="output folder; default: %(default)s")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--merge", action="store_true",
+                   help="keep the rows of the existing OUT/accuracy.json, replacing those (config, method) rerun")
     args = p.parse_args(argv)
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     warnings.filterwarnings("ignore", message=".*adjoint solve did not converge.*")
@@ -209,6 +213,7 @@ def main(argv=None) -> list[dict]:
         raise SystemExit(f"--methods {unknown} not known; use some of {ALL_METHODS}")
     configs = [tuple(int(v) for v in c.split("/")) for c in args.configs.split(",") if c.strip()]
     data = (*load_mnist("train", args.train_subset), *load_mnist("test", args.test_subset))
+    kept = previous_rows(args.out) if args.merge else []
     rows: list[dict] = []
     if "float" in methods:
         rows.append(run_one("float", 32, 1, data, args))
@@ -223,9 +228,24 @@ def main(argv=None) -> list[dict]:
             print(f"{bits}/{dim} {method:13s} acc {row['test_acc']:.2f}%  {row['size_kb']:.1f} KB  "
                   f"{row['bits_per_weight']:.3f} b/w  step {row['step_ms'] or 0:.0f} ms  "
                   f"held {row['held_MiB'] or 0:.1f} MiB  ({time.perf_counter() - t0:.0f} s)", flush=True)
-            write_outputs(rows, args, args.out)  # partial results survive an interrupted run
-    write_outputs(rows, args, args.out)
+            write_outputs(merged(kept, rows), args, args.out)  # partial results survive an interrupted run
+    write_outputs(merged(kept, rows), args, args.out)
     return rows
+
+
+def previous_rows(out: str) -> list[dict]:
+    path = os.path.join(out, "accuracy.json")
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return json.load(f)["rows"]
+
+
+def merged(kept: list[dict], new: list[dict]) -> list[dict]:
+    """kept rows in their order with same-(config, method) rows replaced by new ones; other new rows appended."""
+    fresh = {(r["config"], r["method"]): r for r in new}
+    out = [fresh.pop((r["config"], r["method"]), r) for r in kept]
+    return out + [r for r in new if (r["config"], r["method"]) in fresh]
 
 
 if __name__ == "__main__":
