@@ -35,6 +35,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--method", choices=["dkm", "idkm", "idkm_jfb"], default="idkm")
     p.add_argument("--bits", type=int, default=4, help="bits per code (dim 1: bits per weight before LUTs/scales)")
     p.add_argument("--per-channel-scale", choices=["off", "max_abs", "rms"], default="max_abs")
+    p.add_argument("--scale-dtype", choices=["float32", "float16"], default="float32",
+                   help="stored per-channel scales (float16: 2 bytes per output channel)")
     p.add_argument("--group-size", type=int, default=0, help="output channels per LUT (0: one LUT per tensor)")
     p.add_argument("--max-iter", type=int, default=3, help="soft k-means iterations t per step")
     p.add_argument("--steps", type=int, default=200)
@@ -43,6 +45,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--temperature", type=float, default=2.0)
     p.add_argument("--train-crops", type=int, default=512, help="training crops (drawn once, seed 1)")
     p.add_argument("--test-crops", type=int, default=64, help="held-out crops (seed 2)")
+    p.add_argument("--bn", choices=["frozen", "affine"], default="frozen",
+                   help="BatchNorm: teacher's statistics always; 'affine' also trains its (float) scale and shift")
     p.add_argument("--plan", action="store_true", help="print the per-layer plan and exit")
     p.add_argument("--seed", type=int, default=0)
     return p.parse_args(argv)
@@ -52,7 +56,8 @@ def model_config(args: argparse.Namespace) -> ModelConfig:
     extra = {"granularity": "per_grouped_channel", "group_size": args.group_size} if args.group_size else {}
     scale = False if args.per_channel_scale == "off" else args.per_channel_scale
     return ModelConfig(default=ClusterConfig(method=args.method, bits=args.bits, max_iter=args.max_iter,
-                                             per_channel_scale=scale, seed=args.seed, **extra))
+                                             per_channel_scale=scale, scale_dtype=args.scale_dtype, seed=args.seed,
+                                             **extra))
 
 
 @torch.no_grad()
@@ -63,12 +68,13 @@ def agreement(student: nn.Module, teacher_logits: torch.Tensor, x: torch.Tensor)
             F.cosine_similarity(out, teacher_logits, dim=1).mean().item())
 
 
-def freeze_batchnorm(model: nn.Module) -> nn.Module:
+def freeze_batchnorm(model: nn.Module, train_affine: bool = False) -> nn.Module:
+    """BatchNorm in eval mode (the teacher's running statistics); its scale and shift train only if asked."""
     for m in model.modules():
         if isinstance(m, nn.BatchNorm2d):
             m.eval()
-            m.weight.requires_grad_(False)
-            m.bias.requires_grad_(False)
+            m.weight.requires_grad_(train_affine)
+            m.bias.requires_grad_(train_affine)
     return model
 
 
@@ -92,7 +98,7 @@ def main(argv=None) -> dict:
         t_test = torch.cat([teacher(b) for b in x_test.split(32)])
 
     qat = prepare_qat(assign_qconfigs(copy.deepcopy(teacher), mp).train())
-    freeze_batchnorm(qat)
+    freeze_batchnorm(qat, args.bn == "affine")
     before = agreement(qat.eval(), t_test, x_test)
     print(f"before training (eval-mode QAT = converted): top-1 agreement {before[0]:.1f}%, cosine {before[1]:.3f}")
     opt = torch.optim.Adam([p for p in qat.parameters() if p.requires_grad], lr=args.lr)
@@ -100,7 +106,7 @@ def main(argv=None) -> dict:
     start = time.perf_counter()
     for step in range(args.steps):
         qat.train()
-        freeze_batchnorm(qat)
+        freeze_batchnorm(qat, args.bn == "affine")
         idx = torch.randint(0, len(x_train), (args.batch_size,), generator=g)
         out = qat(x_train[idx])
         loss = F.kl_div(F.log_softmax(out / args.temperature, 1), F.log_softmax(t_train[idx] / args.temperature, 1),

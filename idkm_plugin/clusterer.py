@@ -290,15 +290,28 @@ class WeightClusterer(nn.Module):
 
     def channel_scale(self, weight: torch.Tensor) -> torch.Tensor:
         """Per-output-channel scale [out] (float32; float64 for float64 weights) of a weight [out, ...]:
-        max |w| or the RMS of the channel (`config.per_channel_scale`), 1 for an all-zero channel.
-        Differentiable w.r.t. the weight."""
+        max |w| or the RMS of the channel (`config.per_channel_scale`), 1 for an all-zero channel, rounded to
+        `config.scale_dtype` (straight-through). Differentiable w.r.t. the weight."""
         w = weight.to(compute_dtype(weight.dtype)).reshape(weight.shape[0] if weight.dim() else 1, -1)
         if self.config.per_channel_scale is ChannelScale.RMS:
             # sqrt after the all-zero test: sqrt's infinite slope at 0 would make the gradient NaN (a pruned channel)
             square = w.square().mean(1)
-            return torch.where(square > 0, square, torch.ones_like(square)).sqrt()
-        scale = w.abs().amax(1)
-        return torch.where(scale > 0, scale, torch.ones_like(scale))
+            scale = torch.where(square > 0, square, torch.ones_like(square)).sqrt()
+        else:
+            scale = w.abs().amax(1)
+            scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+        return self._stored_precision(scale)
+
+    def _stored_precision(self, scale: torch.Tensor) -> torch.Tensor:
+        """scale rounded to the stored scale dtype; the cast's gradient is the identity (straight-through)."""
+        dtype = self.config.scale_torch_dtype
+        if dtype == torch.float32:  # float32 is the compute precision already (float64 weights keep theirs)
+            return scale
+        info = torch.finfo(dtype)
+        if bool((scale.detach() > info.max).any()):
+            raise ValueError(f"{self.name}: a per-channel scale of {float(scale.detach().max()):.4g} does not fit "
+                             f"scale_dtype={self.config.scale_dtype!r} (at most {info.max:g}); use 'float32'")
+        return scale.clamp_min(info.smallest_normal).to(dtype).to(scale.dtype)
 
     def _normalized(self, weight: torch.Tensor) -> torch.Tensor:
         """The weight divided by its channel scales (unchanged without per_channel_scale)."""
@@ -347,10 +360,10 @@ class WeightClusterer(nn.Module):
     @torch.no_grad()
     def scales(self, weight: torch.Tensor) -> dict[str, torch.Tensor]:
         """The scales the converted module stores beside codes + LUT (empty without them):
-        "channel_scale": float32 [out] per output channel; "lut_scale": float32 [groups] of an int8 LUT."""
+        "channel_scale": [out] per output channel (scale_dtype); "lut_scale": float32 [groups] of an int8 LUT."""
         out: dict[str, torch.Tensor] = {}
         if self.config.per_channel_scale:
-            out["channel_scale"] = self.channel_scale(weight.detach()).to(torch.float32)
+            out["channel_scale"] = self.channel_scale(weight.detach()).to(self.config.scale_torch_dtype)
         if self.config.lut_quantized:
             self.initialize(weight)
             out["lut_scale"] = self.quantized_lut()[1]

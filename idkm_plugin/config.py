@@ -26,6 +26,7 @@ class Granularity(str, enum.Enum):
 
 _LUT_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
                "int8": torch.int8}
+_SCALE_DTYPES = {"float32": torch.float32, "float16": torch.float16}
 
 
 class ChannelScale(str, enum.Enum):
@@ -86,6 +87,9 @@ class ClusterConfig:
             in every method; the converted layer stores the float32 scales [out] beside the LUT (4 bytes per
             output channel). Measured on the pretrained MNIST CNN's conv weights, max_abs clusters better
             (see tests/test_per_channel_scale.py and the README); it is coremltools' choice too.
+        scale_dtype: "float32" or "float16" for the stored per-channel scales. "float16" halves their cost
+            (2 bytes per output channel); the scales are rounded to float16 in training too (straight-through
+            for the gradient), so converted == eval-mode QAT stays exact.
         start_step: training steps to run unclustered before clustering switches on.
         seed: seed of the initialisation.
         solver: fixed-point solver of idkm / idkm_jfb: "anderson" (safeguarded Anderson acceleration)
@@ -118,6 +122,7 @@ class ClusterConfig:
     seed: int = 0
     solver: Solver | str = Solver.ANDERSON
     per_channel_scale: bool | ChannelScale | str = False
+    scale_dtype: str = "float32"
     sparsity: float = 0.0
     prune_start: Optional[int] = None
     prune_steps: int = 0
@@ -151,6 +156,7 @@ class ClusterConfig:
                self.adjoint_max_iter, "an integer >= 1")
         _check(_is_num(self.adjoint_tol) and self.adjoint_tol > 0, "adjoint_tol", self.adjoint_tol, "a float > 0")
         _check(self.lut_dtype in _LUT_DTYPES, "lut_dtype", self.lut_dtype, f"one of {sorted(_LUT_DTYPES)}")
+        _check(self.scale_dtype in _SCALE_DTYPES, "scale_dtype", self.scale_dtype, f"one of {sorted(_SCALE_DTYPES)}")
         _check(_is_int(self.start_step) and self.start_step >= 0, "start_step", self.start_step, "an integer >= 0")
         _check(_is_int(self.seed), "seed", self.seed, "an integer")
         _check(_is_num(self.sparsity) and 0 <= self.sparsity < 1, "sparsity", self.sparsity,
@@ -201,6 +207,10 @@ class ClusterConfig:
         return _LUT_DTYPES[self.lut_dtype]
 
     @property
+    def scale_torch_dtype(self) -> torch.dtype:
+        return _SCALE_DTYPES[self.scale_dtype]
+
+    @property
     def lut_quantized(self) -> bool:
         """The LUT is stored as int8 entries + one float32 scale per LUT."""
         return self.lut_dtype == "int8"
@@ -215,7 +225,7 @@ class ClusterConfig:
         codes = (numel // self.dim * self.bits + 7) // 8
         lut = luts * self.k * self.dim * self.lut_torch_dtype.itemsize
         lut_scales = 4 * luts if self.lut_quantized else 0
-        channel_scales = 4 * out if self.per_channel_scale else 0
+        channel_scales = self.scale_torch_dtype.itemsize * out if self.per_channel_scale else 0
         mask = (numel // self.dim + 7) // 8 if self.sparsity > 0 else 0
         return codes + lut + lut_scales + channel_scales + mask
 

@@ -411,7 +411,7 @@ class Plan:
                 if c.lut_group_size:
                     cfg += f", LUT per {c.lut_group_size} ch"
                 if c.per_channel_scale:
-                    cfg += f", scale {c.per_channel_scale.value}"
+                    cfg += f", scale {c.per_channel_scale.value}" + ("" if c.scale_dtype == "float32" else f" {c.scale_dtype}")
                 if c.lut_dtype != "float32":
                     cfg += f", {c.lut_dtype} LUT"
                 if c.sparsity:

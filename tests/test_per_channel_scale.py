@@ -141,6 +141,7 @@ CONFIGS = {
     "int8 LUT": ClusterConfig(bits=3, max_iter=5, lut_dtype="int8"),
     "rms scale + int8 LUT + grouped": ClusterConfig(bits=2, max_iter=5, per_channel_scale="rms", lut_dtype="int8",
                                                     granularity="per_grouped_channel", group_size=2),
+    "float16 scale": ClusterConfig(bits=2, max_iter=5, per_channel_scale="max_abs", scale_dtype="float16"),
 }
 
 
@@ -158,6 +159,7 @@ def _check_converted(deployed, cfg, n_layers=5):
     assert len(layers) == n_layers
     for m in layers:
         assert (m.channel_scale is not None) == bool(cfg.per_channel_scale)
+        assert m.channel_scale is None or m.channel_scale.dtype == cfg.scale_torch_dtype
         assert (m.lut.dtype == torch.int8) == cfg.lut_quantized
         assert (m.lut_scale is not None) == cfg.lut_quantized
 
@@ -249,8 +251,8 @@ def test_save_load_round_trip_is_exact_and_size_counts_scales(tmp_path, name):
     report = size_report(model)
     for layer in report.layers:
         m = model.get_submodule(layer.name)
-        assert layer.scale_bytes == 4 * (m.weight_shape[0] * bool(cfg.per_channel_scale)
-                                         + m.groups_lut * cfg.lut_quantized)
+        assert layer.scale_bytes == (cfg.scale_torch_dtype.itemsize * m.weight_shape[0] * bool(cfg.per_channel_scale)
+                                     + 4 * m.groups_lut * cfg.lut_quantized)
         assert layer.lut_bytes == m.lut.numel() * (1 if cfg.lut_quantized else 4)
         # the plan's arithmetic is the converted module's
         assert layer.code_bytes + layer.lut_bytes + layer.scale_bytes == cfg.palettized_nbytes(m.weight_shape)
@@ -258,21 +260,23 @@ def test_save_load_round_trip_is_exact_and_size_counts_scales(tmp_path, name):
     assert report.total_bytes == stored
 
 
-def test_torch_export_decode_applies_the_scales():
+@pytest.mark.parametrize("name", ["rms scale + int8 LUT + grouped", "float16 scale"])
+def test_torch_export_decode_applies_the_scales(name):
     from idkm_plugin.export.executorch_export import export_program
 
-    model = _palettized_net(CONFIGS["rms scale + int8 LUT + grouped"])
+    model = _palettized_net(CONFIGS[name])
     program = export_program(model, _inputs())
     assert torch.equal(program.module()(*_inputs()), model(*_inputs()))
 
 
-def test_coreml_weights_with_scales_and_int8_luts_equal_dequantize_weight():
+@pytest.mark.parametrize("name", ["rms scale + int8 LUT + grouped", "float16 scale"])
+def test_coreml_weights_with_scales_and_int8_luts_equal_dequantize_weight(name):
     ct = pytest.importorskip("coremltools", reason="coremltools is not installed (extra: coreml)")
     from coremltools.optimize._utils import lut_to_dense
 
     from idkm_plugin.export import to_coreml
 
-    model = _palettized_net(CONFIGS["rms scale + int8 LUT + grouped"])
+    model = _palettized_net(CONFIGS[name])
     mlmodel = to_coreml(model, _inputs(), compute_precision=ct.precision.FLOAT32)
     ops = [op for function in mlmodel._mil_program.functions.values() for op in function.operations]
     checked = set()
@@ -318,14 +322,36 @@ def test_tied_weight_scales_are_stored_once_and_tied_again(tmp_path):
     assert torch.equal(loaded(ids), model(ids))
 
 
-def test_executorch_program_applies_the_scales(tmp_path):
+@pytest.mark.parametrize("name", ["rms scale + int8 LUT + grouped", "float16 scale"])
+def test_executorch_program_applies_the_scales(tmp_path, name):
     pytest.importorskip("executorch.runtime")
     from executorch.runtime import Runtime
 
     from idkm_plugin.export import to_executorch
 
-    model = _palettized_net(CONFIGS["rms scale + int8 LUT + grouped"])
+    model = _palettized_net(CONFIGS[name])
     to_executorch(model, _inputs(), tmp_path / "m.pte")
     out = Runtime.get().load_program(tmp_path / "m.pte").load_method("forward").execute(list(_inputs()))[0]
     # XNNPACK's GEMMs sum in another order than PyTorch's: equal up to float32 rounding
     torch.testing.assert_close(out, model(*_inputs()), rtol=1e-5, atol=1e-6)
+
+
+def test_float16_scales_are_rounded_in_training_and_straight_through():
+    w = (torch.randn(6, 10, generator=torch.Generator().manual_seed(5)) * 0.03).requires_grad_()
+    half = WeightClusterer(ClusterConfig(bits=2, per_channel_scale="max_abs", scale_dtype="float16"), "fc")
+    full = WeightClusterer(ClusterConfig(bits=2, per_channel_scale="max_abs"), "fc")
+    scale = half.channel_scale(w)
+    assert scale.dtype == torch.float32 and torch.equal(scale, scale.half().float())
+    assert not torch.equal(scale, full.channel_scale(w))  # really rounded
+    scale.sum().backward()
+    full_grad = torch.autograd.grad(full.channel_scale(w).sum(), w)[0]
+    assert torch.equal(w.grad, full_grad)  # the cast passes the gradient through unchanged
+    assert half.scales(w.detach())["channel_scale"].dtype == torch.float16
+
+
+def test_float16_scale_overflow_names_the_layer():
+    clusterer = WeightClusterer(ClusterConfig(bits=2, per_channel_scale="max_abs", scale_dtype="float16"), "big.fc")
+    with pytest.raises(ValueError, match=r"big\.fc.*1e\+05.*scale_dtype='float16'"):
+        clusterer.channel_scale(torch.full((2, 3), 1e5))
+    with pytest.raises(ValueError, match="scale_dtype"):
+        ClusterConfig(scale_dtype="bfloat16")

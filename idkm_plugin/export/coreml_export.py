@@ -88,7 +88,7 @@ def with_coreml_metadata(model: nn.Module) -> nn.Module:
         if vector_axis is not None:
             layer.register_buffer("_COREML_/weight/vector_axis", torch.tensor(vector_axis))
         if module.channel_scale is not None:  # per-output-channel scale: constexpr_blockwise_shift_scale after the LUT
-            scale = module.channel_scale.detach().view(-1, *([1] * (len(module.weight_shape) - 1)))
+            scale = module.channel_scale.detach().float().view(-1, *([1] * (len(module.weight_shape) - 1)))
             layer.register_buffer("_COREML_/weight/palettization_scale", scale)
         parent, _, attr = name.rpartition(".")
         if not name:

@@ -69,7 +69,7 @@ def layer_metadata(module: PalettizedModule) -> dict[str, Any]:
             "weight_shape": list(module.weight_shape), "lut_groups": module.groups_lut,
             "weight_dtype": _dtype_name(module.weight_dtype), "lut_dtype": _dtype_name(module.lut.dtype),
             "hyperparameters": module.hyperparameters()}
-    # per-channel scales: tensor "<layer>.channel_scale" float32 [out] (an int8 LUT's: "<layer>.lut_scale" [groups])
+    # per-channel scales: tensor "<layer>.channel_scale" float32 or float16 [out] (an int8 LUT's: "<layer>.lut_scale" [groups])
     if module.channel_scale is not None:
         meta["per_channel_scale"] = True
     return meta

@@ -6,7 +6,7 @@ Each module stores
 and rebuilds the dense weight in `dequantize_weight()`: lut[codes] reshaped to the weight shape.
 Optional buffers (set with `set_scales`, None otherwise, then in no state_dict):
     lut_scale: float32 [groups]       an int8 LUT's per-LUT scale: decoded LUT = lut * lut_scale,
-    channel_scale: float32 [out]  per-output-channel scale: weight = lut[codes] * channel_scale[:, None, ...].
+    channel_scale: float32 or float16 [out]  per-output-channel scale: weight = lut[codes] * channel_scale[:, None, ...].
 Optional pruning mask (set with `set_mask`, None otherwise, then in no state_dict):
     mask: uint8 [ceil(numel / d / 8)]  1 bit per d-vector in code order (`pack_codes(keep, 1)`, 1 = kept);
           pruned vectors decode to exactly 0 (their codes are stored as 0).
@@ -84,12 +84,14 @@ class PalettizedModule(nn.Module):
 
     def set_scales(self, channel_scale: Optional[torch.Tensor] = None,
                    lut_scale: Optional[torch.Tensor] = None) -> "PalettizedModule":
-        """Attach the per-output-channel scales float32 [out] and / or an int8 LUT's scales float32 [groups]."""
+        """Attach the per-output-channel scales [out] (float32, or float16 as given) and / or an int8 LUT's
+        scales float32 [groups]."""
         if channel_scale is not None:
             if channel_scale.dim() != 1 or channel_scale.shape[0] != self.weight_shape[0]:
                 raise ValueError(f"channel_scale {list(channel_scale.shape)} does not match a "
                                  f"{list(self.weight_shape)} weight: expected [{self.weight_shape[0]}] (one per output channel)")
-            self.channel_scale = channel_scale.detach().to(torch.float32).clone()
+            dtype = torch.float16 if channel_scale.dtype == torch.float16 else torch.float32
+            self.channel_scale = channel_scale.detach().to(dtype).clone()
         if lut_scale is not None:
             if self.lut.dtype != torch.int8 or lut_scale.shape != (self.groups_lut,):
                 raise ValueError(f"lut_scale {list(lut_scale.shape)} needs an int8 lut [groups, k, d] with "
