@@ -9,8 +9,9 @@ every nearest-centroid segment's end rows). Terms outside the window are taken a
 floor value, a relative change below k * exp(-36) = 6e-14 of a row's sum at k = 256.
 
 The rows are sorted once per solve (SortedRows); then the rows whose nearest centroid is c_j form one
-contiguous segment, found by a binary search of the k - 1 midpoints, and each window offset's sums per
-segment are differences of a running (float64) sum. One evaluation on one thread, 512x512 weight:
+contiguous segment, found by a binary search of the k - 1 midpoints, and the per-row terms of each
+window offset are summed per segment in float64 (index_add_ by nearest centroid; float32 sums of 4,096
+rows were off by 1e-6). One evaluation on one thread, 512x512 weight:
 k = 256 (a window of 5 centroids) 33 ms against 130 ms dense, k = 64: 27 ms against 36 ms. A window
 as wide as k (a large tau) falls back to the dense kernel.
 
