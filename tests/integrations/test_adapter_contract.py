@@ -192,8 +192,8 @@ def test_every_cluster_config_field_is_reachable_from_the_brevitas_injector():
     non_default = {"method": "idkm_jfb", "bits": 3, "dim": 2, "tau": 2e-4, "max_iter": 7, "tol": 1e-4,
                    "init": "linear", "granularity": "per_grouped_channel", "group_size": 4, "uniquify": "off",
                    "chunk_size": 64, "adjoint_max_iter": 9, "adjoint_tol": 1e-3, "lut_dtype": "float16",
-                   "start_step": 3, "seed": 5, "per_channel_scale": "rms", "sparsity": 0.75, "prune_start": 4,
-                   "prune_steps": 10}
+                   "start_step": 3, "seed": 5, "per_channel_scale": "rms", "scale_dtype": "float16", "sparsity": 0.75,
+                   "prune_start": 4, "prune_steps": 10}
     default = ClusterConfig(group_size=2)  # valid with either granularity
     for f in dataclasses.fields(ClusterConfig):
         value = non_default.get(f.name)
