@@ -84,8 +84,8 @@ class ClusterConfig:
         per_channel_scale: False (off), "max_abs" or "rms" (True = "max_abs"): each output channel (dim 0 of the
             weight) is divided by its own scale (its max |w|, or its root mean square) before clustering and
             multiplied back after; the scale is a function of the weight, so the gradient flows through it
-            in every method; the converted layer stores the float32 scales [out] beside the LUT (4 bytes per
-            output channel). Measured on the pretrained MNIST CNN's conv weights, max_abs clusters better
+            in every method; the converted layer stores the scales [out] beside the LUT (4 bytes per output
+            channel, 2 with scale_dtype="float16"). Measured on the pretrained MNIST CNN's conv weights, max_abs clusters better
             (see tests/test_per_channel_scale.py and the README); it is coremltools' choice too.
         scale_dtype: "float32" or "float16" for the stored per-channel scales. "float16" halves their cost
             (2 bytes per output channel); the scales are rounded to float16 in training too (straight-through
