@@ -37,6 +37,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--per-channel-scale", choices=["off", "max_abs", "rms"], default="max_abs")
     p.add_argument("--scale-dtype", choices=["float32", "float16"], default="float32",
                    help="stored per-channel scales (float16: 2 bytes per output channel)")
+    p.add_argument("--bits-config", default=None,
+                   help="a YAML ModelConfig (per-layer mixed precision) instead of the flags above")
     p.add_argument("--group-size", type=int, default=0, help="output channels per LUT (0: one LUT per tensor)")
     p.add_argument("--max-iter", type=int, default=3, help="soft k-means iterations t per step")
     p.add_argument("--steps", type=int, default=200)
@@ -53,6 +55,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def model_config(args: argparse.Namespace) -> ModelConfig:
+    if args.bits_config:
+        return ModelConfig.from_yaml(args.bits_config)
     extra = {"granularity": "per_grouped_channel", "group_size": args.group_size} if args.group_size else {}
     scale = False if args.per_channel_scale == "off" else args.per_channel_scale
     return ModelConfig(default=ClusterConfig(method=args.method, bits=args.bits, max_iter=args.max_iter,

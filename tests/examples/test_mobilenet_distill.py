@@ -23,3 +23,14 @@ def test_plan_flag_prints_the_plan_and_exits(capsys):
     result = mobilenet_distill.main(["--plan", "--bits", "3"])
     assert "| features.0.0 | Conv2d | default | idkm 3 bit, scale max_abs |" in capsys.readouterr().out
     assert result["plan_bytes"] < 3.3 / 32 * 4 * 3_470_000
+
+
+def test_bits_config_gives_per_layer_precision(tmp_path, capsys):
+    yaml = tmp_path / "mixed.yaml"
+    yaml.write_text("default: {bits: 4, per_channel_scale: max_abs, scale_dtype: float16}\n"
+                    "by_name:\n  classifier.1: {bits: 3}\n  features.0.0: {bits: 8}\n")
+    result = mobilenet_distill.main(["--plan", "--bits-config", str(yaml)])
+    out = capsys.readouterr().out
+    assert "| classifier.1 | Linear | by_name:classifier.1 | idkm 3 bit, scale max_abs float16 |" in out
+    assert "| features.0.0 | Conv2d | by_name:features.0.0 | idkm 8 bit, scale max_abs float16 |" in out
+    assert result["plan_bytes"] < 4.1 / 32 * 4 * 3_470_000
