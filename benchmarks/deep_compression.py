@@ -254,6 +254,12 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _series(label: str) -> str:
+    """A merged row's plot series: its label without the layer list ("idkm prune+cluster (12 ep, lr 0.001)")."""
+    parts = label.split(" (")
+    return parts[0] + (f" ({parts[1].split(';')[0]})" if len(parts) > 1 and not label.startswith("DC") else "")
+
+
 def plot(rows: list[dict], path: str) -> None:
     """Test error vs compression (log scale), one panel per network; lines at float, float + 0.1, + 0.5."""
     import matplotlib
@@ -270,9 +276,7 @@ def plot(rows: list[dict], path: str) -> None:
         groups: dict[str, list] = {}
         for r in rows:
             if r["net"] == net and r["row"] != "float":
-                key = r["row"].split(" (")[0] + (" (" + r["row"].split(" (")[1].split(";")[0] + ")"
-                                                 if " (" in r["row"] and not r["row"].startswith("DC") else "")
-                groups.setdefault(key, []).append(r)
+                groups.setdefault(_series(r["row"]), []).append(r)
         for key, group in groups.items():
             marker = "*" if key.startswith("DC") else ("s" if "huffman" in key else "o")
             ax.scatter([r["compression"] for r in group], [r["error"] for r in group], marker=marker, s=50,
@@ -317,9 +321,10 @@ def merge(out: str) -> list[dict]:
             run = json.load(f)
         setting = f"{run['meta']['epochs']:g} ep, lr {run['meta'].get('lr', 3e-4):g}"
         for r in run["rows"]:
-            if r["row"] == "float" and r["net"] in seen:
-                continue
-            seen.add(r["net"]) if r["row"] == "float" else None
+            if r["row"] == "float":
+                if r["net"] in seen:
+                    continue
+                seen.add(r["net"])
             ours_cfg = run["meta"]["ours"][r["net"]]
             pruned = "prune" in r["row"]
             layers = ", ".join(f"{k} {s:g}/{b}" if pruned else f"{k} {b}" for k, (s, b) in ours_cfg.items())
@@ -349,7 +354,6 @@ def main(argv=None) -> list[dict]:
     stem = os.path.join(args.out, f"deep_compression_{'_'.join(args.nets)}{args.tag}")
     atomic_write_text(stem + ".json", json.dumps({"meta": meta, "rows": rows}, indent=1))
     atomic_write_text(stem + ".md", markdown(rows) + "\n")
-
     print(markdown(rows))
     return rows
 
