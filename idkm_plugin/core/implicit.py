@@ -20,7 +20,7 @@ ubar and F held fixed: B_ji = n_i ubar_j . (x_i - F_j) plus the explicit x term 
 from __future__ import annotations
 
 import math
-from typing import NamedTuple, Optional
+from typing import Callable, NamedTuple, Optional
 
 import torch
 
@@ -28,13 +28,14 @@ from .adjoint import (dense_matvec, jacobian_chunk, scale_jacobian, solve_adjoin
                       use_explicit_jacobian)
 from .enums import Solver, Uniquify
 from .fixed_point import solve_fixed_point
-from .kernel import attention_chunks, map_sums, soft_map
+from .kernel import attention_chunks, map_sums
 from .soft_step import chunk_rows, compute_dtype, empty_clusters, update_centroids
 from .stats import SolveStats
 from .uniquify import gather_rows, grid_rows, scatter_rows, uniquify_rows
-from .window import sort_rows, use_window, window_soft_map
+from .window import sort_rows, use_window, window_map_sums
 
 
+SumsAt = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]  # C -> (num [g, k, d], mass [g, k])
 UNSTABLE_MARGIN = 1e-4  # spectral radius of dF/dC above 1 + this: an unstable (saddle) fixed point
 
 
@@ -70,15 +71,16 @@ def _rows_to_cluster(x: torch.Tensor, mode: Uniquify, cdtype: torch.dtype):
 
 
 def output_pass(x: torch.Tensor, n: Optional[torch.Tensor], c: torch.Tensor, tau: torch.Tensor, rows: int,
-                keep_attention: bool, with_jacobian: bool):
+                keep_attention: bool, with_jacobian: bool, sums_at: SumsAt):
     """Everything the output and backward need at C*, in two passes over the rows.
 
+    sums_at(C) gives (num, mass) as kernel.map_sums (the solve's kernel: windowed for large 1-D LUTs).
     Returns X~ = A(C) C [g, r, d], cluster masses S [g, k], F(C) [g, k, d], J = dF/dC [g, kd, kd]
     (float64) if asked, and A^T [g, k, r] if kept.
     """
-    num, mass = map_sums(x, n, c, tau, rows)
+    num, mass = sums_at(c)
     mass = mass.to(c.dtype)
-    f = update_centroids(c, num.to(c.dtype), mass)
+    f = update_centroids(c, num, mass)
     g, k, d = c.shape
     x_hat = torch.empty_like(x)
     sums = torch.zeros(g, k * d, k * d, dtype=torch.float64, device=c.device) if with_jacobian else None
@@ -100,14 +102,15 @@ def _solve(x: torch.Tensor, n: Optional[torch.Tensor], c0: torch.Tensor, tau: to
     k, d = c0.shape[1:]
     if use_window(k, d):
         sorted_rows = sort_rows(x, n)
-        fmap = lambda c: window_soft_map(sorted_rows, c, tau)  # noqa: E731
+        sums_at = lambda c: window_map_sums(sorted_rows, c, tau)  # noqa: E731
     else:
-        fmap = lambda c: soft_map(x, n, c, tau, rows)  # noqa: E731
+        sums_at = lambda c: map_sums(x, n, c, tau, rows)  # noqa: E731
+    fmap = lambda c: update_centroids(c, *sums_at(c))  # noqa: E731
     sol = solve_fixed_point(fmap, c0, solver, opts.max_iter, opts.tol, scale)
     stats.forward_iters, stats.forward_evals = sol.iters, stats.forward_evals + sol.evals
     stats.forward_rejections, stats.forward_residual = sol.rejections, sol.residual
     with_jacobian = not opts.jfb and use_explicit_jacobian(k, d)
-    out = output_pass(x, n, sol.c, tau, rows, opts.chunk_size == 0, with_jacobian)
+    out = output_pass(x, n, sol.c, tau, rows, opts.chunk_size == 0, with_jacobian, sums_at)
     stats.spectral_radius = spectral_radius(out[3]) if with_jacobian else math.nan
     return sol.c, out
 

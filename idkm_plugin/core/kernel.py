@@ -68,7 +68,7 @@ def soft_map(x: torch.Tensor, n: Optional[torch.Tensor], c: torch.Tensor, tau: t
              ) -> torch.Tensor:
     """F(C) = sum_i n_i A_ij x_i / sum_i n_i A_ij (empty clusters keep c_j). [g, k, d] in c's dtype."""
     num, mass = map_sums(x, n, c, tau, rows)
-    return update_centroids(c, num.to(c.dtype), mass.to(c.dtype))
+    return update_centroids(c, num, mass)
 
 
 def attention_chunks(x: torch.Tensor, c: torch.Tensor, tau: torch.Tensor, rows: int,

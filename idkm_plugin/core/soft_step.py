@@ -110,7 +110,8 @@ def weighted(a: torch.Tensor, n: Optional[torch.Tensor]) -> torch.Tensor:
 
 
 def update_centroids(c: torch.Tensor, num: torch.Tensor, mass: torch.Tensor) -> torch.Tensor:
-    """New centroids num / mass; empty clusters (mass ~ 0) keep their old value. [g, k, d]."""
+    """New centroids num / mass (cast to c's dtype first); empty clusters (mass ~ 0) keep their old value. [g, k, d]."""
+    num, mass = num.to(c.dtype), mass.to(c.dtype)
     empty = empty_clusters(mass)
     return torch.where(empty.unsqueeze(-1), c, num / torch.where(empty, torch.ones_like(mass), mass).unsqueeze(-1))
 
@@ -123,4 +124,4 @@ def soft_step(x: torch.Tensor, n: Optional[torch.Tensor], c: torch.Tensor, tau: 
         a = weighted(attention(x[:, s], c, tau), None if n is None else n[:, s])
         num = num + torch.bmm(a.transpose(1, 2), x[:, s]).double()
         mass = mass + a.sum(1).double()
-    return update_centroids(c, num.to(c.dtype), mass.to(c.dtype))
+    return update_centroids(c, num, mass)

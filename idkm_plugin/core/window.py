@@ -121,4 +121,4 @@ def window_map_sums(rows: SortedRows, c: torch.Tensor, tau: torch.Tensor) -> tup
 def window_soft_map(rows: SortedRows, c: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
     """F(C) [g, k, 1] in c's dtype, as kernel.soft_map."""
     num, mass = window_map_sums(rows, c, tau)
-    return update_centroids(c, num.to(c.dtype), mass.to(c.dtype))
+    return update_centroids(c, num, mass)
