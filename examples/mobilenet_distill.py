@@ -53,6 +53,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--temperature", type=float, default=2.0)
     p.add_argument("--train-crops", type=int, default=512, help="training crops (drawn once, seed 1)")
     p.add_argument("--test-crops", type=int, default=64, help="held-out crops (seed 2)")
+    p.add_argument("--images", choices=["sklearn", "photos"], default="sklearn",
+                   help="crops of scikit-learn's 2 sample images, or also scikit-image's 9 photographs")
     p.add_argument("--bn", choices=["frozen", "affine"], default="frozen",
                    help="BatchNorm: teacher's statistics always; 'affine' also trains its (float) scale and shift")
     p.add_argument("--plan", action="store_true", help="print the per-layer plan and exit")
@@ -108,7 +110,8 @@ def main(argv=None) -> dict:
     print(plan.to_markdown())
     if args.plan:
         return {"plan_bytes": plan.nbytes}
-    x_train, x_test = crops(args.train_crops, seed=1), crops(args.test_crops, seed=2)
+    x_train, x_test = (crops(args.train_crops, seed=1, source=args.images),
+                      crops(args.test_crops, seed=2, source=args.images))
     with torch.no_grad():
         t_train = torch.cat([teacher(b) for b in x_train.split(32)])
         t_test = torch.cat([teacher(b) for b in x_test.split(32)])

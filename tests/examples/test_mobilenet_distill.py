@@ -58,3 +58,15 @@ def test_bits_config_gives_per_layer_precision(tmp_path, capsys):
     assert "| classifier.1 | Linear | by_name:classifier.1 | idkm 3 bit, scale max_abs float16 |" in out
     assert "| features.0.0 | Conv2d | by_name:features.0.0 | idkm 8 bit, scale max_abs float16 |" in out
     assert result["plan_bytes"] < 4.1 / 32 * 4 * 3_470_000
+
+
+def test_photos_add_scikit_image_photographs_as_rgb():
+    pytest.importorskip("skimage")
+    from mobilenet_common import sample_images
+
+    sklearn_only, photos = sample_images("sklearn"), sample_images("photos")
+    assert len(sklearn_only) == 2 and len(photos) == 11
+    assert all(im.shape[0] == 3 and 0 <= float(im.min()) and float(im.max()) <= 1 for im in photos)
+    assert all(torch.equal(a, b) for a, b in zip(sklearn_only, photos))
+    with pytest.raises(ValueError, match="source='imagenet'"):
+        sample_images("imagenet")
