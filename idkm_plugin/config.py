@@ -85,11 +85,11 @@ class ClusterConfig:
             weight) is divided by its own scale (its max |w|, or its root mean square) before clustering and
             multiplied back after; the scale is a function of the weight, so the gradient flows through it
             in every method; the converted layer stores the scales [out] beside the LUT (4 bytes per output
-            channel, 2 with scale_dtype="float16"). Measured on the pretrained MNIST CNN's conv weights, max_abs clusters better
-            (see tests/test_per_channel_scale.py and the README); it is coremltools' choice too.
+            channel, 2 with scale_dtype="float16"). Measured on the pretrained MNIST CNN's conv weights, max_abs
+            clusters better (see tests/test_per_channel_scale.py and the README); it is coremltools' choice too.
         scale_dtype: "float32" or "float16" for the stored per-channel scales. "float16" halves their cost
             (2 bytes per output channel); the scales are rounded to float16 in training too (straight-through
-            for the gradient), so converted == eval-mode QAT stays exact.
+            for the gradient, which stays float32), so converted == eval-mode QAT stays exact.
         start_step: training steps to run unclustered before clustering switches on.
         seed: seed of the initialisation.
         solver: fixed-point solver of idkm / idkm_jfb: "anderson" (safeguarded Anderson acceleration)
