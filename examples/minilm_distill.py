@@ -49,6 +49,7 @@ import yaml
 from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from distillation import without_dropout  # noqa: E402
 from ptq import lloyd  # noqa: E402
 
 from idkm_plugin import ModelConfig  # noqa: E402
@@ -272,6 +273,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--sim-weight", type=float, default=1.0, help="weight of the similarity-matrix MSE term")
     p.add_argument("--hidden-weight", type=float, default=0.0,
                    help="weight of the layer-wise hidden-state term (0: embeddings only)")
+    p.add_argument("--dropout", choices=["off", "on"], default="off",
+                   help="the student's dropout in training (off: it learns the teacher's eval-mode function)")
     p.add_argument("--max-length", type=int, default=64, help="tokens per sentence (truncation)")
     p.add_argument("--test-sentences", type=int, default=512, help="held-out sentences")
     p.add_argument("--kmeans-iters", type=int, default=30, help="Lloyd iterations of the k-means init")
@@ -352,6 +355,8 @@ def main(argv=None, model=None, tokenizer=None, sentences: Optional[list[str]] =
 
     teacher = model.to(args.device).eval()
     qat = copy.deepcopy(teacher)
+    if args.dropout == "off":
+        without_dropout(qat)
     for p in teacher.parameters():
         p.requires_grad_(False)
     quantize_(qat, fqn_to_config(mp, qat), filter_fn=None)
@@ -383,6 +388,7 @@ def main(argv=None, model=None, tokenizer=None, sentences: Optional[list[str]] =
     result = {
         "config": os.path.basename(args.bits_config), "method": args.method or "yaml", "max_iter": args.max_iter,
         "steps": len(times), "batch": args.batch, "lr": args.lr, "hidden_weight": args.hidden_weight,
+        "dropout": args.dropout,
         "threads": torch.get_num_threads(),
         **final, "ptq": ptq, "bits_per_weight": report.bits_per_weight, "model_bytes": report.total_bytes,
         "float32_bytes": report.float32_bytes, "file_bytes": file_bytes, "huffman_file_bytes": huffman_bytes,

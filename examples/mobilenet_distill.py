@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from distillation import without_dropout  # noqa: E402
 from mobilenet_common import crops, logits_and_features, pretrained  # noqa: E402
 
 from idkm_plugin import ClusterConfig, ModelConfig  # noqa: E402
@@ -57,6 +58,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="crops of scikit-learn's 2 sample images, or also scikit-image's 9 photographs")
     p.add_argument("--bn", choices=["frozen", "affine"], default="frozen",
                    help="BatchNorm: teacher's statistics always; 'affine' also trains its (float) scale and shift")
+    p.add_argument("--dropout", choices=["off", "on"], default="off",
+                   help="the classifier's dropout in training (off: the student learns the teacher's eval-mode function)")
     p.add_argument("--plan", action="store_true", help="print the per-layer plan and exit")
     p.add_argument("--seed", type=int, default=0)
     return p.parse_args(argv)
@@ -117,6 +120,8 @@ def main(argv=None) -> dict:
         t_test = torch.cat([teacher(b) for b in x_test.split(32)])
 
     qat = prepare_qat(assign_qconfigs(copy.deepcopy(teacher), mp).train())
+    if args.dropout == "off":
+        without_dropout(qat)
     freeze_batchnorm(qat, args.bn == "affine")
     before = agreement(qat.eval(), t_test, x_test)
     print(f"before training (eval-mode QAT = converted): top-1 agreement {before[0]:.1f}%, cosine {before[1]:.3f}")

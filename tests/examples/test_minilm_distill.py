@@ -102,6 +102,19 @@ def tiny_sentences(n: int = 40) -> list:
             for _ in range(n)]
 
 
+def test_without_dropout_makes_train_mode_bert_its_eval_mode_function(tmp_path):
+    """Hidden and attention-probability dropout both off (HF attention reads `dropout.p`, not the module's mode)."""
+    from distillation import without_dropout
+
+    model, tokenizer = tiny_bert_and_tokenizer(tmp_path)
+    model.config.attention_probs_dropout_prob = model.config.hidden_dropout_prob = 0.5
+    model = transformers.BertModel(model.config, add_pooling_layer=False)
+    batch = md.tokenize(tokenizer, tiny_sentences(4), 16)
+    expected = md.embed(model.eval(), batch)
+    assert not torch.equal(md.embed(model.train(), batch), expected)  # dropout is live in train mode
+    assert torch.equal(md.embed(without_dropout(model).train(), batch), expected)
+
+
 @pytest.mark.parametrize("method", ["idkm", "dkm"])
 def test_two_steps_on_a_tiny_bert_convert_exactly(tmp_path, method):
     model, tokenizer = tiny_bert_and_tokenizer(tmp_path)

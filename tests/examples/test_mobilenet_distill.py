@@ -70,3 +70,16 @@ def test_photos_add_scikit_image_photographs_as_rgb():
     assert all(torch.equal(a, b) for a, b in zip(sklearn_only, photos))
     with pytest.raises(ValueError, match="source='imagenet'"):
         sample_images("imagenet")
+
+
+def test_student_in_training_mode_computes_the_teachers_function():
+    """Frozen BatchNorm and no dropout: train mode changes nothing but what the clusterers do."""
+    from distillation import without_dropout
+    from mobilenet_common import pretrained
+
+    model = pretrained()
+    x = torch.randn(2, 3, 96, 96)
+    with torch.no_grad():
+        expected = model.eval()(x)
+        assert not torch.equal(mobilenet_distill.freeze_batchnorm(model.train())(x), expected)  # Dropout(0.2)
+        assert torch.equal(mobilenet_distill.freeze_batchnorm(without_dropout(model).train())(x), expected)
