@@ -16,7 +16,9 @@ of the BertModel clustered per the YAML (mixed precision). Before training, each
 (Lloyd's iterations on the channel-normalised weight): with `--ptq` (0 steps) that is post-training k-means, the
 floor. The student learns the float teacher's mean-pooled, L2-normalised sentence embeddings: loss = mean (1 - cos)
 + `--sim-weight` x MSE of the two in-batch cosine-similarity matrices (+ `--hidden-weight` x the layer-wise
-squared error of every layer's hidden states, relative to the teacher's).
+squared error of every layer's hidden states, relative to the teacher's). The student trains without BERT's dropout
+(`--dropout off`): it is to reproduce the teacher's eval-mode function, and dropout's noise held the 3-bit model's
+mean cosine at 0.977 (0.983 without).
 
 Reported on the held-out sentences: mean and 5th-percentile cosine to the float embeddings, Spearman correlation of
 the pairwise cosine-similarity matrices (upper triangle), bits per weight averaged over all the model's weights

@@ -8,7 +8,8 @@ The flow is the documented torch.ao one: `assign_qconfigs(model, ModelConfig)`, 
 `convert(..., mapping=palettize_mapping())`. The student learns the float teacher's logits (KL divergence at
 temperature `--temperature`; plus `--feature-weight` x each block's output squared error relative to the teacher's)
 on random crops of scikit-learn's bundled sample images (no labels needed); BatchNorm keeps the teacher's statistics
-(frozen, eval mode). Measured on held-out crops: top-1 agreement and mean logits cosine with the float model, and
+(frozen, eval mode) and the classifier's dropout is off (`--dropout off`), so that the student in training mode
+computes the teacher's eval-mode function. Measured on held-out crops: top-1 agreement and mean logits cosine with the float model, and
 bits per weight of the converted model (LUTs and scales counted; also Huffman-coded, as codec="huffman" stores the
 codes); the same agreement on as many training crops tells fit from generalisation.
 """
@@ -101,6 +102,7 @@ def freeze_batchnorm(model: nn.Module, train_affine: bool = False) -> nn.Module:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    wall = time.perf_counter()
     warnings.filterwarnings("ignore", category=DeprecationWarning)  # torch.ao.quantization's notice
     torch.manual_seed(args.seed)
     from torch.ao.quantization import convert, prepare_qat
@@ -161,12 +163,12 @@ def main(argv=None) -> dict:
               "huffman_bits_per_clustered_weight": huffman_bits / max(clustered_weights, 1),
               "model_bits_per_weight": report.bits_per_weight, "top1_agreement": final[0], "cosine": final[1],
               "before": before, "training_crops": seen, "converted_equals_qat_eval": final == qat_eval,
-              "train_s": train_s}
+              "train_s": train_s, "wall_s": time.perf_counter() - wall}
     print(f"after {args.steps} steps ({train_s:.0f} s): top-1 agreement {final[0]:.1f}%, cosine {final[1]:.3f}; "
           f"{result['bits_per_clustered_weight']:.3f} bits per clustered weight (LUTs and scales counted; "
           f"{result['huffman_bits_per_clustered_weight']:.3f} Huffman-coded), "
           f"{report.bits_per_weight:.3f} for the whole model; converted == eval QAT: {final == qat_eval}; "
-          f"on {len(x_test)} training crops: {seen[0]:.1f}%, cosine {seen[1]:.3f}")
+          f"on {len(x_test)} training crops: {seen[0]:.1f}%, cosine {seen[1]:.3f}; wall {result['wall_s']:.0f} s")
     return result
 
 
