@@ -9,9 +9,9 @@ The flow is the documented torch.ao one: `assign_qconfigs(model, ModelConfig)`, 
 temperature `--temperature`; plus `--feature-weight` x each block's output squared error relative to the teacher's)
 on random crops of scikit-learn's bundled sample images (no labels needed); BatchNorm keeps the teacher's statistics
 (frozen, eval mode) and the classifier's dropout is off (`--dropout off`), so that the student in training mode
-computes the teacher's eval-mode function. Measured on held-out crops: top-1 agreement and mean logits cosine with the float model, and
-bits per weight of the converted model (LUTs and scales counted; also Huffman-coded, as codec="huffman" stores the
-codes); the same agreement on as many training crops tells fit from generalisation.
+computes the teacher's eval-mode function. Measured on held-out crops: top-1 agreement and mean logits cosine with
+the float model, and bits per weight of the converted model (LUTs and scales counted; also Huffman-coded, as
+codec="huffman" stores the codes); the same agreement on as many training crops tells fit from generalisation.
 """
 from __future__ import annotations
 
@@ -60,7 +60,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--bn", choices=["frozen", "affine"], default="frozen",
                    help="BatchNorm: teacher's statistics always; 'affine' also trains its (float) scale and shift")
     p.add_argument("--dropout", choices=["off", "on"], default="off",
-                   help="the classifier's dropout in training (off: the student learns the teacher's eval-mode function)")
+                   help="the classifier's dropout in training (off: the student learns the teacher's eval mode)")
     p.add_argument("--plan", action="store_true", help="print the per-layer plan and exit")
     p.add_argument("--seed", type=int, default=0)
     return p.parse_args(argv)
