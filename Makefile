@@ -25,7 +25,7 @@ test-slow: $(STAMP)
 demo: $(STAMP)
 	$(PY) examples/mnist_qat.py
 
-# all-MiniLM-L6-v2 by distillation, saved at <= 3 bits per weight Huffman-coded (3.19 packed; ~20 minutes on 2 CPU
+# all-MiniLM-L6-v2 by distillation, saved at <= 3 bits per weight Huffman-coded (3.19 packed; ~23 minutes on 2 CPU
 # cores; examples/minilm_distill.py)
 MINILM_ARGS ?= --bits-config examples/minilm_3bit_ffn5.yaml --steps 500 --lr 2e-4 --hidden-weight 1
 minilm: $(STAMP)
