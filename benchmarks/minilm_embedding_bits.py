@@ -91,7 +91,8 @@ def main(argv=None) -> list[dict]:
     ids = tokenizer(train, truncation=True, max_length=args.max_length)["input_ids"]
     counts = torch.bincount(torch.tensor([i for s in ids for i in s]), minlength=len(w)).float()
     rows = []
-    print("| setting | bits per weight | relative error | mean cos | 5th pct cos | Spearman |\n|---|---:|---:|---:|---:|---:|")
+    print("| setting | bits per weight | relative error | mean cos | 5th pct cos | Spearman |\n"
+          "|---|---:|---:|---:|---:|---:|")
     for setting in args.settings:
         start = time.perf_counter()
         q, bits = quantize(w, setting, counts, args.iters)
