@@ -56,11 +56,13 @@ from ptq import lloyd  # noqa: E402
 
 from idkm_plugin import ModelConfig  # noqa: E402
 from idkm_plugin.export import load_palettized, save_palettized, size_report  # noqa: E402
+from idkm_plugin.split_embedding import split_embedding  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_CONFIG = os.path.join(HERE, "minilm_3bit.yaml")
 SKIP_DIRS = {"site-packages", "dist-packages", "test", "tests", "idlelib", "lib2to3", "turtledemo", "__pycache__"}
 SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z])")
+OTHER_TEXT_DIR = "/usr/share/common-licenses"  # Debian's license texts: English far from docstrings
 
 
 # ---- data ----------------------------------------------------------------------------------------------------
@@ -108,6 +110,19 @@ def stdlib_sentences(root: Optional[str] = None) -> list[str]:
             continue
         for doc in docstrings(source):
             found.update(sentences_of(doc))
+    return sorted(found)
+
+
+def license_sentences(folder: str = OTHER_TEXT_DIR) -> list[str]:
+    """Deduplicated, sorted sentences of the license texts in `folder` ([] when it does not exist): held-out text
+    from another domain, to see what a calibration on docstrings does elsewhere."""
+    found: set[str] = set()
+    for name in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
+        try:
+            with open(os.path.join(folder, name), encoding="utf-8") as f:
+                found.update(sentences_of(f.read()))
+        except (OSError, UnicodeDecodeError):
+            continue
     return sorted(found)
 
 
@@ -214,11 +229,20 @@ def hidden_loss(student: tuple, teacher: tuple, mask: torch.Tensor) -> torch.Ten
 
 
 # ---- configuration -------------------------------------------------------------------------------------------
-def load_model_config(path: str, method: Optional[str] = None, max_iter: Optional[int] = None) -> ModelConfig:
-    """The YAML ModelConfig; `method` / `max_iter` (when given) replace those fields in every entry
-    (method "dkm" also sets uniquify "off": uniquification needs the implicit backward)."""
+def load_model_config(path: str, method: Optional[str] = None,
+                      max_iter: Optional[int] = None) -> tuple[ModelConfig, Optional[dict]]:
+    """(the YAML's ModelConfig, its `frequency_split` entry or None); `method` / `max_iter` (when given) replace
+    those fields in every entry (method "dkm" also sets uniquify "off": uniquification needs the implicit
+    backward). `frequency_split: {name: <embedding>, frequent_tokens: N}` splits that embedding before
+    clustering (`split_embedding`: the N tokens most frequent in the training text as `<embedding>.frequent`,
+    the rest as `<embedding>.rare`, each with its own bits in `by_name`)."""
     with open(path) as f:
         raw = yaml.safe_load(f) or {}
+    frequency_split = raw.pop("frequency_split", None)
+    if frequency_split is not None and (not isinstance(frequency_split, dict)
+                                        or set(frequency_split) != {"name", "frequent_tokens"}):
+        raise ValueError(f"{path}: frequency_split must be {{name: <embedding>, frequent_tokens: N}}; "
+                         f"got {frequency_split!r}")
     uniquify = "off" if method == "dkm" else None
     for key, value in (("method", method), ("max_iter", max_iter), ("uniquify", uniquify)):
         if value is None:
@@ -228,7 +252,13 @@ def load_model_config(path: str, method: Optional[str] = None, max_iter: Optiona
         for entry in entries:
             if isinstance(entry, dict):
                 entry[key] = value
-    return ModelConfig.from_dict(raw)
+    return ModelConfig.from_dict(raw), frequency_split
+
+
+def token_counts(tokenizer, sentences: list[str], max_length: int, vocab: int) -> torch.Tensor:
+    """How often each token id [vocab] occurs in `sentences` as the model sees them (special tokens included)."""
+    ids = tokenizer(sentences, truncation=True, max_length=max_length)["input_ids"]
+    return torch.bincount(torch.tensor([i for s in ids for i in s]), minlength=vocab)
 
 
 def clusterers(model: nn.Module) -> list:
@@ -288,6 +318,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out", default="minilm_palettized.safetensors", help="the saved palettized model")
     p.add_argument("--json", default=None, help="also write the result dict here")
     p.add_argument("--plan", action="store_true", help="print the per-layer plan and exit")
+    p.add_argument("--other-text", type=int, choices=[0, 1], default=1,
+                   help=f"1: also score the converted model on license texts ({OTHER_TEXT_DIR}, when present)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (for logs)")
     return p.parse_args(argv)
 
@@ -341,11 +373,7 @@ def main(argv=None, model=None, tokenizer=None, sentences: Optional[list[str]] =
 
     if model is None:
         model, tokenizer = load_minilm(args.model)
-    mp = load_model_config(args.bits_config, args.method, args.max_iter)
-    plan = mp.plan(model)
-    print(plan.to_markdown())
-    if args.plan:
-        return {"plan_bytes": plan.nbytes}
+    mp, frequency_split = load_model_config(args.bits_config, args.method, args.max_iter)
     steps = 0 if args.ptq else args.steps
     args.steps = steps
     if sentences is None and args.sentences:
@@ -354,6 +382,17 @@ def main(argv=None, model=None, tokenizer=None, sentences: Optional[list[str]] =
     sentences = stdlib_sentences() if sentences is None else sentences
     train_s, test_s = split(sentences, args.test_sentences)
     print(f"{len(sentences)} sentences: {len(train_s)} train, {len(test_s)} held-out")
+    if frequency_split:  # the float model itself is split: the same function, and the skeleton that reloads
+        name, n = frequency_split["name"], frequency_split["frequent_tokens"]
+        counts = token_counts(tokenizer, train_s, args.max_length, model.get_submodule(name).num_embeddings)
+        split_embedding(model, name, counts, n)
+        share = counts.sort(descending=True).values[:n].sum() / counts.sum()
+        print(f"{name}: the {n} most frequent tokens of the training text ({share:.1%} of its tokens) as "
+              f"{name}.frequent, the rest as {name}.rare")
+    plan = mp.plan(model)
+    print(plan.to_markdown())
+    if args.plan:
+        return {"plan_bytes": plan.nbytes}
 
     teacher = model.to(args.device).eval()
     qat = copy.deepcopy(teacher)
@@ -376,6 +415,9 @@ def main(argv=None, model=None, tokenizer=None, sentences: Optional[list[str]] =
     deployed = qat
     e_deployed = embed_all(deployed, tokenizer, test_s, args.max_length)
     final = embedding_metrics(e_deployed, t_test)
+    other = split(license_sentences(), args.test_sentences)[1] if args.other_text else []
+    other_metrics = embedding_metrics(embed_all(deployed, tokenizer, other, args.max_length),
+                                      embed_all(teacher, tokenizer, other, args.max_length)) if other else None
     report = size_report(deployed)
     for path in (args.out, args.json):
         if path:
@@ -392,7 +434,8 @@ def main(argv=None, model=None, tokenizer=None, sentences: Optional[list[str]] =
         "steps": len(times), "batch": args.batch, "lr": args.lr, "hidden_weight": args.hidden_weight,
         "dropout": args.dropout,
         "threads": torch.get_num_threads(),
-        **final, "ptq": ptq, "bits_per_weight": report.bits_per_weight, "model_bytes": report.total_bytes,
+        **final, "ptq": ptq, "license_text": other_metrics, "license_sentences": len(other),
+        "bits_per_weight": report.bits_per_weight, "model_bytes": report.total_bytes,
         "float32_bytes": report.float32_bytes, "file_bytes": file_bytes, "huffman_file_bytes": huffman_bytes,
         "huffman_file_bits_per_weight": 8 * huffman_bytes / (report.float32_bytes // 4),
         "converted_equals_qat_eval": bool(torch.equal(e_deployed, e_qat)), "reload_equal": reload_equal,
@@ -406,6 +449,9 @@ def main(argv=None, model=None, tokenizer=None, sentences: Optional[list[str]] =
           f"({result['huffman_file_bits_per_weight']:.3f} bits per weight); "
           f"converted == eval QAT: {result['converted_equals_qat_eval']}; "
           f"peak RSS {result['peak_rss_mib']:.0f} MiB, wall {result['wall_s']:.0f} s")
+    if other_metrics:
+        print(f"on {len(other)} sentences of {OTHER_TEXT_DIR} (another domain): "
+              + ", ".join(f"{k} {v:.4f}" for k, v in other_metrics.items()))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=1)

