@@ -41,10 +41,15 @@ class FrequencySplitEmbedding(nn.Module):
         self.rare = nn.Embedding(num_embeddings - n, embedding_dim, padding_idx=pad_rare, dtype=dtype)
 
     def _split_index(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """ids [...] -> (is_frequent [...] bool, index into `frequent` where True, into `rare` where False)."""
+        """ids [...] -> (is_frequent [...] bool, index into `frequent` where True, into `rare` where False).
+
+        Built from `frequent_ids` with Core ATen ops only (scatter, cumsum, gather), so exported programs run it;
+        O(num_embeddings) per call."""
         frequent = self.frequent_ids.long()
-        below = torch.searchsorted(frequent, ids)  # how many frequent ids are < id
-        hit = frequent[below.clamp(max=len(frequent) - 1)] == ids
+        flag = torch.zeros(self.num_embeddings, dtype=torch.long, device=frequent.device)
+        flag = flag.scatter(0, frequent, torch.ones_like(frequent))  # 1 at the frequent ids
+        below = (torch.cumsum(flag, 0) - flag)[ids]  # how many frequent ids are < id
+        hit = flag[ids].bool()
         return hit, torch.where(hit, below, ids - below)
 
     @classmethod

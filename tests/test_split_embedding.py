@@ -120,3 +120,24 @@ def test_a_tied_embedding_is_refused():
     model[1].weight = model[0].weight
     with pytest.raises(ValueError, match=r"'0' shares its weight with 1.weight \(tied\)"):
         split_embedding(model, "0", _counts(), 5)
+
+
+def test_the_converted_split_runs_under_executorch(tmp_path):
+    """searchsorted + two packed tables export, and the .pte computes what the converted model does."""
+    runtime = pytest.importorskip("executorch.runtime", reason="ExecuTorch is not installed (extra: executorch)")
+    pytest.importorskip("torchao")
+    from torchao.quantization import quantize_
+
+    from idkm_plugin.export import to_executorch
+    from idkm_plugin.integrations.torchao import IDKMQATConfig, clusterable, fqn_to_config
+
+    torch.manual_seed(0)
+    model = Encoder()
+    split_embedding(model, "tokens", _counts(), 10)
+    quantize_(model, fqn_to_config(ModelConfig(default=ClusterConfig(bits=3, max_iter=5)), model), filter_fn=None)
+    quantize_(model.eval(), IDKMQATConfig(step="convert"), filter_fn=clusterable)
+    ids = torch.randint(0, 40, (2, 9))
+    to_executorch(model, (ids,), tmp_path / "split.pte")
+    method = runtime.Runtime.get().load_program(str(tmp_path / "split.pte")).load_method("forward")
+    with torch.no_grad():
+        assert torch.allclose(method.execute([ids])[0], model(ids), atol=1e-6)
