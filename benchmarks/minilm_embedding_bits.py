@@ -9,9 +9,12 @@ Each setting clusters the embedding's consecutive d-vectors along the hidden dim
 (log2(k) / d bits per weight), Lloyd's iterations from k distinct random vectors. Variants of the 1-bit
 setting: `freq` weights every vector by how often its token occurs in the training sentences (+1), as
 Hessian-weighted k-means would for an embedding; `rows=N` fits one LUT per N rows; `rms` divides each row
-by its RMS (a float16 per-row scale, +16/384 bits per weight) before clustering. Metrics are those of
+by its RMS (a float16 per-row scale, +16/384 bits per weight) before clustering; `split=N:d2,k2` clusters the
+rows of the N tokens most frequent in the training sentences with d2,k2 and the other rows with d,k (what
+`frequency_split` does in training; the sorted frequent ids counted at 16 bits each). Metrics are those of
 examples/minilm_distill.py (mean / 5th-percentile cosine of the sentence embeddings, Spearman of the pairwise
-similarities) on the first `--test-sentences` of its held-out split.
+similarities) on the first `--test-sentences` of its held-out split, and on as many sentences of the license
+texts it scores as another domain (when present).
 """
 from __future__ import annotations
 
@@ -30,7 +33,7 @@ sys.path.insert(0, os.path.join(HERE, "..", "examples"))
 import minilm_distill as md  # noqa: E402
 
 DEFAULT_SETTINGS = ["1,2", "2,4", "3,8", "4,16", "6,64", "8,256", "4,16,freq", "4,16,rows=256", "4,16,rms",
-                    "4,8", "8,64", "4,32", "2,8", "1,4"]
+                    "4,8", "8,64", "4,32", "2,8", "1,4", "4,8,split=4096:1,4"]
 
 
 @torch.no_grad()
@@ -54,18 +57,28 @@ def lloyd(x: torch.Tensor, k: int, weights: torch.Tensor, iters: int, seed: int 
 def quantize(w: torch.Tensor, setting: str, token_counts: torch.Tensor, iters: int) -> tuple[torch.Tensor, float]:
     """w [rows, h] -> (k-means of w per `setting` "d,k[,freq|rows=N|rms]", bits per weight)."""
     d, k, *variant = setting.split(",")
-    d, k, variant = int(d), int(k), (variant[0] if variant else "")
+    d, k, variant = int(d), int(k), ",".join(variant)
     rows, scale, bits = len(w), torch.ones(len(w), 1), math.log2(k) / d
     weights = torch.ones(len(w))
     if variant == "freq":
         weights = token_counts + 1
     elif variant.startswith("rows="):
         rows = int(variant[5:])
+    elif variant.startswith("split="):
+        n, frequent_setting = variant[6:].split(":")
+        frequent = token_counts.argsort(descending=True, stable=True)[:int(n)]
+        rare = torch.ones(len(w), dtype=torch.bool)
+        rare[frequent] = False
+        out = torch.empty_like(w)
+        out[frequent], frequent_bits = quantize(w[frequent], frequent_setting, token_counts, iters)
+        out[rare], rare_bits = quantize(w[rare], f"{d},{k}", token_counts, iters)
+        return out, (frequent_bits * int(n) + rare_bits * int(rare.sum()) + 16 * int(n) / w.shape[1]) / len(w)
     elif variant == "rms":
         scale = w.square().mean(1, keepdim=True).sqrt().half().float()
         bits += 16 / w.shape[1]
     elif variant:
-        raise ValueError(f"setting {setting!r}: unknown variant {variant!r}; allowed: freq, rows=N, rms")
+        raise ValueError(f"setting {setting!r}: unknown variant {variant!r}; allowed: freq, rows=N, rms, "
+                         "split=N:d,k")
     out = torch.empty_like(w)
     for i in range(0, len(w), rows):
         part = (w[i:i + rows] / scale[i:i + rows]).reshape(-1, d)
@@ -76,7 +89,8 @@ def quantize(w: torch.Tensor, setting: str, token_counts: torch.Tensor, iters: i
 
 def main(argv=None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--settings", nargs="+", default=DEFAULT_SETTINGS, help="d,k[,freq|rows=N|rms] each")
+    p.add_argument("--settings", nargs="+", default=DEFAULT_SETTINGS,
+                   help="d,k[,freq|rows=N|rms|split=N:d,k] each")
     p.add_argument("--iters", type=int, default=25, help="Lloyd iterations")
     p.add_argument("--test-sentences", type=int, default=256)
     p.add_argument("--max-length", type=int, default=64)
@@ -86,24 +100,29 @@ def main(argv=None) -> list[dict]:
     model, tokenizer = md.load_minilm()
     train, test = md.split(md.stdlib_sentences(), 512)
     test = test[:args.test_sentences]
+    other = md.split(md.license_sentences(), args.test_sentences)[1]
     teacher = md.embed_all(model, tokenizer, test, args.max_length)
+    other_teacher = md.embed_all(model, tokenizer, other, args.max_length) if other else None
     w = model.embeddings.word_embeddings.weight.detach().clone()
-    ids = tokenizer(train, truncation=True, max_length=args.max_length)["input_ids"]
-    counts = torch.bincount(torch.tensor([i for s in ids for i in s]), minlength=len(w)).float()
+    counts = md.token_counts(tokenizer, train, args.max_length, len(w)).float()
     rows = []
-    print("| setting | bits per weight | relative error | mean cos | 5th pct cos | Spearman |\n"
-          "|---|---:|---:|---:|---:|---:|")
+    print("| setting | bits per weight | relative error | mean cos | 5th pct cos | Spearman | license texts: mean cos "
+          "| Spearman |\n|---|---:|---:|---:|---:|---:|---:|---:|")
     for setting in args.settings:
         start = time.perf_counter()
         q, bits = quantize(w, setting, counts, args.iters)
         student = copy.deepcopy(model)
         student.embeddings.word_embeddings.weight.data.copy_(q)
         metrics = md.embedding_metrics(md.embed_all(student, tokenizer, test, args.max_length), teacher)
+        other_metrics = md.embedding_metrics(md.embed_all(student, tokenizer, other, args.max_length),
+                                             other_teacher) if other else None
         row = {"setting": setting, "bits_per_weight": bits, "relative_error": float((q - w).norm() / w.norm()),
-               **metrics, "seconds": time.perf_counter() - start}
+               **metrics, "license_text": other_metrics, "seconds": time.perf_counter() - start}
         rows.append(row)
+        o = other_metrics or {"mean_cosine": float("nan"), "spearman": float("nan")}
         print(f"| {setting} | {bits:.3f} | {row['relative_error']:.3f} | {row['mean_cosine']:.4f} | "
-              f"{row['p5_cosine']:.4f} | {row['spearman']:.4f} |", flush=True)
+              f"{row['p5_cosine']:.4f} | {row['spearman']:.4f} | {o['mean_cosine']:.4f} | {o['spearman']:.4f} |",
+              flush=True)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(rows, f, indent=1)

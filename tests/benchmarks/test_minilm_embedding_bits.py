@@ -43,3 +43,16 @@ def test_frequent_tokens_pull_the_centroids(weight):
     assert torch.allclose(q[0], weight[0], atol=1e-4)  # a row weighing 1e6 x the others is its own centroid
     with pytest.raises(ValueError, match="unknown variant"):
         meb.quantize(weight, "4,16,bogus", counts, iters=1)
+
+
+def test_split_clusters_the_most_frequent_rows_with_their_own_setting(weight):
+    """split=8:1,4: the 8 most counted rows at 2 bits (4 values among them), the other 56 as 4-vectors x 2."""
+    counts = torch.zeros(64)
+    counts[torch.arange(8) * 7] = torch.arange(8, 0, -1).float()
+    q, bits = meb.quantize(weight, "4,2,split=8:1,4", counts, iters=10)
+    frequent = torch.arange(8) * 7
+    rare = torch.ones(64, dtype=torch.bool)
+    rare[frequent] = False
+    assert len(torch.unique(q[frequent])) <= 4
+    assert len(torch.unique(q[rare].reshape(-1, 4), dim=0)) <= 2
+    assert bits == (8 * 2 + 56 * 0.25 + 16 * 8 / 16) / 64

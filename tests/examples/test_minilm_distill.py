@@ -190,6 +190,7 @@ def test_ptq_is_zero_steps_and_equals_the_kmeans_floor(tmp_path):
 @pytest.mark.parametrize("name, budget", [("minilm_4bit.yaml", 4.05), ("minilm_3bit.yaml", 3.0),
                                           ("minilm_2bit.yaml", 2.0), ("minilm_2bit_lin3.yaml", 2.0),
                                           ("minilm_vq.yaml", 2.0), ("minilm_2bit_split.yaml", 2.0),
+                                          ("minilm_3bit_split.yaml", 3.0),
                                           ("minilm_3bit_ffn5.yaml", 3.2)])  # <= 3.0 Huffman-coded (README)
 def test_real_minilm_yaml_budgets(name, budget):
     """Bits per weight over ALL the weights of the real MiniLM (float LayerNorms and biases counted)."""
