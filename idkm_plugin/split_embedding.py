@@ -27,8 +27,9 @@ class FrequencySplitEmbedding(nn.Module):
         if len(ids) != torch.as_tensor(frequent_ids).numel():
             raise ValueError("FrequencySplitEmbedding: frequent_ids has repeated ids")
         if not 0 < len(ids) < num_embeddings or int(ids[0]) < 0 or int(ids[-1]) >= num_embeddings:
+            span = f" in [{int(ids[0])}, {int(ids[-1])}]" if len(ids) else ""
             raise ValueError(f"FrequencySplitEmbedding: frequent_ids must be 1..{num_embeddings - 1} distinct ids "
-                             f"in [0, {num_embeddings}); got {len(ids)} in [{int(ids[0])}, {int(ids[-1])}]")
+                             f"in [0, {num_embeddings}); got {len(ids)}{span}")
         self.num_embeddings, self.embedding_dim, self.padding_idx = num_embeddings, embedding_dim, padding_idx
         index_dtype = torch.int16 if num_embeddings <= torch.iinfo(torch.int16).max + 1 else torch.int32
         self.register_buffer("frequent_ids", ids.to(index_dtype))
@@ -43,7 +44,7 @@ class FrequencySplitEmbedding(nn.Module):
     def _split_index(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """ids [...] -> (is_frequent [...] bool, index into `frequent` where True, into `rare` where False).
 
-        Built from `frequent_ids` with Core ATen ops only (scatter, cumsum, gather), so exported programs run it;
+        Built from `frequent_ids` with Core ATen ops only (scatter, cumsum, indexing), so exported programs run it;
         O(num_embeddings) per call."""
         frequent = self.frequent_ids.long()
         flag = torch.zeros(self.num_embeddings, dtype=torch.long, device=frequent.device)

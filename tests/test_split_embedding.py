@@ -113,6 +113,10 @@ def test_bad_input_is_refused_with_the_layer_and_the_allowed_values():
         split_embedding(model, "head", _counts(), 5)
     with pytest.raises(ValueError, match="repeated ids"):
         FrequencySplitEmbedding(torch.tensor([1, 1, 2]), 40, 8)
+    with pytest.raises(ValueError, match=r"1..39 distinct ids in \[0, 40\); got 2 in \[3, 40\]"):
+        FrequencySplitEmbedding(torch.tensor([3, 40]), 40, 8)
+    with pytest.raises(ValueError, match=r"got 0$"):
+        FrequencySplitEmbedding(torch.tensor([], dtype=torch.long), 40, 8)
 
 
 def test_a_tied_embedding_is_refused():
