@@ -32,6 +32,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "..", "examples"))
 import minilm_distill as md  # noqa: E402
 
+from idkm_plugin.split_embedding import most_frequent  # noqa: E402
+
 DEFAULT_SETTINGS = ["1,2", "2,4", "3,8", "4,16", "6,64", "8,256", "4,16,freq", "4,16,rows=256", "4,16,rms",
                     "4,8", "8,64", "4,32", "2,8", "1,4", "4,8,split=4096:1,4"]
 
@@ -66,7 +68,7 @@ def quantize(w: torch.Tensor, setting: str, token_counts: torch.Tensor, iters: i
         rows = int(variant[5:])
     elif variant.startswith("split="):
         n, frequent_setting = variant[6:].split(":")
-        frequent = token_counts.argsort(descending=True, stable=True)[:int(n)]
+        frequent = most_frequent(token_counts, int(n))  # the rows split_embedding makes `frequent`
         rare = torch.ones(len(w), dtype=torch.bool)
         rare[frequent] = False
         out = torch.empty_like(w)

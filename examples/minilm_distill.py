@@ -267,6 +267,16 @@ def token_counts(tokenizer, sentences: list[str], max_length: int, vocab: int) -
     return torch.bincount(torch.tensor([i for s in ids for i in s]), minlength=vocab)
 
 
+def apply_frequency_split(model: nn.Module, tokenizer, train: list[str], frequency_split: dict,
+                          max_length: int):
+    """Split the YAML's `frequency_split` embedding of `model` in place by token counts of the training sentences;
+    returns (the FrequencySplitEmbedding, the share of training tokens its frequent rows cover)."""
+    name, n = frequency_split["name"], frequency_split["frequent_tokens"]
+    counts = token_counts(tokenizer, train, max_length, model.get_submodule(name).num_embeddings)
+    share = float(counts.sort(descending=True).values[:n].sum() / counts.sum())
+    return split_embedding(model, name, counts, n), share
+
+
 def clusterers(model: nn.Module) -> list:
     from idkm_plugin.clusterer import WeightClusterer
 
@@ -389,10 +399,8 @@ def main(argv=None, model=None, tokenizer=None, sentences: Optional[list[str]] =
     train_s, test_s = split(sentences, args.test_sentences)
     print(f"{len(sentences)} sentences: {len(train_s)} train, {len(test_s)} held-out")
     if frequency_split:  # the float model itself is split: the same function, and the skeleton that reloads
+        _, share = apply_frequency_split(model, tokenizer, train_s, frequency_split, args.max_length)
         name, n = frequency_split["name"], frequency_split["frequent_tokens"]
-        counts = token_counts(tokenizer, train_s, args.max_length, model.get_submodule(name).num_embeddings)
-        split_embedding(model, name, counts, n)
-        share = counts.sort(descending=True).values[:n].sum() / counts.sum()
         print(f"{name}: the {n} most frequent tokens of the training text ({share:.1%} of its tokens) as "
               f"{name}.frequent, the rest as {name}.rare")
     plan = mp.plan(model)

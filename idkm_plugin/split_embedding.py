@@ -23,8 +23,9 @@ class FrequencySplitEmbedding(nn.Module):
     def __init__(self, frequent_ids: torch.Tensor, num_embeddings: int, embedding_dim: int,
                  padding_idx: int | None = None, dtype: torch.dtype | None = None) -> None:
         super().__init__()
-        ids = torch.as_tensor(frequent_ids).flatten().long().unique()  # sorted
-        if len(ids) != torch.as_tensor(frequent_ids).numel():
+        given = torch.as_tensor(frequent_ids)
+        ids = given.flatten().long().unique()  # sorted
+        if len(ids) != given.numel():
             raise ValueError("FrequencySplitEmbedding: frequent_ids has repeated ids")
         if not 0 < len(ids) < num_embeddings or int(ids[0]) < 0 or int(ids[-1]) >= num_embeddings:
             span = f" in [{int(ids[0])}, {int(ids[-1])}]" if len(ids) else ""
@@ -71,10 +72,12 @@ class FrequencySplitEmbedding(nn.Module):
 
     def to_embedding(self) -> nn.Embedding:
         """The one nn.Embedding these two tables make (float modules only)."""
-        hit, index = self._split_index(torch.arange(self.num_embeddings, device=self.frequent_ids.device))
-        weight = torch.where(hit[:, None], self.frequent.weight[index.clamp(max=len(self.frequent_ids) - 1)],
-                             self.rare.weight[index.clamp(max=self.num_embeddings - len(self.frequent_ids) - 1)])
-        return nn.Embedding.from_pretrained(weight.detach().clone(), freeze=False, padding_idx=self.padding_idx)
+        hit, _ = self._split_index(torch.arange(self.num_embeddings, device=self.frequent_ids.device))
+        weight = self.frequent.weight.new_empty(self.num_embeddings, self.embedding_dim)
+        with torch.no_grad():  # the inverse of from_embedding's copies
+            weight[hit] = self.frequent.weight
+            weight[~hit] = self.rare.weight
+        return nn.Embedding.from_pretrained(weight, freeze=False, padding_idx=self.padding_idx)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         hit, index = self._split_index(ids)
@@ -85,6 +88,12 @@ class FrequencySplitEmbedding(nn.Module):
     def extra_repr(self) -> str:
         return (f"{self.num_embeddings}, {self.embedding_dim}, frequent={len(self.frequent_ids)}"
                 + (f", padding_idx={self.padding_idx}" if self.padding_idx is not None else ""))
+
+
+def most_frequent(token_counts: torch.Tensor, n: int) -> torch.Tensor:
+    """The ids [n] of the n largest `token_counts` [num_embeddings], most counted first; equal counts keep id order
+    (a stable sort), so the choice does not depend on the sort implementation."""
+    return torch.sort(-torch.as_tensor(token_counts).flatten().double(), stable=True).indices[:n]
 
 
 def split_embedding(model: nn.Module, name: str, token_counts: torch.Tensor,
@@ -108,9 +117,7 @@ def split_embedding(model: nn.Module, name: str, token_counts: torch.Tensor,
             if p is embedding.weight and module is not embedding:
                 raise ValueError(f"split_embedding: {name!r} shares its weight with {other_name}.{p_name} "
                                  "(tied); splitting would untie them")
-    # stable sort: equal counts keep id order, so the split does not depend on the sort implementation
-    order = torch.sort(-counts.double(), stable=True).indices
-    split = FrequencySplitEmbedding.from_embedding(embedding, order[:n_frequent])
+    split = FrequencySplitEmbedding.from_embedding(embedding, most_frequent(counts, n_frequent))
     parent_name, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent_name) if parent_name else model, child, split)
     return split

@@ -13,8 +13,6 @@ transformers = pytest.importorskip("transformers")
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "examples"))
 import minilm_distill as md  # noqa: E402
 
-from idkm_plugin.split_embedding import split_embedding  # noqa: E402
-
 EXAMPLES = os.path.join(os.path.dirname(__file__), "..", "..", "examples")
 WORDS = ("return the value of a module function class object file name string list this is used when given "
          "if not none default error raised by method argument").split()
@@ -200,8 +198,7 @@ def test_real_minilm_yaml_budgets(name, budget):
     split_bits = 0
     if frequency_split:
         train = md.split(md.stdlib_sentences(), 512)[0]
-        counts = md.token_counts(tokenizer, train, 64, model.config.vocab_size)
-        split = split_embedding(model, frequency_split["name"], counts, frequency_split["frequent_tokens"])
+        split, _ = md.apply_frequency_split(model, tokenizer, train, frequency_split, 64)
         split_bits = 8 * split.frequent_ids.numel() * split.frequent_ids.element_size()
     plan = mp.plan(model)
     kinds = (torch.nn.Linear, torch.nn.Embedding)
