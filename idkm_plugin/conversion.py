@@ -45,6 +45,7 @@ def palettize_module(module: nn.Module, clusterer: WeightClusterer, weight: Opti
     if kind is None:
         supported = ", ".join(k.name for k in layer_kinds())
         raise ValueError(f"{type(module).__name__} cannot be palettized; supported: {supported}")
+    kind.check(module, clusterer.name)
     weight = kind.clustered_weight(module) if weight is None else weight
     layer = float_layer(module, kind)
     layer.weight = clusterer.export_parameter(weight, transposed=kind.transposed)

@@ -62,7 +62,7 @@ def save_palettized(model: nn.Module, path: str | os.PathLike, codec: str = "raw
         raise ValueError(f"save_palettized: codec={codec!r} is not one of {list(CODECS)}")
     weights = palettized_parameters(model)
     if not weights:
-        raise ValueError("save_palettized: the model has no palettized weight; convert it first "
+        raise ValueError("save_palettized: the model has no palettized layer; convert it first "
                          "(or save a float model with torch.save / safetensors directly)")
     aliases = {name: _first_name(model, p) for name, p in model.named_parameters(remove_duplicate=False)
                if isinstance(p, PalettizedTensor) and name not in weights}
@@ -191,6 +191,8 @@ def _legacy_weights(path, layers: Any, tensors: dict, aliases: dict) -> tuple[di
             new_aliases[renamed[alias].rpartition(".")[0]] = renamed[key].rpartition(".")[0]
         else:
             new_aliases[alias] = key
+    for alias in new_aliases:  # a tied layer is described by the layer that stores its weight
+        weights.pop(alias, None)
     return weights, new_aliases
 
 

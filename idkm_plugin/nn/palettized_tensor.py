@@ -89,7 +89,9 @@ class PaletteSpec:
 
     def to_metadata(self) -> dict[str, Any]:
         """JSON-able description (defaults left out), inverse of `from_metadata`."""
-        meta: dict[str, Any] = {"bits": self.bits, "dim": self.dim, "shape": list(self.shape)}
+        meta: dict[str, Any] = {"bits": self.bits, "shape": list(self.shape)}
+        if self.dim != 1:
+            meta["dim"] = self.dim
         if self.lut_groups != 1:
             meta["lut_groups"] = self.lut_groups
         if self.dtype != torch.float32:
@@ -238,7 +240,8 @@ class PalettizedTensor(torch.Tensor):
 
     def dense(self) -> torch.Tensor:
         """The dense weight: from the cache when it is valid (cache_weight), else decoded."""
-        if not self.cache_weight or torch.compiler.is_compiling() or torch.jit.is_tracing():
+        trains_lut = self.lut.requires_grad and torch.is_grad_enabled()
+        if not self.cache_weight or trains_lut or torch.compiler.is_compiling() or torch.jit.is_tracing():
             return self.dequantize()
         key = tuple((id(t), t.device, -1 if t.is_inference() else t._version) for t in self.inner_tensors().values())
         if self._cache is None or self._cache[0] != key or (self._cache[1].is_inference()
@@ -325,6 +328,9 @@ def _packed_mask(mask: torch.Tensor, count: int) -> tuple[torch.Tensor, torch.Te
 def _rebuild(meta: dict, cache_weight: bool, inner: dict) -> PalettizedTensor:
     return PalettizedTensor(inner["codes"], inner["lut"], PaletteSpec.from_metadata(meta),
                             inner.get("channel_scale"), inner.get("lut_scale"), inner.get("mask"), cache_weight)
+
+
+torch.serialization.add_safe_globals([_rebuild])  # torch.load(weights_only=True) of a state_dict with one
 
 
 def _dense_or_same(value: Any) -> Any:
