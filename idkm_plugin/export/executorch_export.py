@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from ..nn.palettized_tensor import PalettizedTensor, decode
+from ..quiet import quiet_imports
 from ..atomic import atomic_write_bytes
 
 __all__ = ["export_program", "to_executorch"]
@@ -27,8 +28,9 @@ __all__ = ["export_program", "to_executorch"]
 
 def _require_executorch():
     try:
-        from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
-        from executorch.exir import to_edge_transform_and_lower
+        with quiet_imports():
+            from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+            from executorch.exir import to_edge_transform_and_lower
     except ImportError as err:
         raise ImportError("to_executorch needs ExecuTorch: pip install 'idkm-plugin[executorch]' "
                           f"(executorch==1.5.1 with torch 2.13); import failed: {err}") from None
@@ -80,7 +82,8 @@ class _DecodingRoot(nn.Module):
 def export_program(model: nn.Module, example_inputs: Sequence[Any],
                    dense_convolutions: bool = False) -> torch.export.ExportedProgram:
     """`torch.export` of the model's inference graph, the palettized weights decoded inside it."""
-    with torch.no_grad():
+    with torch.no_grad(), warnings.catch_warnings():  # torch.export's own deprecation notice, once per tree spec
+        warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)", category=FutureWarning)
         return torch.export.export(without_weight_cache(model, dense_convolutions), tuple(example_inputs))
 
 
@@ -114,6 +117,7 @@ def to_executorch(model: nn.Module, example_inputs: Sequence[Any], path: str | o
     partitioners = _partitioners() if delegate else []
     with warnings.catch_warnings():  # ExecuTorch 1.5's serializer still calls importlib.resources.read_binary
         warnings.filterwarnings("ignore", message="read_binary is deprecated", category=DeprecationWarning)
+        warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)", category=FutureWarning)
         program = to_edge_transform_and_lower(export_program(model, example_inputs, dense_convolutions),
                                               partitioner=partitioners)
         buffer = program.to_executorch().buffer
