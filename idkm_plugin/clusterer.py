@@ -405,7 +405,7 @@ class WeightClusterer(nn.Module):
     def export_parameter(self, weight: torch.Tensor, transposed: bool = False) -> nn.Parameter:
         """`export` as a frozen Parameter; the same Parameter again for the same weight Parameter and version (a
         tied weight, converted through each of its layers, stays one Parameter), from its owning clusterer."""
-        owner = self.tie_owner(weight)
+        owner = self._tie_owner(weight)  # registers this clusterer for a Parameter no clusterer has seen yet
         source = weight if isinstance(weight, nn.Parameter) else weight._base
         key = (id(source), None if source is None else source._version, tuple(weight.shape), transposed)
         memo = owner.__dict__.get("_exported")
