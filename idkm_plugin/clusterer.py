@@ -403,17 +403,19 @@ class WeightClusterer(nn.Module):
                                       self.pruning_mask())
 
     def export_parameter(self, weight: torch.Tensor, transposed: bool = False) -> nn.Parameter:
-        """`export` as a frozen Parameter; the same Parameter again for the same weight Parameter and version (a
-        tied weight, converted through each of its layers, stays one Parameter), from its owning clusterer."""
-        owner = self._tie_owner(weight)  # registers this clusterer for a Parameter no clusterer has seen yet
+        """`export` as a frozen Parameter, from the clusterer that owns the weight. A weight Parameter converted
+        again at the same version (a tied weight, converted through each of its layers) gives the same Parameter:
+        the result is noted on the weight Parameter itself, so it outlives the layers and clusterers that
+        converted it (torch.ao's convert drops each QAT layer as it goes)."""
+        owner = self._tie_owner(weight)
         source = weight if isinstance(weight, nn.Parameter) else weight._base
-        key = (id(source), None if source is None else source._version, tuple(weight.shape), transposed)
-        memo = owner.__dict__.get("_exported")
-        if source is not None and memo is not None and memo[0] == key and memo[1] is source:
-            return memo[2]
+        key = None if source is None else (source._version, tuple(weight.shape), transposed, owner.config)
+        memo = None if source is None else source.__dict__.get(_EXPORTED)
+        if memo is not None and memo[0] == key:
+            return memo[1]
         parameter = nn.Parameter(owner.export(weight, transposed), requires_grad=False)
         if source is not None:
-            owner.__dict__["_exported"] = (key, source, parameter)
+            source.__dict__[_EXPORTED] = (key, parameter)
         return parameter
 
     def extra_repr(self) -> str:
@@ -421,6 +423,9 @@ class WeightClusterer(nn.Module):
         pruned = f", sparsity={c.sparsity}" if c.sparsity else ""
         return (f"method={c.method.value}, bits={c.bits}, dim={c.dim}{pruned}, enabled={self.enabled}, "
                 f"lut_frozen={self.lut_frozen}")
+
+
+_EXPORTED = "_idkm_exported"  # on a weight Parameter: (its version, shape, layout, config) -> its palettized Parameter
 
 
 def _solved_dtype(parts: list, centroids: torch.Tensor) -> torch.dtype:
