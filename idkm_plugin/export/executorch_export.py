@@ -84,6 +84,8 @@ def export_program(model: nn.Module, example_inputs: Sequence[Any],
     """`torch.export` of the model's inference graph, the palettized weights decoded inside it."""
     with torch.no_grad(), warnings.catch_warnings():  # torch.export's own deprecation notice, once per tree spec
         warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)", category=FutureWarning)
+        # _DecodingRoot hands each layer its decoded weight as a plain attribute, on purpose
+        warnings.filterwarnings("ignore", message="The tensor attributes .* were assigned during export")
         return torch.export.export(without_weight_cache(model, dense_convolutions), tuple(example_inputs))
 
 
