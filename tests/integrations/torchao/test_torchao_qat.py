@@ -254,3 +254,52 @@ def test_prepared_state_dict_round_trip():
     fresh.load_state_dict(model.state_dict())
     x = mnist("test", 16)[0]
     assert torch.equal(fresh.eval()(x), model.eval()(x))
+
+
+def test_config_takes_cluster_config_fields_as_idkm_qconfig_does():
+    assert IDKMQATConfig(bits=3, method="idkm_jfb").cluster_config == ClusterConfig(bits=3, method="idkm_jfb")
+    assert IDKMQATConfig(ClusterConfig(bits=2), dim=2).cluster_config == ClusterConfig(bits=2, dim=2)
+    with pytest.raises(ValueError, match=r"ClusterConfig got unknown field\(s\) \['bitz'\]"):
+        IDKMQATConfig(bitz=3)
+    with pytest.raises(ValueError, match=r"step='convert'\) takes no ClusterConfig fields"):
+        IDKMQATConfig(step="convert", bits=3)
+
+
+def test_convert_warns_for_a_never_prepared_layer_and_for_train_mode():
+    model = tiny_net()
+    with pytest.warns(UserWarning, match=r"classifier was never prepared for clustering"):
+        quantize_(model, IDKMQATConfig(step="convert"), filter_fn=clusterable)
+    assert not isinstance(model.classifier.weight, PalettizedTensor)
+    quantize_(model, IDKMQATConfig(bits=3), filter_fn=clusterable)
+    model(torch.randn(2, 1, 28, 28))
+    with pytest.warns(UserWarning, match=r"classifier is in train mode"):
+        quantize_(model, IDKMQATConfig(step="convert"), filter_fn=clusterable)
+    assert isinstance(model.classifier.weight, PalettizedTensor)
+
+
+class TiedLM(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(32, 8)
+        self.head = nn.Linear(8, 32, bias=False)
+        self.head.weight = self.embed.weight
+
+    def forward(self, ids):
+        return self.head(self.embed(ids))
+
+
+def test_converting_the_head_converts_its_tied_embedding_too():
+    """torchao's default filter matches nn.Linear only: the prepared embedding tied to the head must not stay
+    fake-quantized (the file would hold a float embedding beside a palettized head)."""
+    torch.manual_seed(0)
+    model = TiedLM()
+    quantize_(model, IDKMQATConfig(bits=2), filter_fn=clusterable)
+    assert model.embed.weight_clusterer is model.head.weight_clusterer  # one clusterer for the tied Parameter
+    ids = torch.randint(0, 32, (2, 5))
+    model(ids)
+    model.eval()
+    expected = model(ids)
+    quantize_(model, IDKMQATConfig(step="convert"))  # default filter: Linear only
+    assert type(model.embed) is nn.Embedding and type(model.head) is nn.Linear
+    assert isinstance(model.head.weight, PalettizedTensor) and model.embed.weight is model.head.weight
+    assert torch.equal(model(ids), expected)
