@@ -28,6 +28,7 @@ import heapq
 
 import torch
 
+from .. import native
 from ..nn.packing import pack_codes, packed_nbytes, unpack_codes
 
 __all__ = ["BLOCK_LOG2", "MAX_LENGTH", "canonical_codes", "code_lengths", "decode", "encode", "encoded_nbytes"]
@@ -209,11 +210,20 @@ def encode(symbols: torch.Tensor, n_symbols: int, max_length: int = MAX_LENGTH) 
     width = int(lengths.max()).bit_length()
     parts = [_bytes(_header(n, n_symbols, width)), pack_codes(lengths, width)]
     if int((counts > 0).sum()) >= 2:
-        block_bits = _block_sums(symbols, lengths, 1 << BLOCK_LOG2)
+        block_bits, payload = _encode_blocks(symbols, lengths)
         fields = block_bits.view(-1, 1).bitwise_right_shift(torch.tensor([0, 8, 16])) & 0xFF
-        parts += [fields.reshape(-1).to(torch.uint8),
-                  _encode_payload(symbols, lengths, canonical_codes(lengths), int(block_bits.sum()))]
+        parts += [fields.reshape(-1).to(torch.uint8), payload]
     return torch.cat(parts)
+
+
+def _encode_blocks(symbols: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """symbols int64 [N], lengths int64 [n_symbols] -> (payload bits of each block int64 [B], payload uint8 [*]).
+
+    The native op when it is built (one pass per output, ~10x faster), else torch ops; both write the same bytes."""
+    if native.has_op("huffman_encode"):
+        return torch.ops.idkm_plugin.huffman_encode(symbols.contiguous(), lengths, 1 << BLOCK_LOG2)
+    block_bits = _block_sums(symbols, lengths, 1 << BLOCK_LOG2)
+    return block_bits, _encode_payload(symbols, lengths, canonical_codes(lengths), int(block_bits.sum()))
 
 
 def _bytes(values: list[int]) -> torch.Tensor:
@@ -346,8 +356,10 @@ def _decode_blocks(blob: torch.Tensor, pos: int, n: int, lengths: torch.Tensor,
     nbytes = (total + 7) // 8
     if blob.numel() < pos + nbytes:
         raise _corrupt(f"truncated: {nbytes} payload bytes expected, {blob.numel() - pos} left")
-    payload = blob[pos:pos + nbytes].to(torch.int64)
-    symbols = _peek_decode(payload, lengths, block_bits, n, block)
+    if native.has_op("huffman_decode"):
+        symbols = torch.ops.idkm_plugin.huffman_decode(blob[pos:pos + nbytes], block_bits, lengths, n, block)
+    else:
+        symbols = _peek_decode(blob[pos:pos + nbytes].to(torch.int64), lengths, block_bits, n, block)
     return symbols, pos + nbytes
 
 
