@@ -1,7 +1,7 @@
 // Canonical Huffman payloads of idkm_plugin/export/huffman.py, encoded and decoded on one thread.
 //
-//   huffman_decode(payload uint8 [nbytes], block_bits int64 [B], lengths int64 [A], count, block)
-//       -> symbols int64 [count]
+//   huffman_decode(payload uint8 [nbytes], block_bits int64 [B], lengths int64 [A], count, block, pack_bits)
+//       -> symbols int64 [count] (pack_bits 0), or the codes packed at pack_bits bits, uint8 [ceil(count * pack_bits / 8)]
 //   huffman_encode(symbols int64 [N], lengths int64 [A], block) -> (block_bits int64 [B], payload uint8 [*])
 //
 // The payload is the codes MSB first, blocks of `block` symbols back to back; block_bits gives each block's
@@ -17,6 +17,8 @@
 #include <cstdint>
 #include <cstring>
 #include <vector>
+
+static_assert(__BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__, "huffman.cpp packs codes with little-endian stores");
 
 namespace {
 
@@ -115,7 +117,7 @@ inline uint32_t next_symbol(const Code& code, uint64_t window) {
 // The caller guarantees that every 8-byte read stays inside `data`. Returns each lane's end bit in `start`.
 template <int Lanes>
 void decode_lanes(const Code& code, const uint8_t* data, int64_t* start, const int64_t* counts,
-                  int64_t* const* out) {
+                  int32_t* const* out) {
   int64_t common = counts[0];
   for (int j = 1; j < Lanes; ++j) common = std::min(common, counts[j]);
   int64_t pos[Lanes];
@@ -130,7 +132,7 @@ void decode_lanes(const Code& code, const uint8_t* data, int64_t* start, const i
         entry = next_symbol(code, window);
         HUFFMAN_CORRUPT(entry != 0, "bits at payload bit ", pos[j], " start no code");
       }
-      out[j][i] = entry >> 5;
+      out[j][i] = static_cast<int32_t>(entry >> 5);
       pos[j] += entry & 31;
     }
   }
@@ -139,22 +141,46 @@ void decode_lanes(const Code& code, const uint8_t* data, int64_t* start, const i
       const uint64_t window = load_be64(data + (pos[j] >> 3)) << (pos[j] & 7);
       const uint32_t entry = next_symbol(code, window);
       HUFFMAN_CORRUPT(entry != 0, "bits at payload bit ", pos[j], " start no code");
-      out[j][i] = entry >> 5;
+      out[j][i] = static_cast<int32_t>(entry >> 5);
       pos[j] += entry & 31;
     }
     start[j] = pos[j];
   }
 }
 
+// The decoded symbols int32 [c] of one block go out as int64 (pack_bits 0) or packed LSB first at pack_bits
+// bits per code, as idkm_plugin.nn.packing.pack_codes writes them: 8 codes fill pack_bits bytes.
+void emit(const int32_t* symbols, int64_t c, int64_t first, int pack_bits, at::Tensor& result) {
+  if (pack_bits == 0) {
+    int64_t* out = result.data_ptr<int64_t>() + first;
+    for (int64_t i = 0; i < c; ++i) out[i] = symbols[i];
+    return;
+  }
+  uint8_t* out = result.data_ptr<uint8_t>() + first / 8 * pack_bits;  // first is a multiple of 8
+  const int64_t total = result.numel();
+  uint8_t* end = result.data_ptr<uint8_t>() + total;
+  for (int64_t g = 0; g < c; g += 8, out += pack_bits) {
+    unsigned __int128 word = 0;
+    const int64_t in_group = std::min<int64_t>(8, c - g);
+    for (int64_t i = 0; i < in_group; ++i) word |= static_cast<unsigned __int128>(symbols[g + i]) << (i * pack_bits);
+    const int64_t nbytes = std::min<int64_t>(pack_bits, end - out);
+    std::memcpy(out, &word, static_cast<size_t>(nbytes));  // little-endian: the low bytes first
+  }
+}
+
 at::Tensor huffman_decode(const at::Tensor& payload, const at::Tensor& block_bits, const at::Tensor& lengths,
-                          int64_t count, int64_t block) {
+                          int64_t count, int64_t block, int64_t pack_bits) {
   TORCH_CHECK_VALUE(payload.dim() == 1 && payload.scalar_type() == at::kByte && payload.device().is_cpu(),
                     "huffman_decode: payload must be a CPU uint8 [nbytes] tensor");
   TORCH_CHECK_VALUE(block_bits.dim() == 1 && block_bits.scalar_type() == at::kLong,
                     "huffman_decode: block_bits must be int64 [blocks]");
-  TORCH_CHECK_VALUE(count >= 0 && block >= 1 && block <= (int64_t(1) << 20),
-                    "huffman_decode: count=", count, ", block=", block);
+  TORCH_CHECK_VALUE(count >= 0 && block >= 8 && block % 8 == 0 && block <= (int64_t(1) << 20),
+                    "huffman_decode: count=", count, ", block=", block, " (a multiple of 8 up to 2**20)");
+  TORCH_CHECK_VALUE(pack_bits >= 0 && pack_bits <= 16, "huffman_decode: pack_bits=", pack_bits,
+                    " (0: int64 symbols, 1..16: packed codes)");
   const Code code = build_code(lengths);
+  TORCH_CHECK_VALUE(pack_bits == 0 || lengths.numel() <= (int64_t(1) << pack_bits), "huffman_decode: ",
+                    lengths.numel(), " symbols do not fit in codes of ", pack_bits, " bits");
   const int64_t n_blocks = (count + block - 1) / block;
   HUFFMAN_CORRUPT(block_bits.numel() == n_blocks, block_bits.numel(), " block lengths for ", count,
                   " symbols in blocks of ", block);
@@ -164,19 +190,19 @@ at::Tensor huffman_decode(const at::Tensor& payload, const at::Tensor& block_bit
   const uint8_t* data = data_c.data_ptr<uint8_t>();
   const int64_t nbytes = data_c.numel();
 
-  // Block starts; every block holds >= 1 bit per symbol and all of them fit in the payload.
+  // Block starts; every block holds 1..longest bits per symbol and all of them fit in the payload.
   std::vector<int64_t> starts(n_blocks + 1, 0);
   for (int64_t b = 0; b < n_blocks; ++b) {
     const int64_t symbols = std::min(block, count - b * block);
-    HUFFMAN_CORRUPT(bits[b] >= symbols && bits[b] <= symbols * kMaxLength, "block ", b, " holds ", bits[b],
+    HUFFMAN_CORRUPT(bits[b] >= symbols && bits[b] <= symbols * code.longest, "block ", b, " holds ", bits[b],
                     " bits for ", symbols, " symbols");
     starts[b + 1] = starts[b] + bits[b];
   }
   HUFFMAN_CORRUPT((starts[n_blocks] + 7) / 8 <= nbytes, "its blocks hold ", starts[n_blocks], " bits, the payload ",
                   nbytes, " bytes");
 
-  at::Tensor result = at::empty({count}, at::kLong);
-  int64_t* out = result.data_ptr<int64_t>();
+  at::Tensor result = pack_bits == 0 ? at::empty({count}, at::kLong)
+                                     : at::empty({(count * pack_bits + 7) / 8}, at::kByte);
   // A block of c symbols from bit s reads bytes below ((s + (c - 1) * longest) >> 3) + 8, whatever the bits.
   // Blocks that stay below nbytes read the payload in place; the others a zero-padded copy of its tail.
   const auto read_end = [&](int64_t b) {
@@ -192,28 +218,30 @@ at::Tensor huffman_decode(const at::Tensor& payload, const at::Tensor& block_bit
     std::memcpy(tail.data(), data + tail_from, static_cast<size_t>(nbytes - tail_from));
   }
 
-  const auto check_end = [&](int64_t b, int64_t end) {
+  std::vector<int32_t> buffer(static_cast<size_t>(kLanes * block));
+  const auto finish = [&](int64_t b, int64_t end, const int32_t* symbols) {
     HUFFMAN_CORRUPT(end == starts[b + 1], "block ", b, " ends at bit ", end, ", expected ", starts[b + 1]);
+    emit(symbols, std::min(block, count - b * block), b * block, static_cast<int>(pack_bits), result);
   };
   int64_t b = 0;
   for (; b + kLanes <= in_place; b += kLanes) {
     int64_t pos[kLanes], counts[kLanes];
-    int64_t* outs[kLanes];
+    int32_t* outs[kLanes];
     for (int j = 0; j < kLanes; ++j) {
       pos[j] = starts[b + j];
       counts[j] = std::min(block, count - (b + j) * block);
-      outs[j] = out + (b + j) * block;
+      outs[j] = buffer.data() + j * block;
     }
     decode_lanes<kLanes>(code, data, pos, counts, outs);
-    for (int j = 0; j < kLanes; ++j) check_end(b + j, pos[j]);
+    for (int j = 0; j < kLanes; ++j) finish(b + j, pos[j], outs[j]);
   }
   for (; b < n_blocks; ++b) {  // the last few blocks one at a time, from the tail copy where needed
     const bool copy = b >= in_place;
     int64_t pos = starts[b] - (copy ? tail_from * 8 : 0);
     const int64_t symbols = std::min(block, count - b * block);
-    int64_t* outs[1] = {out + b * block};
+    int32_t* outs[1] = {buffer.data()};
     decode_lanes<1>(code, copy ? tail.data() : data, &pos, &symbols, outs);
-    check_end(b, pos + (copy ? tail_from * 8 : 0));
+    finish(b, pos + (copy ? tail_from * 8 : 0), buffer.data());
   }
   return result;
 }
@@ -283,7 +311,7 @@ std::tuple<at::Tensor, at::Tensor> huffman_encode(const at::Tensor& symbols, con
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(idkm_plugin, m) {
-  m.def("huffman_decode(Tensor payload, Tensor block_bits, Tensor lengths, int count, int block) -> Tensor");
+  m.def("huffman_decode(Tensor payload, Tensor block_bits, Tensor lengths, int count, int block, int pack_bits) -> Tensor");
   m.def("huffman_encode(Tensor symbols, Tensor lengths, int block) -> (Tensor, Tensor)");
 }
 

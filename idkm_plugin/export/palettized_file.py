@@ -33,9 +33,9 @@ import torch
 from torch import nn
 
 from ..layers import layer_kinds
-from ..nn.packing import pack_codes, packed_nbytes
+from ..nn.packing import packed_nbytes
 from ..nn.palettized import PalettizedModule, PalettizedWeight
-from .code_layouts import decode_codes, encode_codes, layer_codes
+from .code_layouts import decode_packed_codes, encode_codes, layer_codes
 from .integrity import CHECKSUMS_KEY, seal, verify
 from .safetensors_format import read_safetensors, write_safetensors
 
@@ -250,12 +250,12 @@ def _decode_layers(path: str | os.PathLike, layers: dict[str, dict], tensors: di
         if blob is None or blob.dtype != torch.uint8 or blob.dim() != 1:
             raise ValueError(f"{path}: layer {name!r} ({layout}) lacks its uint8 tensor {prefix + 'huffman'!r}")
         try:
-            codes, mask = decode_codes(layout, blob, _num_codes(meta), meta["bits"], meta.get("index_bits"))
+            codes, mask = decode_packed_codes(layout, blob, _num_codes(meta), meta["bits"], meta.get("index_bits"))
         except ValueError as error:
             raise ValueError(f"{path}: layer {name!r}: {error}") from None
-        tensors[prefix + "codes"] = pack_codes(codes, meta["bits"])
+        tensors[prefix + "codes"] = codes
         if mask is not None:
-            tensors[prefix + "mask"] = pack_codes(mask, 1)
+            tensors[prefix + "mask"] = mask
 
 
 def _attach_mask(name: str, layer: PalettizedModule, mask: torch.Tensor) -> None:
