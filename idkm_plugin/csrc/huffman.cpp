@@ -5,8 +5,9 @@
 //   huffman_encode(symbols int64 [N], lengths int64 [A], block) -> (block_bits int64 [B], payload uint8 [*])
 //
 // The payload is the codes MSB first, blocks of `block` symbols back to back; block_bits gives each block's
-// length in bits. Decoding reads 8 bytes at a time (the next >= 57 stream bits) and looks the next P bits
-// up in a 2**P table (P = min(longest code, 11)); longer codes are resolved canonically from their length's
+// length in bits. Decoding reads 8 bytes at a time (the next >= 57 stream bits) and looks the next 12 bits up
+// in a table of the (up to 6) whole codes they hold, for alphabets of <= 256 symbols, or the next P bits in a
+// one-symbol table (P = min(longest code, 11)); longer codes are resolved canonically from their length's
 // first code. Several blocks are decoded interleaved, since each block starts at a known bit. Every length
 // is checked: a corrupted stream raises ValueError ("corrupted Huffman stream: ...") and no read leaves the
 // payload (blocks whose worst-case reads could pass its end are decoded from a zero-padded copy of the tail).
@@ -116,8 +117,8 @@ inline uint32_t next_symbol(const Code& code, uint64_t window) {
 // Decodes `n_lanes` blocks at once, lane j from bit start[j] of `data`, counts[j] symbols into out[j].
 // The caller guarantees that every 8-byte read stays inside `data`. Returns each lane's end bit in `start`.
 template <int Lanes>
-void decode_lanes(const Code& code, const uint8_t* data, int64_t* start, const int64_t* counts,
-                  int32_t* const* out) {
+void decode_lanes(const Code& code, const uint64_t* /*multi: alphabets > 256 have none*/, const uint8_t* data,
+                  int64_t* start, const int64_t* counts, int32_t* const* out) {
   int64_t common = counts[0];
   for (int j = 1; j < Lanes; ++j) common = std::min(common, counts[j]);
   int64_t pos[Lanes];
@@ -148,9 +149,85 @@ void decode_lanes(const Code& code, const uint8_t* data, int64_t* start, const i
   }
 }
 
-// The decoded symbols int32 [c] of one block go out as int64 (pack_bits 0) or packed LSB first at pack_bits
+// Alphabets of <= 256 symbols: a 2**12-entry table gives every symbol whose code lies wholly in the next
+// 12 bits, up to 6 of them: bits 0-7 the bits they take, 8-15 their number (0: a code longer than 12 bits,
+// or no code, left to next_symbol), then one byte per symbol.
+constexpr int kMultiBits = 12;
+constexpr int kMultiMax = 6;
+
+std::vector<uint64_t> build_multi(const Code& code) {
+  std::vector<uint64_t> table(size_t(1) << kMultiBits, 0);
+  for (uint64_t x = 0; x < table.size(); ++x) {
+    int rest = kMultiBits, n = 0, used = 0;
+    uint64_t symbols = 0;
+    while (n < kMultiMax && rest > 0) {
+      const uint64_t window = (x & ((uint64_t(1) << rest) - 1)) << (64 - rest);  // the bits left, then zeros
+      const uint32_t entry = next_symbol(code, window);
+      const int length = static_cast<int>(entry & 31);
+      if (entry == 0 || length > rest) break;  // the next code needs bits past these 12
+      symbols |= static_cast<uint64_t>(entry >> 5) << (8 * n);
+      ++n;
+      used += length;
+      rest -= length;
+    }
+    table[x] = n == 0 ? 0 : (symbols << 16) | (static_cast<uint64_t>(n) << 8) | static_cast<uint64_t>(used);
+  }
+  return table;
+}
+
+// Lanes of `decode_lanes` over a multi-symbol table, while every lane has room for 6 more symbols (each
+// lookup stores 8 bytes at out[j] + i[j]: out rows hold block + 8 bytes).
+template <int Lanes>
+void multi_loop(const Code& code, const uint64_t* multi, const uint8_t* data, int64_t* pos, int64_t* i,
+                const int64_t* counts, uint8_t* const* out) {
+  for (;;) {
+    bool room = true;
+    for (int j = 0; j < Lanes; ++j) room &= i[j] + kMultiMax <= counts[j];
+    if (!room) return;
+    for (int j = 0; j < Lanes; ++j) {
+      const uint64_t window = load_be64(data + (pos[j] >> 3)) << (pos[j] & 7);
+      const uint64_t entry = multi[window >> (64 - kMultiBits)];
+      if (__builtin_expect(entry != 0, 1)) {
+        const uint64_t symbols = entry >> 16;
+        std::memcpy(out[j] + i[j], &symbols, 8);
+        i[j] += (entry >> 8) & 0xFF;
+        pos[j] += entry & 0xFF;
+      } else {
+        const uint32_t one = next_symbol(code, window);
+        HUFFMAN_CORRUPT(one != 0, "bits at payload bit ", pos[j], " start no code");
+        out[j][i[j]++] = static_cast<uint8_t>(one >> 5);
+        pos[j] += one & 31;
+      }
+    }
+  }
+}
+
+template <int Lanes>
+void decode_lanes(const Code& code, const uint64_t* multi, const uint8_t* data, int64_t* start,
+                  const int64_t* counts, uint8_t* const* out) {
+  int64_t pos[Lanes], i[Lanes];
+  for (int j = 0; j < Lanes; ++j) {
+    pos[j] = start[j];
+    i[j] = 0;
+  }
+  multi_loop<Lanes>(code, multi, data, pos, i, counts, out);
+  for (int j = 0; j < Lanes; ++j) {  // each lane's last symbols on its own, the last 5 one at a time
+    multi_loop<1>(code, multi, data, pos + j, i + j, counts + j, out + j);
+    for (; i[j] < counts[j]; ++i[j]) {
+      const uint64_t window = load_be64(data + (pos[j] >> 3)) << (pos[j] & 7);
+      const uint32_t entry = next_symbol(code, window);
+      HUFFMAN_CORRUPT(entry != 0, "bits at payload bit ", pos[j], " start no code");
+      out[j][i[j]] = static_cast<uint8_t>(entry >> 5);
+      pos[j] += entry & 31;
+    }
+    start[j] = pos[j];
+  }
+}
+
+// The decoded symbols [c] of one block go out as int64 (pack_bits 0) or packed LSB first at pack_bits
 // bits per code, as idkm_plugin.nn.packing.pack_codes writes them: 8 codes fill pack_bits bytes.
-void emit(const int32_t* symbols, int64_t c, int64_t first, int pack_bits, at::Tensor& result) {
+template <typename T>
+void emit(const T* symbols, int64_t c, int64_t first, int pack_bits, at::Tensor& result) {
   if (pack_bits == 0) {
     int64_t* out = result.data_ptr<int64_t>() + first;
     for (int64_t i = 0; i < c; ++i) out[i] = symbols[i];
@@ -165,6 +242,43 @@ void emit(const int32_t* symbols, int64_t c, int64_t first, int pack_bits, at::T
     for (int64_t i = 0; i < in_group; ++i) word |= static_cast<unsigned __int128>(symbols[g + i]) << (i * pack_bits);
     const int64_t nbytes = std::min<int64_t>(pack_bits, end - out);
     std::memcpy(out, &word, static_cast<size_t>(nbytes));  // little-endian: the low bytes first
+  }
+}
+
+// Every block: kLanes at a time from the payload in place, then the rest one at a time (from `tail`, the
+// zero-padded copy of the payload from byte tail_from, for blocks >= in_place); each must end where the
+// next one starts. T: uint8_t (multi-symbol table) for alphabets of <= 256 symbols, else int32_t.
+template <typename T>
+void decode_blocks(const Code& code, const std::vector<uint64_t>& multi, const uint8_t* data,
+                   const std::vector<int64_t>& starts, int64_t in_place, int64_t tail_from,
+                   const std::vector<uint8_t>& tail, int64_t count, int64_t block, int64_t pack_bits,
+                   at::Tensor& result) {
+  const int64_t n_blocks = static_cast<int64_t>(starts.size()) - 1;
+  const int64_t row = block + 8;
+  std::vector<T> buffer(static_cast<size_t>(kLanes * row));
+  const auto finish = [&](int64_t b, int64_t end, const T* symbols) {
+    HUFFMAN_CORRUPT(end == starts[b + 1], "block ", b, " ends at bit ", end, ", expected ", starts[b + 1]);
+    emit(symbols, std::min(block, count - b * block), b * block, static_cast<int>(pack_bits), result);
+  };
+  int64_t b = 0;
+  for (; b + kLanes <= in_place; b += kLanes) {
+    int64_t pos[kLanes], counts[kLanes];
+    T* outs[kLanes];
+    for (int j = 0; j < kLanes; ++j) {
+      pos[j] = starts[b + j];
+      counts[j] = std::min(block, count - (b + j) * block);
+      outs[j] = buffer.data() + j * row;
+    }
+    decode_lanes<kLanes>(code, multi.data(), data, pos, counts, outs);
+    for (int j = 0; j < kLanes; ++j) finish(b + j, pos[j], outs[j]);
+  }
+  for (; b < n_blocks; ++b) {
+    const bool copy = b >= in_place;
+    int64_t pos = starts[b] - (copy ? tail_from * 8 : 0);
+    const int64_t symbols = std::min(block, count - b * block);
+    T* outs[1] = {buffer.data()};
+    decode_lanes<1>(code, multi.data(), copy ? tail.data() : data, &pos, &symbols, outs);
+    finish(b, pos + (copy ? tail_from * 8 : 0), buffer.data());
   }
 }
 
@@ -218,30 +332,12 @@ at::Tensor huffman_decode(const at::Tensor& payload, const at::Tensor& block_bit
     std::memcpy(tail.data(), data + tail_from, static_cast<size_t>(nbytes - tail_from));
   }
 
-  std::vector<int32_t> buffer(static_cast<size_t>(kLanes * block));
-  const auto finish = [&](int64_t b, int64_t end, const int32_t* symbols) {
-    HUFFMAN_CORRUPT(end == starts[b + 1], "block ", b, " ends at bit ", end, ", expected ", starts[b + 1]);
-    emit(symbols, std::min(block, count - b * block), b * block, static_cast<int>(pack_bits), result);
-  };
-  int64_t b = 0;
-  for (; b + kLanes <= in_place; b += kLanes) {
-    int64_t pos[kLanes], counts[kLanes];
-    int32_t* outs[kLanes];
-    for (int j = 0; j < kLanes; ++j) {
-      pos[j] = starts[b + j];
-      counts[j] = std::min(block, count - (b + j) * block);
-      outs[j] = buffer.data() + j * block;
-    }
-    decode_lanes<kLanes>(code, data, pos, counts, outs);
-    for (int j = 0; j < kLanes; ++j) finish(b + j, pos[j], outs[j]);
-  }
-  for (; b < n_blocks; ++b) {  // the last few blocks one at a time, from the tail copy where needed
-    const bool copy = b >= in_place;
-    int64_t pos = starts[b] - (copy ? tail_from * 8 : 0);
-    const int64_t symbols = std::min(block, count - b * block);
-    int32_t* outs[1] = {buffer.data()};
-    decode_lanes<1>(code, copy ? tail.data() : data, &pos, &symbols, outs);
-    finish(b, pos + (copy ? tail_from * 8 : 0), buffer.data());
+  if (lengths.numel() <= 256) {
+    decode_blocks<uint8_t>(code, build_multi(code), data, starts, in_place, tail_from, tail, count, block,
+                           pack_bits, result);
+  } else {
+    decode_blocks<int32_t>(code, {}, data, starts, in_place, tail_from, tail, count, block, pack_bits,
+                           result);
   }
   return result;
 }
