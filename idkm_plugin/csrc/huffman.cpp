@@ -19,11 +19,6 @@
 #include <cstring>
 #include <vector>
 
-#ifdef __linux__
-#include <sys/mman.h>
-#include <unistd.h>
-#endif
-
 static_assert(__BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__, "huffman.cpp packs codes with little-endian stores");
 
 namespace {
@@ -97,22 +92,6 @@ Code build_code(const at::Tensor& lengths_tensor) {
     }
   }
   return code;
-}
-
-// Asks Linux for transparent huge pages under a large fresh output (where THP is in "madvise" mode, the
-// common default): touching 8 bytes per code of fresh memory in 4 KiB pages costs more than decoding.
-// Advice only; nothing changes where it is refused or on other systems.
-void advise_huge_pages(void* ptr, int64_t nbytes) {
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
-  if (nbytes < (int64_t(8) << 20)) return;
-  const uintptr_t page = static_cast<uintptr_t>(sysconf(_SC_PAGESIZE));
-  const uintptr_t begin = (reinterpret_cast<uintptr_t>(ptr) + page - 1) / page * page;
-  const uintptr_t end = (reinterpret_cast<uintptr_t>(ptr) + static_cast<uintptr_t>(nbytes)) / page * page;
-  if (end > begin) madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);
-#else
-  (void)ptr;
-  (void)nbytes;
-#endif
 }
 
 inline uint64_t load_be64(const uint8_t* p) {
@@ -338,7 +317,6 @@ at::Tensor huffman_decode(const at::Tensor& payload, const at::Tensor& block_bit
 
   at::Tensor result = pack_bits == 0 ? at::empty({count}, at::kLong)
                                      : at::empty({(count * pack_bits + 7) / 8}, at::kByte);
-  advise_huge_pages(result.data_ptr(), result.numel() * result.element_size());
   // A block of c symbols from bit s reads bytes below ((s + (c - 1) * longest) >> 3) + 8, whatever the bits.
   // Blocks that stay below nbytes read the payload in place; the others a zero-padded copy of its tail.
   const auto read_end = [&](int64_t b) {
