@@ -35,20 +35,52 @@ from idkm_plugin.atomic import atomic_write_text
 from idkm_plugin.export import huffman, load_palettized, save_palettized
 from idkm_plugin.export.code_layouts import layer_codes
 from idkm_plugin.export.safetensors_format import read_safetensors
-from idkm_plugin.nn import PalettizedLinear
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 
-def big_layer(out_features: int, in_features: int, bits: int, sparsity: float) -> PalettizedLinear:
+def palettized_linear(in_features: int, out_features: int, codes: torch.Tensor, lut: torch.Tensor, bits: int,
+                      mask: torch.Tensor | None = None) -> torch.nn.Module:
+    """A Linear [out, in] without bias whose weight is lut [2**bits][codes int64 [out * in]], pruned where mask
+    bool [out * in] is False: the converted form (a PalettizedTensor weight on nn.Linear) where this version of
+    idkm_plugin has it, else a PalettizedLinear."""
+    try:
+        from idkm_plugin.nn import PaletteSpec, PalettizedTensor
+    except ImportError:
+        from idkm_plugin.nn import PalettizedLinear
+
+        layer = PalettizedLinear(in_features, out_features, codes.view(1, -1), lut.view(1, -1, 1), bits)
+        if mask is not None:
+            layer.set_mask(mask)
+        return layer
+    layer = torch.nn.Linear(in_features, out_features, bias=False, device="meta")
+    spec = PaletteSpec(bits, 1, (out_features, in_features))
+    layer.weight = torch.nn.Parameter(PalettizedTensor.build(codes.view(1, -1), lut.view(1, -1, 1), spec, mask=mask),
+                                      requires_grad=False)
+    return layer
+
+
+def palettized(layer: torch.nn.Module):
+    """What holds a palettized layer's packed codes and mask (.codes, .mask, .bits, .num_codes)."""
+    return layer if hasattr(layer, "codes") else layer.weight
+
+
+def stored_layout(path: str) -> str:
+    """The codes layout save_palettized chose for the one palettized weight of the file at `path`."""
+    metadata = read_safetensors(path)[1]
+    key = "idkm_plugin.weights" if "idkm_plugin.weights" in metadata else "idkm_plugin.layers"  # format /3, /2
+    (entry,) = json.loads(metadata[key]).values()
+    return entry.get("layout", "packed")
+
+
+def big_layer(out_features: int, in_features: int, bits: int, sparsity: float) -> torch.nn.Module:
     """A Linear [out, in] whose codes are Gaussian weights rounded to 2**bits evenly spaced centroids."""
     torch.manual_seed(0)
     weight = torch.randn(out_features * in_features)
     lut = torch.linspace(-3, 3, 1 << bits)
     codes = torch.bucketize(weight, (lut[1:] + lut[:-1]) / 2)
-    layer = PalettizedLinear(in_features, out_features, codes.view(1, -1), lut.view(1, -1, 1), bits)
-    if sparsity:
-        layer.set_mask(weight.abs() > weight.abs().kthvalue(int(sparsity * weight.numel())).values)
+    mask = weight.abs() > weight.abs().kthvalue(int(sparsity * weight.numel())).values if sparsity else None
+    layer = palettized_linear(in_features, out_features, codes, lut, bits, mask)
     return layer
 
 
@@ -109,23 +141,23 @@ def load_rows(n: int, repeats: int, folder: str) -> list[str]:
     out_features = n // in_features
     codes = kmeans_gaussian_codes(out_features * in_features, 4)
     lut = torch.linspace(-2, 2, 16)
-    model = torch.nn.Sequential(PalettizedLinear(in_features, out_features, codes.view(1, -1), lut.view(1, -1, 1), 4))
+    model = torch.nn.Sequential(palettized_linear(in_features, out_features, codes, lut, 4))
     del codes
     raw_path, path = os.path.join(folder, "big_raw.safetensors"), os.path.join(folder, "big_huffman.safetensors")
     raw = save_palettized(model, raw_path)
     t_save, coded = median_time(lambda: save_palettized(model, path, codec="huffman"), 1)
 
     def skeleton():
-        return torch.nn.Sequential(torch.nn.Linear(in_features, out_features, device="meta"))
+        return torch.nn.Sequential(torch.nn.Linear(in_features, out_features, bias=False, device="meta"))
 
     t_raw, _ = median_time(lambda: load_palettized(raw_path, skeleton()), repeats)
     t_load, loaded = median_time(lambda: load_palettized(path, skeleton()), repeats)
-    assert torch.equal(loaded[0].codes, model[0].codes)
+    assert torch.equal(palettized(loaded[0]).codes, palettized(model[0]).codes)
     del loaded
     with _torch_path():
         t_torch, loaded = median_time(lambda: load_palettized(path, skeleton()), 1)
-    assert torch.equal(loaded[0].codes, model[0].codes)
-    layout = json.loads(read_safetensors(path)[1]["idkm_plugin.layers"])["0"].get("layout", "packed")
+    assert torch.equal(palettized(loaded[0]).codes, palettized(model[0]).codes)
+    layout = stored_layout(path)
     return [f"Load: a Linear {out_features}x{in_features} (4 bit, k-means of Gaussian weights), "
             f"{out_features * in_features:,} codes, one thread.", "",
             "| file | layout | bytes | save (s) | load_palettized native (s) | load_palettized torch path (s) |",
@@ -140,18 +172,19 @@ def layer_rows(repeats: int, folder: str) -> list[str]:
     for sparsity in (0.0, 0.5):
         layer = big_layer(4000, 2500, 4, sparsity)
         model = torch.nn.Sequential(layer)
-        codes, _ = layer_codes(layer)
+        codes, _ = layer_codes(palettized(layer))
         t_enc, blob = median_time(lambda: huffman.encode(codes, 16), repeats)
         t_dec, (decoded, _) = median_time(lambda: huffman.decode(blob, 0, codes.numel(), 16), repeats)
         assert torch.equal(decoded, codes)
         raw = save_palettized(model, os.path.join(folder, "raw.safetensors"))
         path = os.path.join(folder, "huffman.safetensors")
         t_save, coded = median_time(lambda: save_palettized(model, path, codec="huffman"), repeats)
-        t_load, loaded = median_time(lambda: load_palettized(path, torch.nn.Sequential(torch.nn.Linear(2500, 4000))),
-                                     repeats)
-        assert torch.equal(loaded[0].codes, layer.codes)
-        assert (layer.mask is None and loaded[0].mask is None) or torch.equal(loaded[0].mask, layer.mask)
-        layout = json.loads(read_safetensors(path)[1]["idkm_plugin.layers"])["0"].get("layout", "packed")
+        t_load, loaded = median_time(
+            lambda: load_palettized(path, torch.nn.Sequential(torch.nn.Linear(2500, 4000, bias=False))), repeats)
+        mine, theirs = palettized(layer), palettized(loaded[0])
+        assert torch.equal(theirs.codes, mine.codes)
+        assert (mine.mask is None and theirs.mask is None) or torch.equal(theirs.mask, mine.mask)
+        layout = stored_layout(path)
         rows.append(f"| Linear 4000x2500, 4 bit, sparsity {sparsity:.0%} | {codes.numel():,} | {layout} | {raw:,} | "
                     f"{coded:,} | {1 - coded / raw:.1%} | {t_enc:.2f} | {t_dec:.2f} | {t_save:.2f} | {t_load:.2f} |")
         print(rows[-1], flush=True)
