@@ -19,7 +19,8 @@ first), so the lengths alone define it. A stream with a single distinct symbol s
 no payload (its symbol has length 1 in the table, never written).
 
 The payload is written and read by the native ops `huffman_encode` / `huffman_decode`
-(idkm_plugin/csrc/huffman.cpp: table-driven, several codes per lookup, ~100-400M codes/s on one thread)
+(idkm_plugin/csrc/huffman.cpp: table-driven, several codes per lookup; 50-270M codes/s on one thread in
+benchmarks/results/entropy_coding.md)
 when the extension is built, else by torch ops (`_encode_payload`, `_peek_decode`: every block at once,
 one symbol position at a time through a 2**L-entry peek table, L = the longest code, at most 4096
 vectorised steps whatever N is; ~7M codes/s). Both write the same bytes and read the same symbols.
