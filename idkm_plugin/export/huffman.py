@@ -20,10 +20,9 @@ no payload (its symbol has length 1 in the table, never written).
 
 The payload is written and read by the native ops `huffman_encode` / `huffman_decode`
 (idkm_plugin/csrc/huffman.cpp: table-driven, several codes per lookup; 50-270M codes/s on one thread in
-benchmarks/results/entropy_coding.md)
-when the extension is built, else by torch ops (`_encode_payload`, `_peek_decode`: every block at once,
-one symbol position at a time through a 2**L-entry peek table, L = the longest code, at most 4096
-vectorised steps whatever N is; ~7M codes/s). Both write the same bytes and read the same symbols.
+benchmarks/results/entropy_coding.md) when the extension is built, else by torch ops (`_encode_payload`,
+`_peek_decode`: every block at once, one symbol position at a time through a 2**L-entry peek table,
+L = the longest code, at most 4096 vectorised steps whatever N is; 4-8M codes/s). Both write the same bytes and read the same symbols.
 `decode_packed` returns the symbols packed as `pack_codes` does, which the native op does block by
 block (load_palettized's path). Every length is checked on decode, and each block must end exactly
 where the next one starts: a corrupted stream raises ValueError; a flipped payload bit that keeps
