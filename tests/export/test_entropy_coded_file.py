@@ -1,17 +1,21 @@
 """save_palettized(..., codec="huffman") rebuilds the exact palettized model (codes, LUTs, masks, scales, ties)."""
+import contextlib
 import json
 import os
+from unittest import mock
 
 import pytest
 import torch
 from torch import nn
 
-from idkm_plugin import ClusterConfig
+from idkm_plugin import ClusterConfig, native
 from idkm_plugin.clusterer import WeightClusterer
 from idkm_plugin.export import load_palettized, save_palettized, size_report
+from idkm_plugin.export.code_layouts import decode_packed_codes, encode_codes
 from idkm_plugin.export.safetensors_format import read_safetensors, write_safetensors
 from idkm_plugin.layers import palettize_module
 from idkm_plugin.nn import PaletteSpec, PalettizedTensor, palettized_parameters
+from idkm_plugin.nn.packing import pack_codes
 from qat_helpers import palettized, palettized_linear
 from palettized_models import CONFIGS, AllKinds, palettize, trained_bn
 
@@ -320,3 +324,49 @@ def test_every_bit_width_round_trips(tmp_path, bits, pruned):
     save_palettized(model, tmp_path / "m.safetensors", codec="huffman")
     loaded = load_palettized(tmp_path / "m.safetensors", nn.Sequential(nn.Linear(40, 48)))
     _assert_same_model(loaded, model, (torch.randn(3, 40),))
+
+
+@contextlib.contextmanager
+def _torch_path():
+    """Save / load as if the native Huffman ops were not built."""
+    with mock.patch.object(native, "has_op", lambda name: False):
+        yield
+
+
+@pytest.mark.skipif(not native.has_op("huffman_decode"), reason="idkm_plugin._C is not built")
+@pytest.mark.parametrize("model_fn", [_skewed_linear, _pruned_all_kinds], ids=["skewed_linear", "pruned_all_kinds"])
+def test_native_and_torch_paths_write_and_read_the_same_files(tmp_path, model_fn):
+    model = model_fn().eval()
+    skeleton = (lambda: nn.Sequential(nn.Linear(256, 256))) if model_fn is _skewed_linear else AllKinds
+    inputs = (torch.randn(2, 256),) if model_fn is _skewed_linear else model.example_inputs()
+    save_palettized(model, tmp_path / "native.safetensors", codec="huffman")
+    with _torch_path():
+        save_palettized(model, tmp_path / "torch.safetensors", codec="huffman")
+        old = load_palettized(tmp_path / "native.safetensors", skeleton()).eval()
+    (mine, my_meta), (theirs, their_meta) = (read_safetensors(tmp_path / f"{name}.safetensors")
+                                              for name in ("native", "torch"))
+    assert my_meta == their_meta and set(mine) == set(theirs)  # the same tensors, byte for byte
+    assert all(mine[k].dtype == theirs[k].dtype and torch.equal(mine[k], theirs[k]) for k in mine)
+    assert any(meta.get("layout", "packed") != "packed" for meta in _layers(tmp_path / "native.safetensors").values())
+    new = load_palettized(tmp_path / "torch.safetensors", skeleton()).eval()
+    _assert_same_model(new, model, inputs)
+    _assert_same_model(old, model, inputs)
+
+
+@pytest.mark.parametrize("layout", ["huffman", "huffman_reserved", "huffman_sparse"])
+def test_decode_packed_codes_is_pack_codes_of_decode_codes(layout):
+    torch.manual_seed(0)
+    bits, count = 3, 5 * 4096 + 13
+    codes = torch.multinomial(torch.tensor([0.6 ** i for i in range(1 << bits)]), count, replacement=True)
+    mask = None
+    if layout != "huffman":
+        mask = torch.rand(count) > (0.3 if layout == "huffman_reserved" else 0.95)
+        codes = torch.where(mask, codes, torch.zeros_like(codes))
+    encoded = encode_codes(codes, mask, bits)
+    assert encoded.layout == layout
+    packed, packed_mask = decode_packed_codes(layout, encoded.blob, count, bits, encoded.index_bits)
+    assert torch.equal(packed, pack_codes(codes, bits))
+    assert (mask is None and packed_mask is None) or torch.equal(packed_mask, pack_codes(mask, 1))
+    with pytest.raises(ValueError, match="its streams end at byte"):
+        decode_packed_codes(layout, torch.cat([encoded.blob, torch.zeros(1, dtype=torch.uint8)]), count, bits,
+                            encoded.index_bits)
