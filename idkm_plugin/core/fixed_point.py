@@ -36,6 +36,7 @@ from .enums import Solver
 ANDERSON_HISTORY = 5
 ANDERSON_GROWTH = 10.0
 ANDERSON_STALL = 30  # evaluations without a new best residual before a group goes on plainly
+ANDERSON_STALL_MIN = 6  # ... or a third of the evaluation budget, when that is less (but not below this)
 
 
 class FixedPoint(NamedTuple):
@@ -80,13 +81,16 @@ def anderson(fmap: Map, c: torch.Tensor, max_iter: int, tol: float, scale: torch
     res = _residual(fc, c, scale)
     best, best_fc = res, fc  # returned: F at each group's lowest-residual point
     since_best = torch.zeros(g, dtype=torch.long, device=c.device)
+    plain = torch.zeros(g, dtype=torch.bool, device=c.device)  # stalled groups: plain steps from here on
+    stall = _stall_limit(max_iter)
     evals, iters, rejections = 1, 1, 0
     xs, fs = [c.flatten(1).double()], [fc.flatten(1).double()]  # accepted iterates and their F
     start = torch.zeros(g, dtype=torch.long, device=c.device)  # per-group history restart index
     while evals < max_iter and float(res.max()) > tol:
         cand, extrapolated = _extrapolate(xs, fs, start, len(xs) - 1)
         cand = cand.to(c.dtype).view_as(c)
-        extrapolated = extrapolated & _keeps_identity(cand, c) & (since_best < ANDERSON_STALL)
+        plain = plain | (since_best >= stall)
+        extrapolated = extrapolated & _keeps_identity(cand, c) & ~plain
         cand = torch.where(extrapolated.view(-1, 1, 1), cand, fc)
         f_cand = fmap(cand)
         evals += 1
@@ -107,7 +111,17 @@ def anderson(fmap: Map, c: torch.Tensor, max_iter: int, tol: float, scale: torch
             xs.pop(0)
             fs.pop(0)
             start = (start - 1).clamp_min(0)
-    return FixedPoint(best_fc, iters, evals, rejections, float(best.max()))
+    # a stalled, unconverged group returns its latest plain iterate: plain iteration's residual is not monotone,
+    # so its best point so far may lie behind it, and the next (warm-started) solve continues from what is
+    # returned; returning the best point would restart it on the same path every time
+    latest = plain & (best > tol)
+    out = torch.where(latest.view(-1, 1, 1), fc, best_fc)
+    return FixedPoint(out, iters, evals, rejections, float(torch.where(latest, res, best).max()))
+
+
+def _stall_limit(max_iter: int) -> int:
+    """Evaluations without a new best residual after which a group goes on with plain steps only."""
+    return min(ANDERSON_STALL, max(ANDERSON_STALL_MIN, max_iter // 3))
 
 
 def _keeps_identity(cand: torch.Tensor, c: torch.Tensor) -> torch.Tensor:

@@ -11,6 +11,10 @@ F(C*), O(m*d + k*d), whatever the number of iterations. With chunk_size=0 the at
 kept instead (the IDKM paper's O(m*k) memory, no recomputation). The forward's output pass also
 forms J = dF/dC (k*d <= EXPLICIT_JACOBIAN_MAX), so the backward makes two passes: v, then dX
 (plus one per GMRES iteration for larger LUTs).
+Without J (idkm_jfb, large LUTs) and for the dense kernel, the output pass and the map's sums share one
+attention computation per chunk (kernel.map_sums_and_output), and the solve's first evaluation is such a
+pass: a warm start C0 already within tol (max |F(C0) - C0| <= tol * max |x|, the stopping rule) is taken as
+C* and the forward costs one pass over the weight (a training step after the LUT has converged).
 
 Closed forms used (A^T is [g, k, r]): for f = sum_ij A_ij B_ij, E = A * (B - colsum_k(A * B)) is
 df/dL, and df/dx_i = 2/tau (E^T C)_i, df/dc_j = 2/tau (E X - C rowsum E)_j. With F_j = N_j / S_j,
@@ -28,7 +32,7 @@ from .adjoint import (dense_matvec, jacobian_chunk, scale_jacobian, solve_adjoin
                       use_explicit_jacobian)
 from .enums import Solver, Uniquify
 from .fixed_point import solve_fixed_point
-from .kernel import attention_chunks, map_sums
+from .kernel import attention_chunks, map_sums, map_sums_and_output
 from .soft_step import chunk_rows, compute_dtype, empty_clusters, update_centroids
 from .stats import SolveStats
 from .uniquify import gather_rows, grid_rows, scatter_rows, uniquify_rows
@@ -105,11 +109,34 @@ def _solve(x: torch.Tensor, n: Optional[torch.Tensor], c0: torch.Tensor, tau: to
         sums_at = lambda c: window_map_sums(sorted_rows, c, tau)  # noqa: E731
     else:
         sums_at = lambda c: map_sums(x, n, c, tau, rows)  # noqa: E731
-    fmap = lambda c: update_centroids(c, *sums_at(c))  # noqa: E731
+    with_jacobian = not opts.jfb and use_explicit_jacobian(k, d)
+    fused = not (with_jacobian or opts.chunk_size == 0 or use_window(k, d))
+    first: list = []
+    if fused:  # the first evaluation also gives the output at c0: a warm start within tol is the fixed point
+        num, mass0, x_hat0 = map_sums_and_output(x, n, c0, tau, rows)
+        f0 = update_centroids(c0, num, mass0)
+        res0 = float(((f0 - c0).abs().flatten(1).amax(1) / scale).max())
+        if res0 <= opts.tol:
+            stats.forward_iters, stats.forward_evals = 0, stats.forward_evals + 1
+            stats.forward_rejections, stats.forward_residual = 0, res0
+            stats.spectral_radius = math.nan
+            return c0, (x_hat0, mass0.to(c0.dtype), f0, None, None)
+        del x_hat0
+        first.append(f0)
+
+    def fmap(c: torch.Tensor) -> torch.Tensor:
+        if first and c is c0:  # F(c0), computed above
+            return first.pop()
+        return update_centroids(c, *sums_at(c))
+
     sol = solve_fixed_point(fmap, c0, solver, opts.max_iter, opts.tol, scale)
     stats.forward_iters, stats.forward_evals = sol.iters, stats.forward_evals + sol.evals
     stats.forward_rejections, stats.forward_residual = sol.rejections, sol.residual
-    with_jacobian = not opts.jfb and use_explicit_jacobian(k, d)
+    if fused:
+        num, mass, x_hat = map_sums_and_output(x, n, sol.c, tau, rows)
+        mass = mass.to(sol.c.dtype)
+        stats.spectral_radius = math.nan
+        return sol.c, (x_hat, mass, update_centroids(sol.c, num, mass), None, None)
     out = output_pass(x, n, sol.c, tau, rows, opts.chunk_size == 0, with_jacobian, sums_at)
     stats.spectral_radius = spectral_radius(out[3]) if with_jacobian else math.nan
     return sol.c, out
