@@ -120,7 +120,8 @@ def _solve(x: torch.Tensor, n: Optional[torch.Tensor], c0: torch.Tensor, tau: to
             stats.forward_iters, stats.forward_evals = 0, stats.forward_evals + 1
             stats.forward_rejections, stats.forward_residual = 0, res0
             stats.spectral_radius = math.nan
-            return c0, (x_hat0, mass0.to(c0.dtype), f0, None, None)
+            c = c0.clone()  # c0 may share the caller's centroid buffer, which it updates in place
+            return c, (x_hat0, mass0.to(c.dtype), f0, None, None)
         del x_hat0
         first.append(f0)
 

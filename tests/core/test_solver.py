@@ -100,3 +100,17 @@ def test_singular_anderson_history_takes_the_plain_step():
     cand, extrapolated = _extrapolate([x, x, x], [fx, fx, fx], torch.zeros(2, dtype=torch.long), 2)
     assert not extrapolated.any()
     assert torch.equal(cand, fx)
+
+
+def test_a_warm_start_within_tol_is_the_fixed_point_in_one_evaluation():
+    from idkm_plugin.core import attention
+    torch.manual_seed(0)
+    x = torch.randn(2, 3000, 1, dtype=torch.float64)
+    c0 = torch.linspace(-2, 2, 8, dtype=torch.float64).view(1, 8, 1).repeat(2, 1, 1)
+    _, converged = soft_kmeans(x, c0, method="idkm_jfb", tol=1e-12, max_iter=2000, solver="picard")
+    stats = SolveStats()
+    x_hat, c = soft_kmeans(x, converged, method="idkm_jfb", tol=1e-10, stats=stats)
+    assert stats.forward_evals == 1 and stats.forward_iters == 0 and stats.forward_residual <= 1e-10
+    assert torch.equal(c, converged)  # C* = the warm start
+    tau = default_tau(x, 8)
+    torch.testing.assert_close(x_hat, torch.bmm(attention(x, converged, tau), converged), rtol=0, atol=1e-12)
