@@ -294,9 +294,8 @@ def _input_grad_uniquified(saved: _Saved, grad: torch.Tensor, u_bar: torch.Tenso
             jac[:, s] = two_over_tau.unsqueeze(-1) * torch.einsum("gkr,gkrd,gkre->grde", a, delta, delta)
         e = _logit_vjp(a, _fixed_point_b(saved.x[:, s], None, u_bar, saved.f))
         q[:, s] = _grad_x(e, saved.c, saved.tau) + torch.bmm(a.transpose(1, 2), u_bar)
-    if d == 1:  # one gather of (J, q) pairs
-        jq = gather_rows(torch.cat([jac.view(g, r, 1), q], -1), saved.inv)
-        return torch.addcmul(jq[..., 1:], jq[..., :1], grad)
+    if d == 1:
+        return torch.addcmul(gather_rows(q, saved.inv), gather_rows(jac.view(g, r, 1), saved.inv), grad)
     jac_rows = gather_rows(jac.flatten(2), saved.inv).unflatten(2, (d, d))  # [g, m, d, d]
     return torch.einsum("gmde,gme->gmd", jac_rows, grad) + gather_rows(q, saved.inv)
 

@@ -49,9 +49,10 @@ def grid_rows(x: torch.Tensor, count_dtype: torch.dtype = torch.float32
     lo, hi = flat.amin(1, keepdim=True), flat.amax(1, keepdim=True)
     step = torch.where(hi > lo, (hi - lo) / (GRID_LEVELS - 1), torch.ones_like(hi))
     bins = (flat - lo).mul_(1 / step).round_().clamp_(0, GRID_LEVELS - 1).int()
-    if x.shape[0] == 1:
+    if x.shape[0] == 1:  # every level is a row (unoccupied ones with count 0): the bins are the inverse
         values = lo[0] + torch.arange(GRID_LEVELS, dtype=flat.dtype, device=flat.device) * step[0]
-        return _pad([_histogram(bins[0], values)], x, count_dtype)
+        counts = torch.bincount(bins[0], minlength=GRID_LEVELS).to(count_dtype)
+        return values.view(1, -1, 1), counts.unsqueeze(0), bins
     return _unique_sorted(bins, lambda sorted_bins: lo + sorted_bins.to(flat.dtype) * step, count_dtype)
 
 
@@ -104,6 +105,8 @@ def _pad(per_group, x: torch.Tensor, count_dtype: torch.dtype):
 
 def gather_rows(t: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
     """Distinct-row values t [g, r, e] -> per-row values [g, m, e] (all groups in one gather)."""
+    if t.shape[0] == 1 and t.shape[-1] == 1:  # gather is the fastest 1-D lookup on CPU
+        return torch.gather(t.view(-1), 0, inverse.view(-1).long()).view(1, -1, 1)
     if t.shape[0] == 1:
         return t[0].index_select(0, inverse[0]).unsqueeze(0)
     g, m = inverse.shape

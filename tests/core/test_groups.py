@@ -19,11 +19,12 @@ def test_batched_uniquify_equals_one_group_at_a_time(fn):
     rows, counts, inv = fn(x)
     assert torch.equal(scatter_rows(torch.ones_like(x), inv, rows.shape[1])[..., 0], counts)
     for gi in range(x.shape[0]):
-        r1, c1, i1 = fn(x[gi:gi + 1])
-        n = r1.shape[1]
-        assert torch.equal(rows[gi, :n], r1[0]) and torch.equal(counts[gi, :n], c1[0])
+        r1, c1, i1 = fn(x[gi:gi + 1])  # (one grid: every level is a row; batched: the occupied ones)
+        assert torch.equal(gather_rows(rows, inv)[gi], gather_rows(r1, i1)[0])  # each weight's row value
+        occupied = c1[0] > 0
+        n = int(occupied.sum())
+        assert torch.equal(rows[gi, :n], r1[0][occupied]) and torch.equal(counts[gi, :n], c1[0][occupied])
         assert not counts[gi, n:].any()  # padding rows carry no weight
-        assert torch.equal(gather_rows(rows, inv)[gi], gather_rows(r1, i1)[0])
 
 
 def test_batched_half_uniquify_round_trips():
