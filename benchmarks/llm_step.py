@@ -107,7 +107,8 @@ def run_case(case: str, args) -> dict:
         loss.backward()
         t2 = time.perf_counter()
         opt.step()
-        steps.append({"forward_s": t1 - t0, "backward_s": t2 - t1, "step_s": t2 - t0, "loss": float(loss)})
+        steps.append({"forward_s": t1 - t0, "backward_s": t2 - t1, "step_s": t2 - t0, "loss": float(loss.detach()),
+                      "evals": _evals(model)})
     if args.profile == case:
         _profile_step(model, ids, opt, args)
     model.eval()
@@ -124,6 +125,12 @@ def run_case(case: str, args) -> dict:
                backward_s=statistics.median(s["backward_s"] for s in warm),
                eval_first_s=evals[0], eval_s=evals[1], peak_rss_mb=_rss_mb())
     return out
+
+
+def _evals(model) -> int:
+    """Soft k-means map evaluations of the last forward, summed over the model's clusterers."""
+    from idkm_plugin.clusterer import WeightClusterer
+    return sum(m.last_stats.forward_evals for m in model.modules() if isinstance(m, WeightClusterer))
 
 
 def _profile_step(model, ids, opt, args) -> None:
