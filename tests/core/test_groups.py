@@ -65,3 +65,25 @@ def test_batched_groups_equal_the_per_group_loop(method, uniquify, k):
         torch.testing.assert_close(c[gi], c_i[0], rtol=0, atol=1e-10)
         torch.testing.assert_close(x_hat[gi], x_hat_i[0].detach(), rtol=0, atol=1e-10)
         torch.testing.assert_close(grad[gi], grad_i[0], rtol=1e-6, atol=1e-8)
+
+
+def test_groups_at_their_fixed_point_keep_it_and_the_rest_are_solved():
+    """idkm_jfb warm start where one group already is at its fixed point: that group keeps C* = c0 (one pass);
+    output, centroids and gradient of every group equal solving it alone."""
+    x = _weights(3, 600).requires_grad_()
+    kw = dict(method="idkm_jfb", tol=1e-11, max_iter=3000, solver="picard")
+    c_far = init_centroids(x.detach(), 8, "density")
+    _, fixed = soft_kmeans(x.detach()[:1], c_far[:1], **dict(kw, tol=1e-14))
+    c0 = torch.cat([fixed, c_far[1:]])
+    g_out = torch.randn_like(x)
+    x_hat, c = soft_kmeans(x, c0, **kw)
+    (grad,) = torch.autograd.grad(x_hat, x, g_out)
+    assert torch.equal(c[0], c0[0])
+    for gi in range(3):
+        xi = x.detach()[gi:gi + 1].clone().requires_grad_()
+        x_hat_i, c_i = soft_kmeans(xi, c0[gi:gi + 1], **kw)
+        (grad_i,) = torch.autograd.grad(x_hat_i, xi, g_out[gi:gi + 1])
+        # (the same iterates up to the rounding of differently chunked sums, amplified by slow contraction)
+        torch.testing.assert_close(c[gi], c_i[0], rtol=0, atol=1e-8)
+        torch.testing.assert_close(x_hat[gi], x_hat_i[0].detach(), rtol=0, atol=1e-8)
+        torch.testing.assert_close(grad[gi], grad_i[0], rtol=1e-6, atol=1e-8)
