@@ -10,15 +10,7 @@ safeguarded per group:
 - a group whose best residual has not improved for ANDERSON_STALL evaluations continues with plain
   steps: on small or rugged problems Anderson can wander among nearby fixed points while plain
   iteration descends into one;
-- a group whose best residual has not improved for a third of the budget (ANDERSON_STALL_MIN..ANDERSON_STALL
-  evaluations) stays plain for the rest of the solve, and if it has not converged returns its latest iterate
-  rather than its best one: the next training step warm-starts from what is returned, so plain progress
-  accumulates across steps (returning the best point restarted every step on the same path). Measured on
-  SmolLM2-135M's layers.15 v_proj (110,592 weights, 4 bits, max_iter 30, warm-started over 12 steps with
-  small weight updates): the previous rule ended every step at 30 evaluations (residual stuck at ~5e-5 > tol
-  1e-5); this one converges at step 10, then takes 1 evaluation per step (plain iteration: the same). On
-  lattice-like synthetic weights (Q4_1 blocks) neither rule converged in 12 steps;
-- otherwise the returned point is each group's lowest-residual one.
+- the returned point is each group's lowest-residual one.
 
 Why a growth factor and not "reject any increase": Anderson's residual is not monotone on the way in,
 and rejecting every increase restarts it into short, poor secant models. Measured (cold k-means++
@@ -47,7 +39,6 @@ from .enums import Solver
 ANDERSON_HISTORY = 5
 ANDERSON_GROWTH = 10.0
 ANDERSON_STALL = 30  # evaluations without a new best residual before a group goes on plainly
-ANDERSON_STALL_MIN = 6  # ... or a third of the evaluation budget, when that is less (but not below this)
 
 
 class FixedPoint(NamedTuple):
@@ -109,16 +100,13 @@ def anderson(fmap: Map, c: torch.Tensor, max_iter: int, tol: float, scale: torch
     res = _residual(fc, c, scale)
     best, best_fc = res, fc  # returned: F at each group's lowest-residual point
     since_best = torch.zeros(g, dtype=torch.long, device=c.device)
-    plain = torch.zeros(g, dtype=torch.bool, device=c.device)  # stalled groups: plain steps from here on
-    stall = _stall_limit(max_iter)
     evals, iters, rejections = 1, 1, 0
     xs, fs = [c.flatten(1).double()], [fc.flatten(1).double()]  # accepted iterates and their F
     start = torch.zeros(g, dtype=torch.long, device=c.device)  # per-group history restart index
     while evals < max_iter and float(res.max()) > tol:
         cand, extrapolated = _extrapolate(xs, fs, start, len(xs) - 1)
         cand = cand.to(c.dtype).view_as(c)
-        plain = plain | (since_best >= stall)
-        extrapolated = extrapolated & _keeps_identity(cand, c) & ~plain
+        extrapolated = extrapolated & _keeps_identity(cand, c) & (since_best < ANDERSON_STALL)
         active = res > tol  # a converged group stays where it is, unevaluated
         extrapolated = extrapolated & active
         cand = torch.where(extrapolated.view(-1, 1, 1), cand, torch.where(active.view(-1, 1, 1), fc, c))
@@ -141,17 +129,7 @@ def anderson(fmap: Map, c: torch.Tensor, max_iter: int, tol: float, scale: torch
             xs.pop(0)
             fs.pop(0)
             start = (start - 1).clamp_min(0)
-    # a stalled, unconverged group returns its latest plain iterate: plain iteration's residual is not monotone,
-    # so its best point so far may lie behind it, and the next (warm-started) solve continues from what is
-    # returned; returning the best point would restart it on the same path every time
-    latest = plain & (best > tol)
-    out = torch.where(latest.view(-1, 1, 1), fc, best_fc)
-    return FixedPoint(out, iters, evals, rejections, float(torch.where(latest, res, best).max()))
-
-
-def _stall_limit(max_iter: int) -> int:
-    """Evaluations without a new best residual after which a group goes on with plain steps only."""
-    return min(ANDERSON_STALL, max(ANDERSON_STALL_MIN, max_iter // 3))
+    return FixedPoint(best_fc, iters, evals, rejections, float(best.max()))
 
 
 def _keeps_identity(cand: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
