@@ -49,10 +49,9 @@ def grid_rows(x: torch.Tensor, count_dtype: torch.dtype = torch.float32
     lo, hi = flat.amin(1, keepdim=True), flat.amax(1, keepdim=True)
     step = torch.where(hi > lo, (hi - lo) / (GRID_LEVELS - 1), torch.ones_like(hi))
     bins = (flat - lo).mul_(1 / step).round_().clamp_(0, GRID_LEVELS - 1).int()
-    if x.shape[0] == 1:  # every level is a row (unoccupied ones with count 0): the bins are the inverse
+    if x.shape[0] == 1:
         values = lo[0] + torch.arange(GRID_LEVELS, dtype=flat.dtype, device=flat.device) * step[0]
-        counts = torch.bincount(bins[0], minlength=GRID_LEVELS).to(count_dtype)
-        return values.view(1, -1, 1), counts.unsqueeze(0), bins
+        return _pad([_histogram(bins[0], values)], x, count_dtype)
     return _unique_sorted(bins, lambda sorted_bins: lo + sorted_bins.to(flat.dtype) * step, count_dtype)
 
 
