@@ -16,20 +16,28 @@ from .core.vectors import vector_shape
 from .nn.palettized_tensor import PaletteSpec, PalettizedTensor
 
 
-# id(Parameter) -> (the Parameter, the clusterer that clusters it), both weakly: a dropped model releases them.
-# (Keyed by id: tensors compare elementwise, so they cannot be weak dictionary keys.)
-_TIE_OWNERS: dict[int, tuple[weakref.ref, weakref.ref]] = {}
+_OWNER = "_idkm_owner"  # on a weight Parameter: an _OwnerRef to the clusterer that clusters it (tied weights)
+
+
+class _OwnerRef:
+    """A weak reference to the clusterer that owns a Parameter, kept on the Parameter itself (a dropped model releases
+    its clusterers); it pickles as a dead reference, and copies of the Parameter start without one."""
+
+    __slots__ = ("ref",)
+
+    def __init__(self, owner: Optional["WeightClusterer"] = None) -> None:
+        self.ref = None if owner is None else weakref.ref(owner)
+
+    def __call__(self) -> Optional["WeightClusterer"]:
+        return None if self.ref is None else self.ref()
+
+    def __reduce__(self):
+        return (_OwnerRef, ())
 
 
 def _registered_owner(weight: torch.Tensor) -> Optional["WeightClusterer"]:
-    entry = _TIE_OWNERS.get(id(weight)) if isinstance(weight, nn.Parameter) else None
-    if entry is None or entry[0]() is not weight:
-        return None
-    return entry[1]()
-
-# clusterer -> ((id, version) of the weight, clustered output) until backward; kept outside the module so that
-# deepcopy / pickling of a model never meets a non-leaf tensor
-_MEMO: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
+    ref = weight.__dict__.get(_OWNER) if isinstance(weight, nn.Parameter) else None
+    return None if ref is None else ref()
 
 
 class WeightClusterer(nn.Module):
@@ -71,11 +79,14 @@ class WeightClusterer(nn.Module):
         self.register_buffer("step", torch.zeros((), dtype=torch.long))
         self.register_buffer("mask", torch.empty(0, dtype=torch.bool))
         self._eval_cache: Optional[tuple] = None  # (key, eval output): see _eval_key
+        # ((id, version) of the weight, clustered output) of this step until backward: a tied weight is clustered once
+        self._memo: Optional[tuple] = None
 
     def __getstate__(self) -> dict:
         state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__
         state = dict(state)
         state["_eval_cache"] = None  # deepcopy / pickling never carry the cached decoded weight
+        state["_memo"] = None  # nor a non-leaf tensor of the current step
         return state
 
     @property
@@ -121,7 +132,7 @@ class WeightClusterer(nn.Module):
             self.centroids = owner.centroids  # one LUT, seen (and saved) through both layers
             self.mask = owner.mask
             return out
-        memo = _MEMO.get(self)
+        memo = self.__dict__.get("_memo")
         if self.training and memo is not None and memo[0] == (id(weight), weight._version):
             return memo[1]  # the same weight again before backward (a tied weight): cluster once
         if not self.training:
@@ -150,7 +161,7 @@ class WeightClusterer(nn.Module):
         if isinstance(weight, nn.Parameter) and out.requires_grad:
             # until backward, a second use of this same weight version reuses this output: a tied weight is
             # clustered once per step (the graph keeps this tensor alive for backward anyway)
-            _MEMO[self] = ((id(weight), weight._version), out)
+            self._memo = ((id(weight), weight._version), out)
             out.register_hook(self._forget_memo)
         return out
 
@@ -284,7 +295,7 @@ class WeightClusterer(nn.Module):
             return self
         owner = _registered_owner(weight)
         if owner is None:
-            _TIE_OWNERS[id(weight)] = (weakref.ref(weight), weakref.ref(self))
+            weight.__dict__[_OWNER] = _OwnerRef(self)
             return self
         if owner is not self:
             if owner.config != self.config:
@@ -293,7 +304,7 @@ class WeightClusterer(nn.Module):
         return owner
 
     def _forget_memo(self, grad: torch.Tensor) -> None:
-        _MEMO.pop(self, None)
+        self._memo = None
 
     def tie_owner(self, weight: torch.Tensor) -> "WeightClusterer":
         """The clusterer whose LUT clusters `weight` (self unless the weight is tied to another layer's)."""
