@@ -226,89 +226,129 @@ inline uint32_t kept_lanes(const Problem& p, int64_t pos, int count) {
 }
 
 // ---- AVX-512 ------------------------------------------------------------------------------------------------
-enum Lookup { kPerm16 = 0, kPerm32 = 1, kPerm64 = 2, kGather = 3 };
+// LUT entries (k * d) -> how 16 indices become 16 weights: one permute of 1 register, a two-register permute,
+// a tree of two-register permutes + blends on the next index bits (up to 256 entries in 16 registers), or a
+// gather from the table in L1 (more entries).
+enum Lookup { kPerm16 = 0, kPerm32 = 1, kPerm64 = 2, kPerm128 = 3, kPerm256 = 4, kGather = 5 };
+constexpr int lookup_registers(int lookup) { return lookup == kGather ? 0 : (lookup == kPerm16 ? 1 : 2 << (lookup - 1)); }
 
-template <int NB, int LOOKUP>
-TARGET_AVX512 void row_avx512(const Problem& p, const Plans& plans, const float* table, int64_t o, int64_t b0,
-                              float* result) {
-  __m512 acc[NB];
-  for (int b = 0; b < NB; ++b) acc[b] = _mm512_setzero_ps();
-  __m512 t0 = _mm512_setzero_ps(), t1 = t0, t2 = t0, t3 = t0;
-  const int64_t entries = p.k * p.dim;
-  if (LOOKUP != kGather) {
-    t0 = _mm512_maskz_loadu_ps(static_cast<__mmask16>(entries >= 16 ? 0xFFFF : (1u << entries) - 1u), table);
-    if (LOOKUP >= kPerm32) t1 = _mm512_loadu_ps(table + 16);
-    if (LOOKUP >= kPerm64) t2 = _mm512_loadu_ps(table + 32), t3 = _mm512_loadu_ps(table + 48);
+template <int LOOKUP>
+TARGET_AVX512 inline __m512 lookup16(__m512i idx, const __m512* t, const float* table) {
+  if (LOOKUP == kPerm16) return _mm512_permutexvar_ps(idx, t[0]);
+  if (LOOKUP == kGather) return _mm512_i32gather_ps(idx, table, 4);
+  constexpr int pairs = lookup_registers(LOOKUP) / 2;
+  __m512 level[8];
+  for (int i = 0; i < pairs; ++i) level[i] = _mm512_permutex2var_ps(t[2 * i], idx, t[2 * i + 1]);
+  int n = pairs, bit = 32;
+  while (n > 1) {  // blend neighbours on index bit 5, then 6, then 7
+    const __mmask16 hi = _mm512_test_epi32_mask(idx, _mm512_set1_epi32(bit));
+    for (int i = 0; i < n / 2; ++i) level[i] = _mm512_mask_blend_ps(hi, level[2 * i], level[2 * i + 1]);
+    n /= 2, bit *= 2;
   }
+  return level[0];
+}
+
+// Weights [16] of the vector whose codes start at stream bit `bitpos`.
+template <int LOOKUP>
+TARGET_AVX512 inline __m512 decode16(const Problem& p, const Plans& plans, int64_t bitpos, __m512i kmask,
+                                     __m128i log2d, __m512i lane_off, const __m512* t, const float* table) {
+  const int s = static_cast<int>(bitpos & 7);
+  const __m512i window = _mm512_broadcast_i32x4(load_window(p.codes, p.codes_nbytes, bitpos >> 3));
+  __m512i idx = _mm512_shuffle_epi8(window, _mm512_load_si512(plans.ctrl[s]));
+  idx = _mm512_and_si512(_mm512_srlv_epi32(idx, _mm512_load_si512(plans.shift[s])), kmask);
+  if (p.dim > 1) idx = _mm512_add_epi32(_mm512_sll_epi32(idx, log2d), lane_off);
+  return lookup16<LOOKUP>(idx, t, table);
+}
+
+// One output row o for activation rows b0 .. b0 + NB: result[b] = sum_i W[o, i] x[b0 + b, i] (no scale, no bias).
+// U vectors per iteration, each with its own accumulators, so that the FMA latency is hidden at small NB.
+template <int NB, int LOOKUP, int U, bool MASKED>
+TARGET_AVX512 void row_avx512(const Problem& p, const Plans& plans, const __m512* t, const float* table, int64_t o,
+                              int64_t b0, float* result) {
+  __m512 acc[U][NB];
+  for (int u = 0; u < U; ++u)
+    for (int b = 0; b < NB; ++b) acc[u][b] = _mm512_setzero_ps();
   const __m512i kmask = _mm512_set1_epi32(static_cast<int>(p.k - 1));
   const __m512i lane_off = _mm512_load_si512(plans.lane_off);
   const __m128i log2d = _mm_cvtsi32_si128(__builtin_ctzll(static_cast<unsigned long long>(p.dim)));
-  const __m512i bit5 = _mm512_set1_epi32(32);
   const float* x = p.x + b0 * p.ldx;
-  int64_t bitpos = o * p.m * p.bits;
-  int64_t mpos = o * p.m;
   const int per_vec = static_cast<int>(16 / p.dim);
-  for (int64_t col = 0; col < p.in; col += 16, bitpos += plans.step_bits, mpos += per_vec) {
-    const int s = static_cast<int>(bitpos & 7);
-    const __m512i window = _mm512_broadcast_i32x4(load_window(p.codes, p.codes_nbytes, bitpos >> 3));
-    __m512i idx = _mm512_shuffle_epi8(window, _mm512_load_si512(plans.ctrl[s]));
-    idx = _mm512_and_si512(_mm512_srlv_epi32(idx, _mm512_load_si512(plans.shift[s])), kmask);
-    idx = _mm512_add_epi32(_mm512_sll_epi32(idx, log2d), lane_off);
-    __m512 w;
-    if (LOOKUP == kPerm16) {
-      w = _mm512_permutexvar_ps(idx, t0);
-    } else if (LOOKUP == kPerm32) {
-      w = _mm512_permutex2var_ps(t0, idx, t1);
-    } else if (LOOKUP == kPerm64) {
-      const __m512 lo = _mm512_permutex2var_ps(t0, idx, t1), hi = _mm512_permutex2var_ps(t2, idx, t3);
-      w = _mm512_mask_blend_ps(_mm512_test_epi32_mask(idx, bit5), lo, hi);
-    } else {
-      w = _mm512_i32gather_ps(idx, table, 4);
+  int64_t bitpos = o * p.m * p.bits, mpos = o * p.m, col = 0;
+  for (; col + 16 * U <= p.in; col += 16 * U) {
+    for (int u = 0; u < U; ++u) {
+      const __m512 w = decode16<LOOKUP>(p, plans, bitpos, kmask, log2d, lane_off, t, table);
+      if (MASKED) {
+        const __mmask16 lm = static_cast<__mmask16>(kept_lanes(p, mpos, per_vec));
+        for (int b = 0; b < NB; ++b)
+          acc[u][b] = _mm512_fmadd_ps(w, _mm512_maskz_loadu_ps(lm, x + b * p.ldx + col + 16 * u), acc[u][b]);
+      } else {
+        for (int b = 0; b < NB; ++b)
+          acc[u][b] = _mm512_fmadd_ps(w, _mm512_loadu_ps(x + b * p.ldx + col + 16 * u), acc[u][b]);
+      }
+      bitpos += plans.step_bits, mpos += per_vec;
     }
+  }
+  for (; col < p.in; col += 16, bitpos += plans.step_bits, mpos += per_vec) {  // the rest, lane-masked
+    const __m512 w = decode16<LOOKUP>(p, plans, bitpos, kmask, log2d, lane_off, t, table);
     uint32_t lanes = p.in - col >= 16 ? 0xFFFFu : (1u << (p.in - col)) - 1u;
-    if (p.mask != nullptr) lanes &= kept_lanes(p, mpos, std::min<int64_t>(per_vec, (p.in - col + p.dim - 1) / p.dim));
+    if (MASKED) lanes &= kept_lanes(p, mpos, static_cast<int>(std::min<int64_t>(per_vec, (p.in - col) / p.dim)));
     const __mmask16 lm = static_cast<__mmask16>(lanes);
     for (int b = 0; b < NB; ++b)
-      acc[b] = _mm512_fmadd_ps(w, _mm512_maskz_loadu_ps(lm, x + b * p.ldx + col), acc[b]);
+      acc[0][b] = _mm512_fmadd_ps(w, _mm512_maskz_loadu_ps(lm, x + b * p.ldx + col), acc[0][b]);
   }
-  for (int b = 0; b < NB; ++b) result[b] = _mm512_reduce_add_ps(acc[b]);
+  for (int b = 0; b < NB; ++b) {
+    __m512 sum = acc[0][b];
+    for (int u = 1; u < U; ++u) sum = _mm512_add_ps(sum, acc[u][b]);
+    result[b] = _mm512_reduce_add_ps(sum);
+  }
 }
 
-template <int LOOKUP>
+template <int LOOKUP, bool MASKED>
 TARGET_AVX512 void rows_avx512_lookup(const Problem& p, const Plans& plans, int64_t begin, int64_t end) {
-  std::vector<float> buf(std::max<int64_t>(p.k * p.dim, 64), 0.f);
+  constexpr int nregs = lookup_registers(LOOKUP);
+  std::vector<float> buf(std::max<int64_t>(p.k * p.dim, 16), 0.f);
+  __m512 t[nregs > 0 ? nregs : 1];
   float result[8];
   int64_t current = -1;
   const float* table = nullptr;
   for (int64_t o = begin; o < end; ++o) {
     const int64_t g = o / p.rows_per_group;
-    if (g != current) {
+    if (g != current) {  // the LUT into registers (entries beyond k * d: zero, never indexed)
       table = group_table(p, g, buf.data());
-      if (LOOKUP != kGather && LOOKUP != kPerm16 && table != buf.data()) {  // registers load 32/64 entries
-        std::memcpy(buf.data(), table, sizeof(float) * p.k * p.dim);
-        table = buf.data();
+      const int64_t entries = p.k * p.dim;
+      for (int r = 0; r < nregs; ++r) {
+        const int64_t left = entries - 16 * r;
+        t[r] = _mm512_maskz_loadu_ps(static_cast<__mmask16>(left >= 16 ? 0xFFFF : (1u << left) - 1u), table + 16 * r);
       }
       current = g;
     }
     for (int64_t b0 = 0; b0 < p.batch;) {
       const int64_t left = p.batch - b0;
       int nb;
-      if (left >= 8) row_avx512<8, LOOKUP>(p, plans, table, o, b0, result), nb = 8;
-      else if (left >= 4) row_avx512<4, LOOKUP>(p, plans, table, o, b0, result), nb = 4;
-      else if (left >= 2) row_avx512<2, LOOKUP>(p, plans, table, o, b0, result), nb = 2;
-      else row_avx512<1, LOOKUP>(p, plans, table, o, b0, result), nb = 1;
+      if (left >= 8) row_avx512<8, LOOKUP, 1, MASKED>(p, plans, t, table, o, b0, result), nb = 8;
+      else if (left >= 4) row_avx512<4, LOOKUP, 2, MASKED>(p, plans, t, table, o, b0, result), nb = 4;
+      else if (left >= 2) row_avx512<2, LOOKUP, 4, MASKED>(p, plans, t, table, o, b0, result), nb = 2;
+      else row_avx512<1, LOOKUP, 4, MASKED>(p, plans, t, table, o, b0, result), nb = 1;
       for (int b = 0; b < nb; ++b) p.y[(b0 + b) * p.out + o] = finish(p, o, result[b]);
       b0 += nb;
     }
   }
 }
 
-void rows_avx512(const Problem& p, const Plans& plans, int64_t begin, int64_t end) {
+template <bool MASKED>
+void rows_avx512_masked(const Problem& p, const Plans& plans, int64_t begin, int64_t end) {
   const int64_t entries = p.k * p.dim;
-  if (entries <= 16) rows_avx512_lookup<kPerm16>(p, plans, begin, end);
-  else if (entries <= 32) rows_avx512_lookup<kPerm32>(p, plans, begin, end);
-  else if (entries <= 64) rows_avx512_lookup<kPerm64>(p, plans, begin, end);
-  else rows_avx512_lookup<kGather>(p, plans, begin, end);
+  if (entries <= 16) rows_avx512_lookup<kPerm16, MASKED>(p, plans, begin, end);
+  else if (entries <= 32) rows_avx512_lookup<kPerm32, MASKED>(p, plans, begin, end);
+  else if (entries <= 64) rows_avx512_lookup<kPerm64, MASKED>(p, plans, begin, end);
+  else if (entries <= 128) rows_avx512_lookup<kPerm128, MASKED>(p, plans, begin, end);
+  else if (entries <= 256) rows_avx512_lookup<kPerm256, MASKED>(p, plans, begin, end);
+  else rows_avx512_lookup<kGather, MASKED>(p, plans, begin, end);
+}
+
+void rows_avx512(const Problem& p, const Plans& plans, int64_t begin, int64_t end) {
+  if (p.mask != nullptr) rows_avx512_masked<true>(p, plans, begin, end);
+  else rows_avx512_masked<false>(p, plans, begin, end);
 }
 
 // ---- AVX2 (8 lanes) -----------------------------------------------------------------------------------------
