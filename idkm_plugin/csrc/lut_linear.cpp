@@ -262,6 +262,12 @@ TARGET_AVX512 inline __m512 decode16(const Problem& p, const Plans& plans, int64
 
 // One output row o for activation rows b0 .. b0 + NB: result[b] = sum_i W[o, i] x[b0 + b, i] (no scale, no bias).
 // U vectors per iteration, each with its own accumulators, so that the FMA latency is hidden at small NB.
+constexpr int64_t kPrefetchBytes = 1024;
+#ifndef IDKM_LUT_PREFETCH
+#define IDKM_LUT_PREFETCH 1
+#endif
+constexpr bool PREFETCH = IDKM_LUT_PREFETCH;
+
 template <int NB, int LOOKUP, int U, bool MASKED>
 TARGET_AVX512 void row_avx512(const Problem& p, const Plans& plans, const __m512* t, const float* table, int64_t o,
                               int64_t b0, float* result) {
@@ -275,6 +281,8 @@ TARGET_AVX512 void row_avx512(const Problem& p, const Plans& plans, const __m512
   const int per_vec = static_cast<int>(16 / p.dim);
   int64_t bitpos = o * p.m * p.bits, mpos = o * p.m, col = 0;
   for (; col + 16 * U <= p.in; col += 16 * U) {
+    // the code stream is read once, front to back: fetch ahead of the hardware prefetcher (DRAM-resident codes)
+    if (PREFETCH) _mm_prefetch(reinterpret_cast<const char*>(p.codes + (bitpos >> 3) + kPrefetchBytes), _MM_HINT_T0);
     for (int u = 0; u < U; ++u) {
       const __m512 w = decode16<LOOKUP>(p, plans, bitpos, kmask, log2d, lane_off, t, table);
       if (MASKED) {
