@@ -3,7 +3,7 @@
     from idkm_plugin.export import to_executorch
     to_executorch(deployed, (example_input,), "model.pte")     # extra: pip install 'idkm-plugin[executorch]'
 
-`torch.export` traces the palettized modules' Core ATen decode (`nn/portable_dequantize.py`), so the
+`torch.export` traces the palettized weights' Core ATen decode (`nn/portable_dequantize.py`), so the
 program's constants are the packed uint8 codes and the LUTs, decoded by the program when it runs;
 XNNPACK takes the layers it can delegate, linears with decoded weights included (convolutions need
 constant weights in XNNPACK, so those run on ExecuTorch's portable kernels).
@@ -19,7 +19,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from ..nn.palettized import PalettizedConv1d, PalettizedConv2d, PalettizedModule
+from ..nn.palettized_tensor import palettized_parameters
 from ..atomic import atomic_write_bytes
 
 __all__ = ["export_program", "to_executorch"]
@@ -36,19 +36,17 @@ def _require_executorch():
 
 
 def without_weight_cache(model: nn.Module, dense_convolutions: bool = False) -> nn.Module:
-    """A copy of `model` in eval mode whose palettized layers decode in the traced graph (no cached
-    dense weight); with dense_convolutions, its palettized convolutions become float ones."""
+    """A copy of `model` in eval mode whose palettized weights decode in the traced graph (no cached dense
+    weight); with dense_convolutions, the palettized weights of its convolutions become float ones."""
     model = copy.deepcopy(model).eval()
-    for name, module in list(model.named_modules()):
-        if not isinstance(module, PalettizedModule):
+    for path, weight in palettized_parameters(model).items():
+        name, _, attr = path.rpartition(".")
+        layer = model.get_submodule(name) if name else model
+        if dense_convolutions and isinstance(layer, (nn.Conv1d, nn.Conv2d)):
+            setattr(layer, attr, nn.Parameter(weight.dequantize(), requires_grad=False))
             continue
-        module.clear_weight_cache()
-        module.cache_weight = False
-        if dense_convolutions and isinstance(module, (PalettizedConv1d, PalettizedConv2d)):
-            parent, _, attr = name.rpartition(".")
-            if not name:
-                return module.to_float()
-            setattr(model.get_submodule(parent) if parent else model, attr, module.to_float())
+        weight.clear_cache()
+        weight.cache_weight = False
     return model
 
 

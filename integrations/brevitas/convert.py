@@ -7,7 +7,6 @@ import torch
 from torch import nn
 
 from idkm_plugin.layers import palettize_module
-from idkm_plugin.nn import PalettizedModule
 
 from ._import import import_brevitas
 from .proxy import ClusterWeightQuantProxy, check_layer_supported
@@ -23,7 +22,7 @@ class ActQuantPalettized(nn.Module):
     the quantizers are the trained Brevitas proxies (moved, not copied), so scales are kept.
     """
 
-    def __init__(self, layer: PalettizedModule, input_quant: Optional[nn.Module],
+    def __init__(self, layer: nn.Module, input_quant: Optional[nn.Module],
                  output_quant: Optional[nn.Module]) -> None:
         super().__init__()
         self.input_quant = input_quant
@@ -46,7 +45,8 @@ def _enabled(proxy: Optional[nn.Module]) -> Optional[nn.Module]:
 def palettize_layer(layer: nn.Module, name: str = "layer") -> nn.Module:
     """One Brevitas layer whose `weight_quant` is a clustering quantizer -> its deployed form.
 
-    The weight becomes packed codes + LUT (the quantizer's eval-mode hard weight, bit for bit);
+    The layer becomes its float class (QuantLinear -> nn.Linear) whose weight is packed codes + LUT (the
+    quantizer's eval-mode hard weight, bit for bit);
     a quantized bias is stored as its fake-quantized value; enabled input / output quantizers
     are kept around the palettized layer (`ActQuantPalettized`).
     """

@@ -98,7 +98,7 @@ def _frozen_activation(mod: nn.Module) -> Optional[nn.Module]:
 def palettize_qat_module(mod: nn.Module) -> nn.Module:
     """One QAT module (weight fake-quant = IDKMFakeQuantize) -> its palettized form.
 
-    Returns a `Palettized*` module, or `nn.Sequential(palettized, [nn.ReLU()], [frozen act fake-quant])`.
+    Returns the float layer with a palettized weight, or `nn.Sequential(palettized, [nn.ReLU()], [frozen act fake-quant])`.
     """
     fq = getattr(mod, "weight_fake_quant", None)
     if not isinstance(fq, IDKMFakeQuantize):
