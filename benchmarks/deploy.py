@@ -1,15 +1,19 @@
-"""Deployment benchmark: converted-forward speed (float vs palettized, weight cache on / off), cold
-dequantization time, and the sizes of the deployable files of the demo CNN.
+"""Deployment benchmark: the LUT kernel (issue 27: a converted Linear with the cache off runs
+`F.linear` on its packed codes, never decoding them) against float `F.linear`, its thread scaling and its batch
+crossover, then converted-forward speed (weight cache on / off), cold dequantization time, and the sizes of the
+deployable files of the demo CNN.
 
-One intra-op thread (torch.set_num_threads(1)); every time is the median of --repeats runs after
-warm-up. Speed does not depend on the code values, so the Linear layers use random codes and LUTs;
-the CNN is ccexam's pretrained MNISTNet palettized with the demo's mixed-precision YAML
-(nearest-centroid codes after k-means++ init, no fine-tuning: sizes and speed do not depend on it).
+One intra-op thread (torch.set_num_threads(1)) unless a row says otherwise. The machine may be shared, so the
+contenders of one row run interleaved (round-robin, --repeats rounds) and every time is the median of its rounds:
+ratios come from one run under the same load. Speed does not depend on the code values, so the Linear layers
+use random codes and LUTs; the CNN is ccexam's pretrained MNISTNet palettized with the demo's mixed-precision
+YAML (nearest-centroid codes after k-means++ init, no fine-tuning: sizes and speed do not depend on it).
 
 Writes benchmarks/results/deploy.md and deploy.json.
 
-    python benchmarks/deploy.py            # about a minute
-    python benchmarks/deploy.py --quick    # fewer repeats, no file exports
+    python benchmarks/deploy.py                 # a few minutes
+    python benchmarks/deploy.py --quick         # fewer rounds, no file exports
+    python benchmarks/deploy.py --lut-only      # only the LUT kernel tables
 """
 from __future__ import annotations
 
@@ -23,6 +27,7 @@ import time
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -31,8 +36,10 @@ sys.path.insert(0, os.path.join(HERE, "..", "examples"))
 from idkm_plugin.clusterer import WeightClusterer  # noqa: E402
 from idkm_plugin.export import save_palettized, size_report  # noqa: E402
 from idkm_plugin.atomic import atomic_write_text  # noqa: E402
-from idkm_plugin.layers import palettize_module  # noqa: E402
-from idkm_plugin.nn import PalettizedLinear, PalettizedModule  # noqa: E402
+from idkm_plugin import native  # noqa: E402
+from idkm_plugin.conversion import palettize_module  # noqa: E402
+from idkm_plugin.nn import PaletteSpec, PalettizedTensor, palettized_parameters  # noqa: E402
+from idkm_plugin.nn.lut_linear import lut_linear_reference  # noqa: E402
 
 RESULTS = os.path.join(HERE, "results")
 LINEAR_CASES = [(1, 1), (2, 1), (3, 1), (4, 1), (8, 1), (4, 4)]  # (bits, dim)
@@ -50,10 +57,37 @@ def median_ms(fn: Callable[[], object], repeats: int, warmup: int = 3) -> float:
 
 
 def set_cache(model: nn.Module, on: bool) -> None:
-    for module in model.modules():
-        if isinstance(module, PalettizedModule):
-            module.cache_weight = on
-            module.clear_weight_cache()
+    for weight in palettized_parameters(model).values():
+        weight.cache_weight = on
+        weight.clear_cache()
+
+
+def interleaved_ms(fns: dict[str, Callable[[], object]], rounds: int, warmup: int = 2) -> dict[str, dict]:
+    """Run the contenders round-robin `rounds` times -> {name: {"ms": median, "min_ms": minimum}}."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: {"ms": 1e3 * statistics.median(t), "min_ms": 1e3 * min(t)} for name, t in times.items()}
+
+
+def converted_linear(out: int, inp: int, bits: int, dim: int = 1, groups: int = 1,
+                     lut_dtype: torch.dtype = torch.float32, cache_weight: bool = False, seed: int = 0) -> nn.Linear:
+    """An nn.Linear whose weight is a PalettizedTensor of random codes and LUT(s) (no bias)."""
+    gen = torch.Generator().manual_seed(seed)
+    count = out * inp // dim
+    codes = torch.randint(0, 1 << bits, (groups, count // groups), generator=gen)
+    lut = torch.randn(groups, 1 << bits, dim, generator=gen).div(inp ** 0.5).to(lut_dtype)
+    layer = nn.Linear(inp, out, bias=False, device="meta")
+    spec = PaletteSpec(bits, dim, (out, inp), lut_groups=groups)
+    layer.weight = nn.Parameter(PalettizedTensor.build(codes, lut, spec, cache_weight=cache_weight),
+                                requires_grad=False)
+    return layer
 
 
 @torch.no_grad()
@@ -66,23 +100,158 @@ def forward_times(float_model: nn.Module, palettized: nn.Module, x: torch.Tensor
     return {"float_ms": median_ms(lambda: float_model(x), repeats), "cache_on_ms": on, "cache_off_ms": off}
 
 
-def random_linear(n: int, bits: int, dim: int, seed: int = 0) -> PalettizedLinear:
-    gen = torch.Generator().manual_seed(seed)
-    codes = torch.randint(0, 1 << bits, (1, n * n // dim), generator=gen)
-    return PalettizedLinear(n, n, codes, torch.randn(1, 1 << bits, dim, generator=gen), bits, torch.zeros(n))
-
-
 def linear_rows(n: int, batch: int, repeats: int) -> list[dict]:
     x = torch.randn(batch, n)
     dense = nn.Linear(n, n)
     rows = []
     for bits, dim in LINEAR_CASES:
-        layer = random_linear(n, bits, dim)
+        layer = converted_linear(n, n, bits, dim, cache_weight=True)
         row = {"model": f"Linear {n}x{n}", "bits": bits, "dim": dim, **forward_times(dense, layer, x, repeats),
-               "cold_dequantize_ms": median_ms(layer.dequantize_weight, repeats)}
+               "cold_dequantize_ms": median_ms(layer.weight.dequantize, repeats)}
         rows.append(row)
         print(f"  {bits}/{dim}: {row}", flush=True)
     return rows
+
+
+# ---- the LUT kernel (issue 27) ---------------------------------------------------------------------------------
+KERNEL_SHAPES = [(4096, 4096), (11008, 4096)]  # (out, in): an LLM's square projection and its MLP up-projection
+# (bits, LUT groups as a name, batch, (min ratio vs fp32, min ratio vs bf16) the issue asks for or None)
+KERNEL_CASES = [(4, "tensor", 1, (2.5, 1.3)), (4, "tensor", 8, (1.0, None)), (4, "row", 1, (2.5, 1.3)),
+                (4, "row", 8, (1.0, None)), (3, "tensor", 1, (3.0, None)), (2, "tensor", 1, (3.0, None))]
+
+
+def kernel_layer(out: int, inp: int, bits: int, lut: str) -> nn.Linear:
+    """Per-tensor float32 LUT, or one float16 LUT per row (the LLM preset's layout)."""
+    if lut == "row":
+        return converted_linear(out, inp, bits, groups=out, lut_dtype=torch.float16)
+    return converted_linear(out, inp, bits)
+
+
+def target_text(target) -> str:
+    fp32, bf16 = target
+    parts = [f"≥ {fp32:g}x fp32" if fp32 > 1 else "not slower than fp32"]
+    if bf16:
+        parts.append(f"≥ {bf16:g}x bf16")
+    return ", ".join(parts)
+
+
+@torch.no_grad()
+def kernel_rows(rounds: int) -> list[dict]:
+    """Converted nn.Linear (cache off: `F.linear` runs the LUT kernel) vs F.linear on the decoded weight in fp32
+    and in bf16 (weight and input), interleaved."""
+    rows = []
+    for out, inp in KERNEL_SHAPES:
+        for bits, lut, batch, target in KERNEL_CASES:
+            layer = kernel_layer(out, inp, bits, lut)
+            w32 = layer.weight.dequantize()
+            w16 = w32.to(torch.bfloat16)
+            x = torch.randn(batch, inp)
+            x16 = x.to(torch.bfloat16)
+            t = interleaved_ms({"fp32": lambda: F.linear(x, w32), "bf16": lambda: F.linear(x16, w16),
+                                "lut": lambda: layer(x)}, rounds)
+            del w32, w16
+            row = {"shape": f"{out} x {inp}", "bits": bits, "lut": lut, "batch": batch,
+                   "fp32_ms": t["fp32"]["ms"], "bf16_ms": t["bf16"]["ms"], "lut_ms": t["lut"]["ms"],
+                   "min_ms": {k: v["min_ms"] for k, v in t.items()}, "target": target_text(target)}
+            row["vs_fp32"] = row["fp32_ms"] / row["lut_ms"]
+            row["vs_bf16"] = row["bf16_ms"] / row["lut_ms"]
+            row["met"] = row["vs_fp32"] >= target[0] and (target[1] is None or row["vs_bf16"] >= target[1])
+            rows.append(row)
+            print(f"  {row}", flush=True)
+    return rows
+
+
+@torch.no_grad()
+def scaling_rows(rounds: int) -> list[dict]:
+    """The converted layer (4 bits, cache off) and fp32 F.linear with 1 and 2 threads (at::parallel_for over rows)."""
+    rows = []
+    for out, inp in KERNEL_SHAPES:
+        layer = kernel_layer(out, inp, 4, "tensor")
+        w32 = layer.weight.dequantize()
+        for batch in (1, 8):
+            x = torch.randn(batch, inp)
+            times = {}
+            for threads in (1, 2):
+                torch.set_num_threads(threads)
+                t = interleaved_ms({"fp32": lambda: F.linear(x, w32), "lut": lambda: layer(x)}, rounds)
+                times[threads] = {k: v["ms"] for k, v in t.items()}
+            torch.set_num_threads(1)
+            rows.append({"shape": f"{out} x {inp}", "batch": batch, "times": times,
+                         "lut_speedup": times[1]["lut"] / times[2]["lut"],
+                         "fp32_speedup": times[1]["fp32"] / times[2]["fp32"]})
+            print(f"  {rows[-1]}", flush=True)
+        del w32
+    return rows
+
+
+@torch.no_grad()
+def crossover_rows(rounds: int, n: int = 4096) -> list[dict]:
+    """Cache off, with and without the kernel: the LUT kernel vs decoding the weight and calling F.linear, by batch
+    (where `prefers_lut_kernel` draws its line)."""
+    rows = []
+    for bits in (4, 8):
+        layer = kernel_layer(n, n, bits, "tensor")
+        w = layer.weight
+        for batch in (1, 8, 16, 32, 64):
+            x = torch.randn(batch, n)
+            t = interleaved_ms({
+                "lut": lambda: torch.ops.idkm_plugin.lut_linear(x, w.codes, w.lut, bits, n, n),
+                "decode": lambda: lut_linear_reference(x, w.codes, w.lut, bits, n, n)}, rounds)
+            rows.append({"bits": bits, "batch": batch, "lut_ms": t["lut"]["ms"], "decode_ms": t["decode"]["ms"]})
+            print(f"  {rows[-1]}", flush=True)
+    return rows
+
+
+def memory_rows() -> list[dict]:
+    """Bytes held by a converted 4096 x 4096 layer (4 bits) next to its dense weight."""
+    rows = []
+    for lut in ("tensor", "row"):
+        layer = kernel_layer(4096, 4096, 4, lut)
+        w = layer.weight
+        with torch.no_grad():
+            layer(torch.randn(1, 4096))  # a forward leaves no dense copy behind
+        inner = {k: v.numel() * v.element_size() for k, v in w.inner_tensors().items()}
+        rows.append({"lut": lut, "codes": inner["codes"], "lut_bytes": inner["lut"], "total": w.nbytes_stored,
+                     "fp32": 4096 * 4096 * 4, "bf16": 4096 * 4096 * 2, "cache": w._cache is not None})
+    return rows
+
+
+def kernel_markdown(rows, scaling, crossover, memory, rounds: int) -> list[str]:
+    isa = {0: "portable", 1: "AVX2", 2: "AVX-512"}
+    isas = [isa[i] for i in torch.ops.idkm_plugin.lut_linear_isas()] if native.has_op("lut_linear") else ["none"]
+    lines = ["## LUT kernel: a converted Linear, cache off, vs F.linear on its decoded weight", "",
+             f"One thread; contenders interleaved, median of {rounds} rounds; kernels on this CPU: "
+             f"{', '.join(isas)} (the best is used). LUT `tensor`: one float32 LUT; `row`: one float16 LUT per "
+             "output row. fp32 / bf16: `F.linear` on the decoded weight (bf16: weight and input in bfloat16).", "",
+             "| shape | bits | LUT | batch | fp32 F.linear | bf16 F.linear | converted (LUT kernel) | vs fp32 | vs bf16 "
+             "| target | met |", "|---|---:|---|---:|---:|---:|---:|---:|---:|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['shape']} | {r['bits']} | {r['lut']} | {r['batch']} | {r['fp32_ms']:.2f} ms | "
+                     f"{r['bf16_ms']:.2f} ms | {r['lut_ms']:.2f} ms | {r['vs_fp32']:.2f}x | {r['vs_bf16']:.2f}x | "
+                     f"{r['target']} | {'yes' if r['met'] else '**no**'} |")
+    lines += ["", "Thread scaling (4 bits, per-tensor LUT): 1 and 2 threads, medians of interleaved rounds.", "",
+              "| shape | batch | converted, 1 thread | 2 threads | speed-up | fp32 F.linear, 1 thread | 2 threads | "
+              "speed-up |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in scaling:
+        t = r["times"]
+        lines.append(f"| {r['shape']} | {r['batch']} | {t[1]['lut']:.2f} ms | {t[2]['lut']:.2f} ms | "
+                     f"{r['lut_speedup']:.2f}x | {t[1]['fp32']:.2f} ms | {t[2]['fp32']:.2f} ms | "
+                     f"{r['fp32_speedup']:.2f}x |")
+    lines += ["", "Cache off, 4096 x 4096, one thread: the LUT kernel vs decoding the weight for each call and "
+              "`F.linear` (the path `prefers_lut_kernel` switches to at larger batches).", "",
+              "| bits | batch | LUT kernel | decode + F.linear | kernel speed-up |", "|---:|---:|---:|---:|---:|"]
+    for r in crossover:
+        lines.append(f"| {r['bits']} | {r['batch']} | {r['lut_ms']:.2f} ms | {r['decode_ms']:.2f} ms | "
+                     f"{r['decode_ms'] / r['lut_ms']:.2f}x |")
+    lines += ["", "Memory held by a converted 4096 x 4096 layer at 4 bits, cache off (no dense copy after a "
+              "forward; the kernel allocates only its output and a per-thread float32 copy of one LUT):", "",
+              "| LUT | codes | LUT | held in all | fp32 weight | bf16 weight | dense cache after forward |",
+              "|---|---:|---:|---:|---:|---:|---|"]
+    for r in memory:
+        lines.append(f"| {r['lut']} | {r['codes']:,} B | {r['lut_bytes']:,} B | {r['total']:,} B "
+                     f"({r['total'] / r['fp32']:.3f} of fp32) | {r['fp32']:,} B | {r['bf16']:,} B | "
+                     f"{'yes' if r['cache'] else 'none'} |")
+    return lines + [""]
 
 
 def demo_cnn() -> tuple[nn.Module, nn.Module]:
@@ -170,7 +339,7 @@ def file_sizes(float_model: nn.Module, palettized: nn.Module, x: torch.Tensor, r
 
 
 def markdown(linear: list[dict], cnn: dict, sizes: list[dict], args) -> str:
-    lines = [f"One thread, median of {args.repeats} runs; Linear input [{args.batch}, {args.n}], "
+    lines = ["## Converted forward: weight cache on / off", "", f"One thread, median of {args.repeats} runs; Linear input [{args.batch}, {args.n}], "
              f"CNN input [{args.cnn_batch}, 1, 28, 28].", "",
              "| model | bits/dim | float | palettized, cache on | ratio | palettized, cache off | ratio | "
              "cold dequantize |", "|---|---|---:|---:|---:|---:|---:|---:|"]
@@ -194,6 +363,7 @@ def main(argv=None) -> None:
     p.add_argument("--cnn-batch", type=int, default=64, help="CNN input batch")
     p.add_argument("--repeats", type=int, default=50)
     p.add_argument("--quick", action="store_true", help="10 repeats, no file exports")
+    p.add_argument("--lut-only", action="store_true", help="only the LUT kernel tables")
     p.add_argument("--out", default=RESULTS)
     args = p.parse_args(argv)
     if args.quick:
@@ -201,23 +371,33 @@ def main(argv=None) -> None:
     torch.set_num_threads(1)
     torch.manual_seed(0)
 
-    print("Linear layers:")
-    linear = linear_rows(args.n, args.batch, args.repeats)
-    print("Demo CNN:")
-    float_model, palettized = demo_cnn()
-    x = torch.randn(args.cnn_batch, 1, 28, 28)
-    cold = sum(median_ms(m.dequantize_weight, args.repeats) for m in palettized.modules()
-               if isinstance(m, PalettizedModule))
-    cnn = {"model": "MNISTNet (demo YAML)", "bits": "mixed", "dim": "mixed",
-           **forward_times(float_model, palettized, x, args.repeats), "cold_dequantize_ms": cold}
-    print(f"  {cnn}")
-    sizes = [] if args.quick else file_sizes(float_model, palettized, x, args.repeats)
-    table = markdown(linear, cnn, sizes, args)
-    print(table)
+    kernel = {}
+    if native.has_op("lut_linear"):
+        print("LUT kernel:")
+        kernel = {"rows": kernel_rows(args.repeats), "scaling": scaling_rows(args.repeats),
+                  "crossover": crossover_rows(max(3, args.repeats // 3)), "memory": memory_rows()}
+        text = "\n".join(kernel_markdown(kernel["rows"], kernel["scaling"], kernel["crossover"], kernel["memory"],
+                                          args.repeats))
+    else:
+        text = "## LUT kernel\n\nThe native ops are not built here: nothing to measure.\n"
+    linear, cnn, sizes = [], {}, []
+    if not args.lut_only:
+        print("Linear layers:")
+        linear = linear_rows(args.n, args.batch, args.repeats)
+        print("Demo CNN:")
+        float_model, palettized = demo_cnn()
+        x = torch.randn(args.cnn_batch, 1, 28, 28)
+        cold = sum(median_ms(w.dequantize, args.repeats) for w in palettized_parameters(palettized).values())
+        cnn = {"model": "MNISTNet (demo YAML)", "bits": "mixed", "dim": "mixed",
+               **forward_times(float_model, palettized, x, args.repeats), "cold_dequantize_ms": cold}
+        print(f"  {cnn}")
+        sizes = [] if args.quick else file_sizes(float_model, palettized, x, args.repeats)
+        text += "\n" + markdown(linear, cnn, sizes, args)
+    print(text)
     os.makedirs(args.out, exist_ok=True)
-    atomic_write_text(os.path.join(args.out, "deploy.md"), table)
+    atomic_write_text(os.path.join(args.out, "deploy.md"), text)
     atomic_write_text(os.path.join(args.out, "deploy.json"), json.dumps(
-        {"threads": torch.get_num_threads(), "args": vars(args), "linear": linear, "cnn": cnn, "sizes": sizes},
+        {"threads": 1, "args": vars(args), "kernel": kernel, "linear": linear, "cnn": cnn, "sizes": sizes},
         indent=2))
 
 

@@ -248,27 +248,27 @@ TARGET_AVX512 inline __m512 lookup16(__m512i idx, const __m512* t, const float* 
   return level[0];
 }
 
-// Weights [16] of the vector whose codes start at stream bit `bitpos`.
-template <int LOOKUP>
-TARGET_AVX512 inline __m512 decode16(const Problem& p, const Plans& plans, int64_t bitpos, __m512i kmask,
+// Weights [16] of the vector whose codes start at stream bit `bitpos`, with the window's shuffle control and
+// shifts given (they depend only on bitpos % 8). The register tables repeat the LUT up to their capacity, so an
+// index may keep the bits of the neighbouring codes above its own (the permutes ignore them): no mask but for the
+// gather. For d > 1, idx = code * d + lane % d (shift + or: the low log2(d) bits are free).
+template <int LOOKUP, bool DIM1>
+TARGET_AVX512 inline __m512 decode16(const Problem& p, int64_t bitpos, __m512i ctrl, __m512i shift, __m512i kmask,
                                      __m128i log2d, __m512i lane_off, const __m512* t, const float* table) {
-  const int s = static_cast<int>(bitpos & 7);
   const __m512i window = _mm512_broadcast_i32x4(load_window(p.codes, p.codes_nbytes, bitpos >> 3));
-  __m512i idx = _mm512_shuffle_epi8(window, _mm512_load_si512(plans.ctrl[s]));
-  idx = _mm512_and_si512(_mm512_srlv_epi32(idx, _mm512_load_si512(plans.shift[s])), kmask);
-  if (p.dim > 1) idx = _mm512_add_epi32(_mm512_sll_epi32(idx, log2d), lane_off);
+  __m512i idx = _mm512_srlv_epi32(_mm512_shuffle_epi8(window, ctrl), shift);
+  if (LOOKUP == kGather) idx = _mm512_and_si512(idx, kmask);
+  if (!DIM1) idx = _mm512_or_si512(_mm512_sll_epi32(idx, log2d), lane_off);
   return lookup16<LOOKUP>(idx, t, table);
 }
 
-// One output row o for activation rows b0 .. b0 + NB: result[b] = sum_i W[o, i] x[b0 + b, i] (no scale, no bias).
-// U vectors per iteration, each with its own accumulators, so that the FMA latency is hidden at small NB.
 constexpr int64_t kPrefetchBytes = 1024;
 #ifndef IDKM_LUT_PREFETCH
 #define IDKM_LUT_PREFETCH 1
 #endif
 constexpr bool PREFETCH = IDKM_LUT_PREFETCH;
 
-template <int NB, int LOOKUP, int U, bool MASKED>
+template <int NB, int LOOKUP, int U, bool MASKED, bool DIM1>
 TARGET_AVX512 void row_avx512(const Problem& p, const Plans& plans, const __m512* t, const float* table, int64_t o,
                               int64_t b0, float* result) {
   __m512 acc[U][NB];
@@ -280,24 +280,37 @@ TARGET_AVX512 void row_avx512(const Problem& p, const Plans& plans, const __m512
   const float* x = p.x + b0 * p.ldx;
   const int per_vec = static_cast<int>(16 / p.dim);
   int64_t bitpos = o * p.m * p.bits, mpos = o * p.m, col = 0;
+  // a vector's codes fill whole bytes (d = 1 always): the window's bit offset, so its plan, is the row's
+  const bool same_plan = plans.step_bits % 8 == 0;
+  const int s0 = static_cast<int>(bitpos & 7);
+  const __m512i ctrl0 = _mm512_load_si512(plans.ctrl[s0]), shift0 = _mm512_load_si512(plans.shift[s0]);
   for (; col + 16 * U <= p.in; col += 16 * U) {
     // the code stream is read once, front to back: fetch ahead of the hardware prefetcher (DRAM-resident codes)
     if (PREFETCH) _mm_prefetch(reinterpret_cast<const char*>(p.codes + (bitpos >> 3) + kPrefetchBytes), _MM_HINT_T0);
+    #pragma GCC unroll 8
     for (int u = 0; u < U; ++u) {
-      const __m512 w = decode16<LOOKUP>(p, plans, bitpos, kmask, log2d, lane_off, t, table);
+      const int s = static_cast<int>(bitpos & 7);
+      const __m512 w = same_plan
+          ? decode16<LOOKUP, DIM1>(p, bitpos, ctrl0, shift0, kmask, log2d, lane_off, t, table)
+          : decode16<LOOKUP, DIM1>(p, bitpos, _mm512_load_si512(plans.ctrl[s]), _mm512_load_si512(plans.shift[s]),
+                                   kmask, log2d, lane_off, t, table);
       if (MASKED) {
         const __mmask16 lm = static_cast<__mmask16>(kept_lanes(p, mpos, per_vec));
-        for (int b = 0; b < NB; ++b)
+        #pragma GCC unroll 8
+      for (int b = 0; b < NB; ++b)
           acc[u][b] = _mm512_fmadd_ps(w, _mm512_maskz_loadu_ps(lm, x + b * p.ldx + col + 16 * u), acc[u][b]);
       } else {
-        for (int b = 0; b < NB; ++b)
+        #pragma GCC unroll 8
+      for (int b = 0; b < NB; ++b)
           acc[u][b] = _mm512_fmadd_ps(w, _mm512_loadu_ps(x + b * p.ldx + col + 16 * u), acc[u][b]);
       }
       bitpos += plans.step_bits, mpos += per_vec;
     }
   }
   for (; col < p.in; col += 16, bitpos += plans.step_bits, mpos += per_vec) {  // the rest, lane-masked
-    const __m512 w = decode16<LOOKUP>(p, plans, bitpos, kmask, log2d, lane_off, t, table);
+    const int s = static_cast<int>(bitpos & 7);
+    const __m512 w = decode16<LOOKUP, DIM1>(p, bitpos, _mm512_load_si512(plans.ctrl[s]),
+                                            _mm512_load_si512(plans.shift[s]), kmask, log2d, lane_off, t, table);
     uint32_t lanes = p.in - col >= 16 ? 0xFFFFu : (1u << (p.in - col)) - 1u;
     if (MASKED) lanes &= kept_lanes(p, mpos, static_cast<int>(std::min<int64_t>(per_vec, (p.in - col) / p.dim)));
     const __mmask16 lm = static_cast<__mmask16>(lanes);
@@ -311,7 +324,119 @@ TARGET_AVX512 void row_avx512(const Problem& p, const Plans& plans, const __m512
   }
 }
 
-template <int LOOKUP, bool MASKED>
+// The common case, tight: every row starts on a byte and a vector's codes fill whole bytes (in * bits / d a multiple
+// of 8 and 16 / d codes per vector a whole number of bytes: d = 1 with in % 8 == 0, for instance), the row's windows
+// stay inside the stream, no pruning mask, in % (16 * U) == 0. Pointer increments only, one plan for all vectors.
+template <int NB, int LOOKUP, int U, bool DIM1>
+TARGET_AVX512 void row_avx512_aligned(const Problem& p, const Plans& plans, const __m512* t, const float* table,
+                                      int64_t o, int64_t b0, float* result) {
+  __m512 acc[U][NB];
+  for (int u = 0; u < U; ++u)
+    for (int b = 0; b < NB; ++b) acc[u][b] = _mm512_setzero_ps();
+  const __m512i kmask = _mm512_set1_epi32(static_cast<int>(p.k - 1));
+  const __m512i lane_off = _mm512_load_si512(plans.lane_off);
+  const __m128i log2d = _mm_cvtsi32_si128(__builtin_ctzll(static_cast<unsigned long long>(p.dim)));
+  const __m512i ctrl = _mm512_load_si512(plans.ctrl[0]), shift = _mm512_load_si512(plans.shift[0]);
+  const int64_t step = plans.step_bits >> 3, ldx = p.ldx, in = p.in;
+  const uint8_t* cp = p.codes + ((o * p.m * p.bits) >> 3);
+  const float* x = p.x + b0 * ldx;
+  for (int64_t col = 0; col < in; col += 16 * U, cp += U * step, x += 16 * U) {
+    if (PREFETCH) _mm_prefetch(reinterpret_cast<const char*>(cp + kPrefetchBytes), _MM_HINT_T0);
+    #pragma GCC unroll 8
+    for (int u = 0; u < U; ++u) {
+      const __m512i window = _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(cp + u * step)));
+      __m512i idx = _mm512_srlv_epi32(_mm512_shuffle_epi8(window, ctrl), shift);
+      if (LOOKUP == kGather) idx = _mm512_and_si512(idx, kmask);
+      if (!DIM1) idx = _mm512_or_si512(_mm512_sll_epi32(idx, log2d), lane_off);
+      const __m512 w = lookup16<LOOKUP>(idx, t, table);
+      #pragma GCC unroll 8
+      for (int b = 0; b < NB; ++b) acc[u][b] = _mm512_fmadd_ps(w, _mm512_loadu_ps(x + b * ldx + 16 * u), acc[u][b]);
+    }
+  }
+  for (int b = 0; b < NB; ++b) {
+    __m512 sum = acc[0][b];
+    for (int u = 1; u < U; ++u) sum = _mm512_add_ps(sum, acc[u][b]);
+    result[b] = _mm512_reduce_add_ps(sum);
+  }
+}
+
+// d = 1 with 1, 2 or 4 bits (PER = 8 / bits codes per byte), no mask, in % (16 * PER) == 0: 16 bytes of codes are
+// zero-extended to 16 lanes at once (lane j: byte j) and shifted by 0, bits, 2 * bits, ...: shift r gives code
+// j * PER + r in lane j (the permute ignores the bits above the code: the register table repeats the LUT). So a
+// vector holds every PER-th weight, and x is read from a copy permuted to match (`xp`, built once per call:
+// xp[block][r][j] = x[block * 16 * PER + j * PER + r]). 3 vector ops per 16 weights: shift, permute, FMA.
+template <int NB, int PER, int U>
+TARGET_AVX512 void row_avx512_bytes(const Problem& p, const float* xp, const __m512* t, int64_t o, int64_t b0,
+                                    float* result) {
+  constexpr int bits = 8 / PER;
+  __m512 acc[U][NB];
+  for (int u = 0; u < U; ++u)
+    for (int b = 0; b < NB; ++b) acc[u][b] = _mm512_setzero_ps();
+  const int64_t ldx = p.in, in = p.in;
+  const uint8_t* cp = p.codes + o * (in / PER);
+  const float* x = xp + b0 * ldx;
+  const __m512 table = t[0];
+  for (int64_t col = 0; col < in; col += 16 * PER, cp += 16, x += 16 * PER) {
+    if (PREFETCH) _mm_prefetch(reinterpret_cast<const char*>(cp + kPrefetchBytes), _MM_HINT_T0);
+    const __m512i bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(cp)));
+    #pragma GCC unroll 8
+    for (int r = 0; r < PER; ++r) {
+      const __m512 w = _mm512_permutexvar_ps(r == 0 ? bytes : _mm512_srli_epi32(bytes, r * bits), table);
+      #pragma GCC unroll 8
+      for (int b = 0; b < NB; ++b)
+        acc[r % U][b] = _mm512_fmadd_ps(w, _mm512_loadu_ps(x + b * ldx + 16 * r), acc[r % U][b]);
+    }
+  }
+  for (int b = 0; b < NB; ++b) {
+    __m512 sum = acc[0][b];
+    for (int u = 1; u < U; ++u) sum = _mm512_add_ps(sum, acc[u][b]);
+    result[b] = _mm512_reduce_add_ps(sum);
+  }
+}
+
+template <int PER>
+TARGET_AVX512 void rows_avx512_bytes(const Problem& p, const float* xp, int64_t begin, int64_t end) {
+  std::vector<float> buf(std::max<int64_t>(p.k, 16), 0.f);
+  __m512 t[1];
+  float result[8];
+  int64_t current = -1;
+  for (int64_t o = begin; o < end; ++o) {
+    const int64_t g = o / p.rows_per_group;
+    if (g != current) {
+      const float* table = group_table(p, g, buf.data());
+      float rep[16];
+      for (int i = 0; i < 16; ++i) rep[i] = table[i % p.k];
+      t[0] = _mm512_loadu_ps(rep);
+      current = g;
+    }
+    for (int64_t b0 = 0; b0 < p.batch;) {
+      const int64_t left = p.batch - b0;
+      int nb;
+      if (left >= 8) row_avx512_bytes<8, PER, 1>(p, xp, t, o, b0, result), nb = 8;
+      else if (left >= 4) row_avx512_bytes<4, PER, 2>(p, xp, t, o, b0, result), nb = 4;
+      else if (left >= 2) row_avx512_bytes<2, PER, (PER < 4 ? PER : 4)>(p, xp, t, o, b0, result), nb = 2;
+      else row_avx512_bytes<1, PER, PER>(p, xp, t, o, b0, result), nb = 1;  // one FMA chain per shift
+      for (int b = 0; b < nb; ++b) p.y[(b0 + b) * p.out + o] = finish(p, o, result[b]);
+      b0 += nb;
+    }
+  }
+}
+
+// Whether rows_avx512_bytes takes this problem, and x permuted for it ([batch, in]).
+bool bytes_path_applies(const Problem& p) {
+  return p.dim == 1 && p.mask == nullptr && (p.bits == 1 || p.bits == 2 || p.bits == 4) &&
+         p.in % (16 * (8 / p.bits)) == 0;
+}
+
+void permute_for_bytes(const Problem& p, float* xp) {
+  const int64_t per = 8 / p.bits, block = 16 * per;
+  for (int64_t b = 0; b < p.batch; ++b)
+    for (int64_t c0 = 0; c0 < p.in; c0 += block)
+      for (int64_t r = 0; r < per; ++r)
+        for (int64_t j = 0; j < 16; ++j) xp[b * p.in + c0 + r * 16 + j] = p.x[b * p.ldx + c0 + j * per + r];
+}
+
+template <int LOOKUP, bool MASKED, bool DIM1>
 TARGET_AVX512 void rows_avx512_lookup(const Problem& p, const Plans& plans, int64_t begin, int64_t end) {
   constexpr int nregs = lookup_registers(LOOKUP);
   std::vector<float> buf(std::max<int64_t>(p.k * p.dim, 16), 0.f);
@@ -324,39 +449,65 @@ TARGET_AVX512 void rows_avx512_lookup(const Problem& p, const Plans& plans, int6
     if (g != current) {  // the LUT into registers (entries beyond k * d: zero, never indexed)
       table = group_table(p, g, buf.data());
       const int64_t entries = p.k * p.dim;
-      for (int r = 0; r < nregs; ++r) {
-        const int64_t left = entries - 16 * r;
-        t[r] = _mm512_maskz_loadu_ps(static_cast<__mmask16>(left >= 16 ? 0xFFFF : (1u << left) - 1u), table + 16 * r);
+      if (nregs > 0 && entries < 16) {  // repeat the LUT over the 16 entries of a register (see decode16)
+        float rep[16];
+        for (int i = 0; i < 16; ++i) rep[i] = table[i % entries];
+        t[0] = _mm512_loadu_ps(rep);
+      } else {
+        for (int r = 0; r < nregs; ++r) t[r] = _mm512_loadu_ps(table + 16 * r);  // entries = 16 * nregs
       }
       current = g;
     }
-    for (int64_t b0 = 0; b0 < p.batch;) {
+    // the tight loop: rows on byte boundaries, whole bytes per vector, whole unrolled blocks, windows in the stream
+    const bool aligned = !MASKED && plans.step_bits % 8 == 0 && (p.m * p.bits) % 8 == 0 && p.in % 64 == 0 &&
+                         ((o + 1) * p.m * p.bits) / 8 + 16 <= p.codes_nbytes;
+    for (int64_t b0 = 0; b0 < p.batch && aligned;) {
       const int64_t left = p.batch - b0;
       int nb;
-      if (left >= 8) row_avx512<8, LOOKUP, 1, MASKED>(p, plans, t, table, o, b0, result), nb = 8;
-      else if (left >= 4) row_avx512<4, LOOKUP, 2, MASKED>(p, plans, t, table, o, b0, result), nb = 4;
-      else if (left >= 2) row_avx512<2, LOOKUP, 4, MASKED>(p, plans, t, table, o, b0, result), nb = 2;
-      else row_avx512<1, LOOKUP, 4, MASKED>(p, plans, t, table, o, b0, result), nb = 1;
+      if (left >= 8) row_avx512_aligned<8, LOOKUP, 1, DIM1>(p, plans, t, table, o, b0, result), nb = 8;
+      else if (left >= 4) row_avx512_aligned<4, LOOKUP, 2, DIM1>(p, plans, t, table, o, b0, result), nb = 4;
+      else if (left >= 2) row_avx512_aligned<2, LOOKUP, 4, DIM1>(p, plans, t, table, o, b0, result), nb = 2;
+      else row_avx512_aligned<1, LOOKUP, 4, DIM1>(p, plans, t, table, o, b0, result), nb = 1;
+      for (int b = 0; b < nb; ++b) p.y[(b0 + b) * p.out + o] = finish(p, o, result[b]);
+      b0 += nb;
+    }
+    for (int64_t b0 = 0; b0 < p.batch && !aligned;) {
+      const int64_t left = p.batch - b0;
+      int nb;
+      if (left >= 8) row_avx512<8, LOOKUP, 1, MASKED, DIM1>(p, plans, t, table, o, b0, result), nb = 8;
+      else if (left >= 4) row_avx512<4, LOOKUP, 2, MASKED, DIM1>(p, plans, t, table, o, b0, result), nb = 4;
+      else if (left >= 2) row_avx512<2, LOOKUP, 4, MASKED, DIM1>(p, plans, t, table, o, b0, result), nb = 2;
+      else row_avx512<1, LOOKUP, 4, MASKED, DIM1>(p, plans, t, table, o, b0, result), nb = 1;
       for (int b = 0; b < nb; ++b) p.y[(b0 + b) * p.out + o] = finish(p, o, result[b]);
       b0 += nb;
     }
   }
 }
 
-template <bool MASKED>
-void rows_avx512_masked(const Problem& p, const Plans& plans, int64_t begin, int64_t end) {
+template <bool MASKED, bool DIM1>
+void rows_avx512_dispatch(const Problem& p, const Plans& plans, int64_t begin, int64_t end) {
   const int64_t entries = p.k * p.dim;
-  if (entries <= 16) rows_avx512_lookup<kPerm16, MASKED>(p, plans, begin, end);
-  else if (entries <= 32) rows_avx512_lookup<kPerm32, MASKED>(p, plans, begin, end);
-  else if (entries <= 64) rows_avx512_lookup<kPerm64, MASKED>(p, plans, begin, end);
-  else if (entries <= 128) rows_avx512_lookup<kPerm128, MASKED>(p, plans, begin, end);
-  else if (entries <= 256) rows_avx512_lookup<kPerm256, MASKED>(p, plans, begin, end);
-  else rows_avx512_lookup<kGather, MASKED>(p, plans, begin, end);
+  if (entries <= 16) rows_avx512_lookup<kPerm16, MASKED, DIM1>(p, plans, begin, end);
+  else if (entries <= 32) rows_avx512_lookup<kPerm32, MASKED, DIM1>(p, plans, begin, end);
+  else if (entries <= 64) rows_avx512_lookup<kPerm64, MASKED, DIM1>(p, plans, begin, end);
+  else if (entries <= 128) rows_avx512_lookup<kPerm128, MASKED, DIM1>(p, plans, begin, end);
+  else if (entries <= 256) rows_avx512_lookup<kPerm256, MASKED, DIM1>(p, plans, begin, end);
+  else rows_avx512_lookup<kGather, MASKED, DIM1>(p, plans, begin, end);
 }
 
-void rows_avx512(const Problem& p, const Plans& plans, int64_t begin, int64_t end) {
-  if (p.mask != nullptr) rows_avx512_masked<true>(p, plans, begin, end);
-  else rows_avx512_masked<false>(p, plans, begin, end);
+void rows_avx512(const Problem& p, const Plans& plans, const float* xp, int64_t begin, int64_t end) {
+  if (xp != nullptr) {
+    if (p.bits == 4) return rows_avx512_bytes<2>(p, xp, begin, end);
+    if (p.bits == 2) return rows_avx512_bytes<4>(p, xp, begin, end);
+    return rows_avx512_bytes<8>(p, xp, begin, end);
+  }
+  if (p.dim == 1) {
+    if (p.mask != nullptr) rows_avx512_dispatch<true, true>(p, plans, begin, end);
+    else rows_avx512_dispatch<false, true>(p, plans, begin, end);
+  } else {
+    if (p.mask != nullptr) rows_avx512_dispatch<true, false>(p, plans, begin, end);
+    else rows_avx512_dispatch<false, false>(p, plans, begin, end);
+  }
 }
 
 // ---- AVX2 (8 lanes) -----------------------------------------------------------------------------------------
@@ -553,12 +704,18 @@ at::Tensor lut_linear_cpu(const at::Tensor& x, const at::Tensor& codes, const at
   }
 #if IDKM_X86
   const Plans plans = make_plans(p.bits, dim, chosen == kAvx512 ? 16 : 8);
+  at::Tensor xperm;  // x in the lane order of the byte-wise AVX-512 path
+  if (chosen == kAvx512 && p.partial == nullptr && bytes_path_applies(p)) {
+    xperm = at::empty({p.batch, in_features}, xf.options());
+    permute_for_bytes(p, xperm.data_ptr<float>());
+  }
+  const float* xp = xperm.defined() ? xperm.data_ptr<float>() : nullptr;
 #endif
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(in_features, 1));
   at::parallel_for(0, out_features, grain, [&](int64_t begin, int64_t end) {
     if (p.partial != nullptr) return rows_partial_sums(p, begin, end);
 #if IDKM_X86
-    if (chosen == kAvx512) return rows_avx512(p, plans, begin, end);
+    if (chosen == kAvx512) return rows_avx512(p, plans, xp, begin, end);
     if (chosen == kAvx2) return rows_avx2(p, plans, begin, end);
 #endif
     rows_portable(p, begin, end);

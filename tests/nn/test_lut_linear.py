@@ -117,15 +117,18 @@ def test_bfloat16_activations(bits):
 
 
 @needs_op
-def test_large_rows_use_the_unrolled_loops():
-    """4096-wide rows (the benchmark's shape, narrowed to few rows): many full vectors per row on every path."""
-    gen = torch.Generator().manual_seed(1)
-    out, inp, bits = 8, 4096, 4
-    codes = torch.randint(0, 16, (out, inp), generator=gen)
-    lut = torch.randn(out, 16, 1, generator=gen)
+@pytest.mark.parametrize("bits", range(1, 9))
+@pytest.mark.parametrize("dim,inp", [(1, 4096), (1, 384), (2, 512), (4, 1024)])
+def test_wide_rows_take_the_fast_loops(bits, dim, inp):
+    """Rows of whole bytes and whole unrolled blocks (the benchmark's layout, few rows): the tight AVX-512 loops
+    (byte-wise for 1/2/4 bits, x read in permuted order) and the lane-masked ones agree with the reference."""
+    gen = torch.Generator().manual_seed(bits)
+    out = 5
+    codes = torch.randint(0, 1 << bits, (out, inp // dim), generator=gen)
+    lut = torch.randn(out, 1 << bits, dim, generator=gen)
     packed = pack_codes(codes, bits)
-    weight = dequantize_packed(packed, bits, out * inp, lut.double(), torch.float64, (out, inp))
-    for batch in (1, 2, 4, 8):
+    weight = dequantize_packed(packed, bits, out * inp // dim, lut.double(), torch.float64, (out, inp))
+    for batch in (1, 2, 3, 4, 8, 9):
         x = torch.randn(batch, inp, generator=gen)
         for isa in isas():
             y = torch.ops.idkm_plugin.lut_linear(x, packed, lut, bits, out, inp, None, None, None, None, isa)
