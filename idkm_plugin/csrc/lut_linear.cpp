@@ -360,6 +360,35 @@ TARGET_AVX512 void row_avx512_aligned(const Problem& p, const Plans& plans, cons
   }
 }
 
+// LUT g (k * d <= 16 entries) straight into a register, repeated over its 16 lanes, converted from the LUT's dtype
+// in-register (per-row LUTs reload it for every row: no scalar conversion loop).
+TARGET_AVX512 inline __m512 load_table16(const Problem& p, int64_t g) {
+  const int64_t entries = p.k * p.dim, off = g * entries;
+  const __mmask16 m = static_cast<__mmask16>(entries >= 16 ? 0xFFFF : (1u << entries) - 1u);
+  __m512 v;
+  switch (p.lut_dtype) {
+    case at::kFloat:
+      v = _mm512_maskz_loadu_ps(m, static_cast<const float*>(p.lut) + off);
+      break;
+    case at::kHalf:
+      v = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, static_cast<const at::Half*>(p.lut) + off));
+      break;
+    case at::kBFloat16:
+      v = _mm512_castsi512_ps(_mm512_slli_epi32(
+          _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, static_cast<const at::BFloat16*>(p.lut) + off)), 16));
+      break;
+    default:  // int8
+      v = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(m, static_cast<const int8_t*>(p.lut) + off)));
+  }
+  if (p.lut_scale != nullptr) v = _mm512_mul_ps(v, _mm512_set1_ps(p.lut_scale[g]));
+  if (entries < 16) {
+    alignas(64) int32_t rep[16];
+    for (int i = 0; i < 16; ++i) rep[i] = static_cast<int32_t>(i % entries);
+    v = _mm512_permutexvar_ps(_mm512_load_si512(rep), v);
+  }
+  return v;
+}
+
 // d = 1 with 1, 2 or 4 bits (PER = 8 / bits codes per byte), no mask, in % (16 * PER) == 0: 16 bytes of codes are
 // zero-extended to 16 lanes at once (lane j: byte j) and shifted by 0, bits, 2 * bits, ...: shift r gives code
 // j * PER + r in lane j (the permute ignores the bits above the code: the register table repeats the LUT). So a
@@ -396,19 +425,12 @@ TARGET_AVX512 void row_avx512_bytes(const Problem& p, const float* xp, const __m
 
 template <int PER>
 TARGET_AVX512 void rows_avx512_bytes(const Problem& p, const float* xp, int64_t begin, int64_t end) {
-  std::vector<float> buf(std::max<int64_t>(p.k, 16), 0.f);
   __m512 t[1];
   float result[8];
   int64_t current = -1;
   for (int64_t o = begin; o < end; ++o) {
     const int64_t g = o / p.rows_per_group;
-    if (g != current) {
-      const float* table = group_table(p, g, buf.data());
-      float rep[16];
-      for (int i = 0; i < 16; ++i) rep[i] = table[i % p.k];
-      t[0] = _mm512_loadu_ps(rep);
-      current = g;
-    }
+    if (g != current) t[0] = load_table16(p, g), current = g;
     for (int64_t b0 = 0; b0 < p.batch;) {
       const int64_t left = p.batch - b0;
       int nb;
@@ -447,13 +469,11 @@ TARGET_AVX512 void rows_avx512_lookup(const Problem& p, const Plans& plans, int6
   for (int64_t o = begin; o < end; ++o) {
     const int64_t g = o / p.rows_per_group;
     if (g != current) {  // the LUT into registers (entries beyond k * d: zero, never indexed)
-      table = group_table(p, g, buf.data());
       const int64_t entries = p.k * p.dim;
-      if (nregs > 0 && entries < 16) {  // repeat the LUT over the 16 entries of a register (see decode16)
-        float rep[16];
-        for (int i = 0; i < 16; ++i) rep[i] = table[i % entries];
-        t[0] = _mm512_loadu_ps(rep);
+      if (nregs == 1) {  // repeated over the 16 entries of a register (see decode16)
+        t[0] = load_table16(p, g);
       } else {
+        table = group_table(p, g, buf.data());
         for (int r = 0; r < nregs; ++r) t[r] = _mm512_loadu_ps(table + 16 * r);  // entries = 16 * nregs
       }
       current = g;

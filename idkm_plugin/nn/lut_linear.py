@@ -11,6 +11,7 @@ weight (small batches: the thresholds are measured by benchmarks/deploy.py).
 """
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
@@ -87,25 +88,32 @@ def lut_linear(x: torch.Tensor, codes: torch.Tensor, lut: torch.Tensor, bits: in
     Not differentiable (converted models are for inference). Uses the native op on CPU tensors when it is built
     and nothing requires grad, else `lut_linear_reference`.
     """
+    op = _native_op()
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (x, lut, channel_scale, lut_scale, bias))
-    if needs_grad or x.device.type != "cpu" or not native.has_op(_OP) or torch.compiler.is_compiling():
+    if op is None or needs_grad or x.device.type != "cpu" or torch.compiler.is_compiling():
         return lut_linear_reference(x, codes, lut, bits, out_features, in_features, channel_scale=channel_scale,
                                     lut_scale=lut_scale, mask=mask, bias=bias)
     _check(x, codes, lut, bits, out_features, in_features)
-    if lut.dtype == torch.int8 and lut_scale is None:
+    int8 = lut.dtype == torch.int8
+    if int8 and lut_scale is None:
         raise ValueError("lut_linear: an int8 lut needs its lut_scale [groups]")
-    lead = x.shape[:-1]
-    y = torch.ops.idkm_plugin.lut_linear(x.reshape(-1, in_features), codes, lut, bits, out_features, in_features,
-                                         channel_scale, lut_scale if lut.dtype == torch.int8 else None, mask, bias)
-    return y.view(*lead, out_features)
+    y = op(x.reshape(-1, in_features), codes, lut, bits, out_features, in_features, channel_scale,
+           lut_scale if int8 else None, mask, bias)
+    return y.view(x.shape[:-1] + (out_features,))
+
+
+@functools.lru_cache(maxsize=None)
+def _native_op():
+    """torch.ops.idkm_plugin.lut_linear.default, or None where the native ops are not built."""
+    return torch.ops.idkm_plugin.lut_linear.default if native.has_op(_OP) else None
 
 
 def prefers_lut_kernel(x: torch.Tensor, out_features: int, in_features: int, bits: int, dim: int = 1,
                        groups: int = 1) -> bool:
     """True where `lut_linear`'s native kernel is faster than decoding the weight and calling `F.linear`: CPU,
     the op built, and few activation rows (x [..., in]: the product of the leading dims)."""
-    if x.device.type != "cpu" or not native.has_op(_OP) or torch.compiler.is_compiling():
+    if x.device.type != "cpu" or _native_op() is None or torch.compiler.is_compiling():
         return False
     rows = x.numel() // max(in_features, 1)
     return 0 < rows <= _MAX_ROWS.get(bits, 0)
