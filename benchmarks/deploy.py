@@ -183,10 +183,13 @@ def scaling_rows(rounds: int) -> list[dict]:
                 t = interleaved_ms({"fp32": lambda: F.linear(x, w32), "lut": lambda: layer(x)}, rounds,
                                    clock=time.perf_counter)
                 times[threads] = {k: v["ms"] for k, v in t.items()}
+                times[threads].update({f"{k}_min": v["min_ms"] for k, v in t.items()})
             torch.set_num_threads(1)
             rows.append({"shape": f"{out} x {inp}", "batch": batch, "times": times,
                          "lut_speedup": times[1]["lut"] / times[2]["lut"],
-                         "fp32_speedup": times[1]["fp32"] / times[2]["fp32"]})
+                         "fp32_speedup": times[1]["fp32"] / times[2]["fp32"],
+                         "lut_speedup_min": times[1]["lut_min"] / times[2]["lut_min"],
+                         "fp32_speedup_min": times[1]["fp32_min"] / times[2]["fp32_min"]})
             print(f"  {rows[-1]}", flush=True)
         del w32
     return rows
@@ -238,15 +241,18 @@ def kernel_markdown(rows, scaling, crossover, memory, rounds: int) -> list[str]:
         lines.append(f"| {r['shape']} | {r['bits']} | {r['lut']} | {r['batch']} | {r['fp32_ms']:.2f} ms | "
                      f"{r['bf16_ms']:.2f} ms | {r['lut_ms']:.2f} ms | {r['vs_fp32']:.2f}x | {r['vs_bf16']:.2f}x | "
                      f"{r['target']} | {'yes' if r['met'] else '**no**'} |")
-    lines += ["", "Thread scaling (4 bits, per-tensor LUT): 1 and 2 threads, wall time, medians of interleaved rounds "
-              "(on a machine shared with other work, a second thread competes with it).", "",
-              "| shape | batch | converted, 1 thread | 2 threads | speed-up | fp32 F.linear, 1 thread | 2 threads | "
-              "speed-up |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    lines += ["", f"Thread scaling (4 bits, per-tensor LUT): 1 and 2 threads, wall time over {rounds} interleaved "
+              f"rounds, median (and minimum, the rounds in which both threads had a core); {os.cpu_count()} cores, "
+              f"load average {load:.1f} when the table was written: with other work on the machine a second thread "
+              "waits for a core.", "",
+              "| shape | batch | converted, 1 thread | 2 threads | speed-up (min) | fp32 F.linear, 1 thread | 2 threads "
+              "| speed-up (min) |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in scaling:
         t = r["times"]
         lines.append(f"| {r['shape']} | {r['batch']} | {t[1]['lut']:.2f} ms | {t[2]['lut']:.2f} ms | "
-                     f"{r['lut_speedup']:.2f}x | {t[1]['fp32']:.2f} ms | {t[2]['fp32']:.2f} ms | "
-                     f"{r['fp32_speedup']:.2f}x |")
+                     f"{r['lut_speedup']:.2f}x ({r['lut_speedup_min']:.2f}x) | {t[1]['fp32']:.2f} ms | "
+                     f"{t[2]['fp32']:.2f} ms | {r['fp32_speedup']:.2f}x ({r['fp32_speedup_min']:.2f}x) |")
     lines += ["", "Cache off, 4096 x 4096, one thread: the LUT kernel vs decoding the weight for each call and "
               "`F.linear` (the path `prefers_lut_kernel` switches to at larger batches).", "",
               "| bits | batch | LUT kernel | decode + F.linear | kernel speed-up |", "|---:|---:|---:|---:|---:|"]

@@ -159,10 +159,11 @@ def test_clear_errors():
 
 
 def test_prefers_the_kernel_only_at_small_batch(monkeypatch):
-    x1, x64 = torch.randn(1, 4096), torch.randn(64, 4096)
+    x1, x512 = torch.randn(1, 4096), torch.randn(512, 4096)
     if HAS_OP:
         assert prefers_lut_kernel(x1, 4096, 4096, 4)
-        assert prefers_lut_kernel(torch.randn(2, 4, 4096), 4096, 4096, 4)  # 8 rows
-    assert not prefers_lut_kernel(x64, 4096, 4096, 4)
+        assert prefers_lut_kernel(torch.randn(2, 9, 4096), 4096, 4096, 4)  # 18 rows: a short prompt
+    assert not prefers_lut_kernel(x512, 4096, 4096, 4)
+    assert not prefers_lut_kernel(x1, 4096, 4096, 9)  # the kernel's bits are 1..8
     monkeypatch.setattr(lut_module, "_native_op", lambda: None)
     assert not prefers_lut_kernel(x1, 4096, 4096, 4)
