@@ -443,8 +443,8 @@ def file_sizes(float_model: nn.Module, palettized: nn.Module, x: torch.Tensor, r
                      "bytes": save_palettized(palettized, os.path.join(tmp, "m.safetensors"))})
         try:
             rows += executorch_rows(float_model, palettized, x, tmp, repeats)
-        except ImportError as err:
-            print(f"  skipped ExecuTorch: {err}")
+        except Exception as err:  # not installed, or the export fails: the other tables are still written
+            print(f"  skipped ExecuTorch: {type(err).__name__}: {str(err)[:200]}")
         try:
             import coremltools as ct
 
@@ -454,8 +454,8 @@ def file_sizes(float_model: nn.Module, palettized: nn.Module, x: torch.Tensor, r
                 to_coreml(palettized, (x[:1],), path, compute_precision=precision)
                 rows.append({"form": f"model.mlpackage (to_coreml, compute_precision={label})",
                              "bytes": disk_bytes(path)})
-        except ImportError as err:
-            print(f"  skipped Core ML: {err}")
+        except Exception as err:
+            print(f"  skipped Core ML: {type(err).__name__}: {str(err)[:200]}")
     return rows
 
 
