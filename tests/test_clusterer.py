@@ -69,3 +69,104 @@ def test_bad_weight_is_named():
         clusterer.check_weight(torch.randn(4, 4))
     with pytest.raises(RuntimeError, match="no centroids yet"):
         clusterer.lut()
+
+
+# ---- eval-mode cache ------------------------------------------------------------------------------
+def _uncached_eval(clusterer: WeightClusterer, w: torch.Tensor) -> torch.Tensor:
+    """The eval output recomputed from scratch by a fresh clusterer holding the same state."""
+    fresh = WeightClusterer(clusterer.config)
+    fresh.load_state_dict(clusterer.state_dict())
+    return fresh.eval()(w.detach().clone())
+
+
+def _trained_clusterer(w: torch.nn.Parameter, **cfg) -> WeightClusterer:
+    clusterer = WeightClusterer(ClusterConfig(bits=3, **cfg))
+    clusterer(w).square().sum().backward()
+    return clusterer.eval()
+
+
+def test_eval_output_is_cached_until_the_weight_changes():
+    w = torch.nn.Parameter(torch.randn(16, 8))
+    clusterer = _trained_clusterer(w)
+    first = clusterer(w)
+    assert clusterer(w) is first  # the same weight version: no re-clustering
+    assert torch.equal(first, _uncached_eval(clusterer, w))
+    with torch.no_grad():
+        w[0, 0] += 1.0  # an in-place write bumps the version
+    second = clusterer(w)
+    assert second is not first and torch.equal(second, _uncached_eval(clusterer, w))
+    assert not torch.equal(second, first)
+
+
+@pytest.mark.parametrize("make_opt", [lambda p: torch.optim.SGD(p, lr=0.5),
+                                      lambda p: torch.optim.Adam(p, lr=0.5, foreach=True),
+                                      lambda p: torch.optim.AdamW(p, lr=0.5, foreach=False)])
+def test_optimizer_step_invalidates_the_eval_cache(make_opt):
+    w = torch.nn.Parameter(torch.randn(16, 8))
+    clusterer = _trained_clusterer(w)
+    opt = make_opt([w])
+    before = clusterer(w)
+    w.grad = torch.randn_like(w)
+    opt.step()
+    after = clusterer(w)
+    assert not torch.equal(after, before) and torch.equal(after, _uncached_eval(clusterer, w))
+
+
+def test_train_step_eval_and_load_state_dict_invalidate_the_eval_cache():
+    w = torch.nn.Parameter(torch.randn(16, 8))
+    clusterer = _trained_clusterer(w)
+    saved = {k: v.clone() for k, v in clusterer.state_dict().items()}
+    before = clusterer(w)
+    clusterer.train()(w).sum().backward()  # moves the centroids (written in place), not the weight
+    after = clusterer.eval()(w)
+    assert not torch.equal(after, before) and torch.equal(after, _uncached_eval(clusterer, w))
+    clusterer.load_state_dict(saved)  # back to the first LUT
+    assert torch.equal(clusterer(w), before)
+    other = torch.nn.Parameter(w.detach().clone() * 2)  # another tensor, even with an equal version
+    assert torch.equal(clusterer(other), _uncached_eval(clusterer, other))
+
+
+def test_module_load_state_dict_of_the_weight_invalidates_the_eval_cache():
+    layer = torch.nn.Linear(8, 16)
+    clusterer = WeightClusterer(ClusterConfig(bits=2))
+    clusterer(layer.weight)
+    clusterer.eval()
+    before = clusterer(layer.weight)
+    layer.load_state_dict({"weight": torch.randn(16, 8), "bias": torch.zeros(16)})
+    after = clusterer(layer.weight)
+    assert torch.equal(after, _uncached_eval(clusterer, layer.weight)) and not torch.equal(after, before)
+
+
+def test_eval_cache_never_reaches_state_dict_deepcopy_or_pickle():
+    import copy
+    import pickle
+    w = torch.nn.Parameter(torch.randn(16, 8))
+    clusterer = _trained_clusterer(w)
+    clusterer(w)
+    assert clusterer._eval_cache is not None
+    assert set(clusterer.state_dict()) == {"centroids", "step", "mask"}
+    assert copy.deepcopy(clusterer)._eval_cache is None
+    assert pickle.loads(pickle.dumps(clusterer))._eval_cache is None
+    clusterer.train()(w)
+    assert clusterer._eval_cache is None  # a training forward frees it
+
+
+def test_eval_cache_under_inference_mode_is_reusable_with_autograd():
+    layer = torch.nn.Linear(8, 16)
+    clusterer = WeightClusterer(ClusterConfig(bits=2))
+    clusterer(layer.weight)
+    clusterer.eval()
+    with torch.inference_mode():
+        cached = clusterer(layer.weight)
+    x = torch.randn(3, 8, requires_grad=True)
+    torch.nn.functional.linear(x, clusterer(layer.weight)).sum().backward()  # no inference-tensor error
+    assert clusterer(layer.weight) is cached and x.grad is not None
+
+
+def test_tied_weight_eval_is_cached_once_and_shared():
+    w = torch.nn.Parameter(torch.randn(16, 8))
+    a, b = WeightClusterer(ClusterConfig(bits=3)), WeightClusterer(ClusterConfig(bits=3))
+    (a(w) + b(w)).sum().backward()
+    a.eval(), b.eval()
+    out = a(w)
+    assert b(w) is out and torch.equal(out, _uncached_eval(a, w))

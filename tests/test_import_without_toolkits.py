@@ -34,6 +34,7 @@ import idkm_plugin
 from idkm_plugin import ClusterConfig, ModelConfig, soft_kmeans
 from idkm_plugin.clusterer import WeightClusterer
 from idkm_plugin.layers import palettize_module
+import idkm_plugin.nn
 from idkm_plugin.export import size_report
 import idkm_plugin.integrations
 
@@ -43,6 +44,7 @@ clusterer = WeightClusterer(ClusterConfig(bits=2, max_iter=5)).train()
 clusterer(layer.weight).sum().backward()
 clusterer.eval()
 deployed = palettize_module(layer, clusterer)
+assert type(deployed) is nn.Linear and isinstance(deployed.weight, idkm_plugin.nn.PalettizedTensor)
 x = torch.randn(3, 16)
 assert torch.equal(deployed(x), torch.nn.functional.linear(x, clusterer(layer.weight), layer.bias))
 assert size_report(nn.Sequential(deployed)).layers[0].bits == 2
@@ -76,3 +78,25 @@ def test_integration_without_its_toolkit_raises_install_hint(blocked_run, toolki
     assert blocked_run.returncode == 0, blocked_run.stderr
     assert f"{toolkit} ImportError: idkm_plugin.integrations.{toolkit} needs" in blocked_run.stdout
     assert f"idkm-plugin[{toolkit}]" in blocked_run.stdout
+
+
+def test_loading_a_saved_model_imports_no_training_code(tmp_path):
+    """save_palettized / load_palettized and the converted form need only idkm_plugin.nn and idkm_plugin.export."""
+    script = f"""
+import sys, torch
+from torch import nn
+from idkm_plugin.export import load_palettized, save_palettized
+from idkm_plugin.nn import PaletteSpec, PalettizedTensor
+layer = nn.Linear(4, 2)
+spec = PaletteSpec(2, 1, (2, 4))
+layer.weight = nn.Parameter(PalettizedTensor.build(torch.arange(8) % 4, torch.randn(1, 4, 1), spec), requires_grad=False)
+save_palettized(layer, {str(tmp_path / 'm.safetensors')!r})
+loaded = load_palettized({str(tmp_path / 'm.safetensors')!r}, nn.Linear(4, 2))
+assert torch.equal(loaded(torch.ones(1, 4)), layer(torch.ones(1, 4)))
+print(sorted(m for m in sys.modules if m.startswith("idkm_plugin")))
+"""
+    run = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=180)
+    assert run.returncode == 0, run.stderr
+    imported = run.stdout.strip()
+    for training in ("idkm_plugin.clusterer", "idkm_plugin.core", "idkm_plugin.config", "idkm_plugin.selection"):
+        assert f"'{training}" not in imported, imported

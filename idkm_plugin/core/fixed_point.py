@@ -24,10 +24,13 @@ of going plain: > 3000 / 133 / 150 / 30; plain iteration: 1417 / > 825 / - / 214
 
 Shapes: C [g, k, d]; `fmap(C) -> F(C)` evaluates all groups at once (one pass over the weight).
 The residual is max |F(C) - C| / scale per group; the stopping rule is its maximum `<= tol`.
+With `fmap_groups(C[idx], idx) -> F(C)[idx]` (many LUTs per layer), a group stops being evaluated once its
+residual is within tol: each later evaluation costs a pass over the unconverged groups only, so the solve
+of thousands of per-row LUTs costs what its slowest groups need, not (slowest) x (all groups).
 """
 from __future__ import annotations
 
-from typing import Callable, NamedTuple
+from typing import Callable, NamedTuple, Optional
 
 import torch
 
@@ -47,14 +50,27 @@ class FixedPoint(NamedTuple):
 
 
 Map = Callable[[torch.Tensor], torch.Tensor]
+GroupMap = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (C[idx] [n, k, d], idx [n]) -> F(C)[idx]
 
 
 def solve_fixed_point(fmap: Map, c0: torch.Tensor, solver: Solver | str, max_iter: int, tol: float,
-                      scale: torch.Tensor) -> FixedPoint:
+                      scale: torch.Tensor, fmap_groups: Optional[GroupMap] = None) -> FixedPoint:
     """Iterate to max |F(C) - C| <= tol * scale using at most max_iter map evaluations."""
     if Solver(solver) is Solver.PICARD:
-        return picard(fmap, c0, max_iter, tol, scale)
-    return anderson(fmap, c0, max_iter, tol, scale)
+        return picard(fmap, c0, max_iter, tol, scale, fmap_groups)
+    return anderson(fmap, c0, max_iter, tol, scale, fmap_groups=fmap_groups)
+
+
+def _evaluate(fmap: Map, fmap_groups: Optional[GroupMap], c: torch.Tensor, fc: torch.Tensor,
+              active: torch.Tensor) -> torch.Tensor:
+    """F at c for the active groups ([g] bool), the previous F (fc) for the others. [g, k, d]."""
+    if fmap_groups is None or bool(active.all()):
+        return fmap(c)
+    out = fc.clone()
+    idx = active.nonzero().view(-1)
+    if idx.numel():
+        out[idx] = fmap_groups(c[idx], idx).to(out.dtype)
+    return out
 
 
 def _residual(fc: torch.Tensor, c: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -62,11 +78,15 @@ def _residual(fc: torch.Tensor, c: torch.Tensor, scale: torch.Tensor) -> torch.T
     return (fc - c).abs().flatten(1).amax(1) / scale
 
 
-def picard(fmap: Map, c: torch.Tensor, max_iter: int, tol: float, scale: torch.Tensor) -> FixedPoint:
+def picard(fmap: Map, c: torch.Tensor, max_iter: int, tol: float, scale: torch.Tensor,
+           fmap_groups: Optional[GroupMap] = None) -> FixedPoint:
     fc, residual, it = c, float("inf"), 0
+    res = torch.full((c.shape[0],), float("inf"), dtype=torch.float64, device=c.device)
     for it in range(1, max_iter + 1):
-        fc = fmap(c)
-        residual = float(_residual(fc, c, scale).max())
+        active = res > tol  # converged groups keep their F (and c = F: they no longer move)
+        fc = _evaluate(fmap, fmap_groups, c, fc, active)
+        res = torch.where(active, _residual(fc, c, scale).double(), res)
+        residual = float(res.max())
         c = fc
         if residual <= tol:
             break
@@ -74,7 +94,7 @@ def picard(fmap: Map, c: torch.Tensor, max_iter: int, tol: float, scale: torch.T
 
 
 def anderson(fmap: Map, c: torch.Tensor, max_iter: int, tol: float, scale: torch.Tensor,
-             history: int = ANDERSON_HISTORY) -> FixedPoint:
+             history: int = ANDERSON_HISTORY, fmap_groups: Optional[GroupMap] = None) -> FixedPoint:
     g = c.shape[0]
     fc = fmap(c)
     res = _residual(fc, c, scale)
@@ -87,8 +107,10 @@ def anderson(fmap: Map, c: torch.Tensor, max_iter: int, tol: float, scale: torch
         cand, extrapolated = _extrapolate(xs, fs, start, len(xs) - 1)
         cand = cand.to(c.dtype).view_as(c)
         extrapolated = extrapolated & _keeps_identity(cand, c) & (since_best < ANDERSON_STALL)
-        cand = torch.where(extrapolated.view(-1, 1, 1), cand, fc)
-        f_cand = fmap(cand)
+        active = res > tol  # a converged group stays where it is, unevaluated
+        extrapolated = extrapolated & active
+        cand = torch.where(extrapolated.view(-1, 1, 1), cand, torch.where(active.view(-1, 1, 1), fc, c))
+        f_cand = _evaluate(fmap, fmap_groups, cand, fc, active)
         evals += 1
         res_cand = _residual(f_cand, cand, scale)
         bad = extrapolated & ~(res_cand <= ANDERSON_GROWTH * best)  # also catches NaN

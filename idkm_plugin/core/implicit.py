@@ -11,6 +11,10 @@ F(C*), O(m*d + k*d), whatever the number of iterations. With chunk_size=0 the at
 kept instead (the IDKM paper's O(m*k) memory, no recomputation). The forward's output pass also
 forms J = dF/dC (k*d <= EXPLICIT_JACOBIAN_MAX), so the backward makes two passes: v, then dX
 (plus one per GMRES iteration for larger LUTs).
+Without J (idkm_jfb, large LUTs) and for the dense kernel, the output pass and the map's sums share one
+attention computation per chunk (kernel.map_sums_and_output), and the solve's first evaluation is such a
+pass: a warm start C0 already within tol (max |F(C0) - C0| <= tol * max |x|, the stopping rule) is taken as
+C* and the forward costs one pass over the weight (a training step after the LUT has converged).
 
 Closed forms used (A^T is [g, k, r]): for f = sum_ij A_ij B_ij, E = A * (B - colsum_k(A * B)) is
 df/dL, and df/dx_i = 2/tau (E^T C)_i, df/dc_j = 2/tau (E X - C rowsum E)_j. With F_j = N_j / S_j,
@@ -28,11 +32,11 @@ from .adjoint import (dense_matvec, jacobian_chunk, scale_jacobian, solve_adjoin
                       use_explicit_jacobian)
 from .enums import Solver, Uniquify
 from .fixed_point import solve_fixed_point
-from .kernel import attention_chunks, map_sums
+from .kernel import attention_chunks, map_sums, map_sums_and_output
 from .soft_step import chunk_rows, compute_dtype, empty_clusters, update_centroids
 from .stats import SolveStats
 from .uniquify import gather_rows, grid_rows, scatter_rows, uniquify_rows
-from .window import sort_rows, use_window, window_map_sums
+from .window import SortedRows, sort_rows, use_window, window_map_sums
 
 
 SumsAt = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]  # C -> (num [g, k, d], mass [g, k])
@@ -103,16 +107,63 @@ def _solve(x: torch.Tensor, n: Optional[torch.Tensor], c0: torch.Tensor, tau: to
     if use_window(k, d):
         sorted_rows = sort_rows(x, n)
         sums_at = lambda c: window_map_sums(sorted_rows, c, tau)  # noqa: E731
+        sums_of = lambda c, i: window_map_sums(_pick(sorted_rows, i), c, tau[i])  # noqa: E731
     else:
         sums_at = lambda c: map_sums(x, n, c, tau, rows)  # noqa: E731
-    fmap = lambda c: update_centroids(c, *sums_at(c))  # noqa: E731
-    sol = solve_fixed_point(fmap, c0, solver, opts.max_iter, opts.tol, scale)
+        sums_of = lambda c, i: map_sums(x[i], None if n is None else n[i], c, tau[i], rows)  # noqa: E731
+    with_jacobian = not opts.jfb and use_explicit_jacobian(k, d)
+    fused = not (with_jacobian or opts.chunk_size == 0 or use_window(k, d))
+    first: list = []
+    if fused:  # the first evaluation also gives the output at c0: a warm start within tol is the fixed point
+        num, mass0, x_hat0 = map_sums_and_output(x, n, c0, tau, rows)
+        f0 = update_centroids(c0, num, mass0)
+        res0_groups = (f0 - c0).abs().flatten(1).amax(1) / scale
+        res0 = float(res0_groups.max())
+        if res0 <= opts.tol:
+            stats.forward_iters, stats.forward_evals = 0, stats.forward_evals + 1
+            stats.forward_rejections, stats.forward_residual = 0, res0
+            stats.spectral_radius = math.nan
+            c = c0.clone()  # c0 may share the caller's centroid buffer, which it updates in place
+            return c, (x_hat0, mass0.to(c.dtype), f0, None, None)
+        first.append(f0)
+
+    def fmap(c: torch.Tensor) -> torch.Tensor:
+        if first and c is c0:  # F(c0), computed above
+            return first.pop()
+        return update_centroids(c, *sums_at(c))
+
+    fmap_groups = (lambda c, i: update_centroids(c, *sums_of(c, i))) if x.shape[0] > 1 else None  # noqa: E731
+    sol = solve_fixed_point(fmap, c0, solver, opts.max_iter, opts.tol, scale, fmap_groups)
     stats.forward_iters, stats.forward_evals = sol.iters, stats.forward_evals + sol.evals
     stats.forward_rejections, stats.forward_residual = sol.rejections, sol.residual
-    with_jacobian = not opts.jfb and use_explicit_jacobian(k, d)
+    if fused:
+        stats.spectral_radius = math.nan
+        return _fused_output(x, n, c0, sol.c, tau, rows, res0_groups <= opts.tol, (x_hat0, mass0, f0))
     out = output_pass(x, n, sol.c, tau, rows, opts.chunk_size == 0, with_jacobian, sums_at)
     stats.spectral_radius = spectral_radius(out[3]) if with_jacobian else math.nan
     return sol.c, out
+
+
+def _pick(rows: SortedRows, idx: torch.Tensor) -> SortedRows:
+    return SortedRows(rows.x[idx], None if rows.n is None else rows.n[idx])
+
+
+def _fused_output(x: torch.Tensor, n: Optional[torch.Tensor], c0: torch.Tensor, c: torch.Tensor, tau: torch.Tensor,
+                  rows: int, at_c0: torch.Tensor, first: tuple):
+    """C* and the output pass at it: groups already within tol at the warm start ([g] bool at_c0) keep C* = c0
+    and the first evaluation's output, sums and F; the others get one fused pass at the solved C*."""
+    if not bool(at_c0.any()):
+        num, mass, x_hat = map_sums_and_output(x, n, c, tau, rows)
+        mass = mass.to(c.dtype)
+        return c, (x_hat, mass, update_centroids(c, num, mass), None, None)
+    x_hat, mass, f = first[0], first[1].to(c.dtype), first[2].clone()
+    c_star = torch.where(at_c0.view(-1, 1, 1), c0, c)
+    idx = (~at_c0).nonzero().view(-1)
+    if idx.numel():
+        num_i, mass_i, x_hat_i = map_sums_and_output(x[idx], None if n is None else n[idx], c_star[idx], tau[idx], rows)
+        mass_i = mass_i.to(c.dtype)
+        x_hat[idx], mass[idx], f[idx] = x_hat_i, mass_i, update_centroids(c_star[idx], num_i, mass_i)
+    return c_star, (x_hat, mass, f, None, None)
 
 
 class ImplicitSoftKMeans(torch.autograd.Function):
@@ -266,9 +317,8 @@ def _input_grad_uniquified(saved: _Saved, grad: torch.Tensor, u_bar: torch.Tenso
             jac[:, s] = two_over_tau.unsqueeze(-1) * torch.einsum("gkr,gkrd,gkre->grde", a, delta, delta)
         e = _logit_vjp(a, _fixed_point_b(saved.x[:, s], None, u_bar, saved.f))
         q[:, s] = _grad_x(e, saved.c, saved.tau) + torch.bmm(a.transpose(1, 2), u_bar)
-    if d == 1:  # one gather of (J, q) pairs
-        jq = gather_rows(torch.cat([jac.view(g, r, 1), q], -1), saved.inv)
-        return torch.addcmul(jq[..., 1:], jq[..., :1], grad)
+    if d == 1:
+        return torch.addcmul(gather_rows(q, saved.inv), gather_rows(jac.view(g, r, 1), saved.inv), grad)
     jac_rows = gather_rows(jac.flatten(2), saved.inv).unflatten(2, (d, d))  # [g, m, d, d]
     return torch.einsum("gmde,gme->gmd", jac_rows, grad) + gather_rows(q, saved.inv)
 

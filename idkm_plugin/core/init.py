@@ -17,7 +17,16 @@ _KMEANS_PP_MAX_ROWS = 1 << 16  # k-means++ samples from at most this many rows, 
 def init_centroids(x: torch.Tensor, k: int, method: str, seed: int = 0) -> torch.Tensor:
     """x [g, m, d] -> centroids [g, k, d] in x's dtype."""
     gen = torch.Generator(device="cpu").manual_seed(int(seed))
-    fn = _INITS[Init(method)]
+    method = Init(method)
+    if method is Init.LINEAR:  # all groups at once (the same values as one group at a time)
+        lo, hi = x.amin(1, keepdim=True), x.amax(1, keepdim=True)
+        return lo + torch.linspace(0, 1, k, dtype=x.dtype, device=x.device).view(1, k, 1) * (hi - lo)
+    if method is Init.DENSITY or (method is Init.KMEANS_PP and k > _KMEANS_PP_MAX_K):
+        q = ((torch.arange(k, dtype=torch.float64) + 0.5) / k).to(x.device)
+        return torch.quantile(x.double(), q, dim=1).transpose(0, 1).to(x.dtype)
+    if method is Init.KMEANS_PP and x.shape[0] > 1:
+        return _kmeans_pp_groups(x, k, gen)
+    fn = _INITS[method]
     return torch.stack([fn(xg, k, gen) for xg in x])
 
 
@@ -73,6 +82,30 @@ def _kmeans_pp(x: torch.Tensor, k: int, gen: torch.Generator) -> torch.Tensor:
         chosen.append(nxt)
         d2 = torch.minimum(d2, (xf - xf[nxt]).pow(2).sum(1))
     return x[torch.tensor(chosen, device=x.device)].clone()
+
+
+def _kmeans_pp_groups(x: torch.Tensor, k: int, gen: torch.Generator) -> torch.Tensor:
+    """k-means++ for every group of x [g, m, d] at once: one D^2 draw per group and step ([g, k, d]).
+
+    (Draws from the generator in a different order than one group at a time, so the centroids differ from
+    `_kmeans_pp` per group; one group (g = 1) uses `_kmeans_pp`.)"""
+    g, m, d = x.shape
+    if m > _KMEANS_PP_MAX_ROWS:
+        keep = torch.rand(g, m, generator=gen).argsort(1)[:, :_KMEANS_PP_MAX_ROWS].to(x.device)
+        x = x.gather(1, keep.unsqueeze(-1).expand(-1, -1, d))
+        m = x.shape[1]
+    xf = x.double()
+    rows = torch.arange(g, device=x.device)
+    chosen = torch.empty(g, k, dtype=torch.long, device=x.device)
+    chosen[:, 0] = torch.randint(m, (g,), generator=gen).to(x.device)
+    d2 = (xf - xf[rows, chosen[:, 0]].unsqueeze(1)).square().sum(-1)  # [g, m]
+    for j in range(1, k):
+        total = d2.sum(1, keepdim=True)
+        # a group whose vectors all are centroids already draws uniformly (duplicates are unavoidable)
+        probs = torch.where(total > 0, d2 / total.clamp_min(torch.finfo(d2.dtype).tiny), 1.0 / m)
+        chosen[:, j] = torch.multinomial(probs.cpu(), 1, generator=gen).view(g).to(x.device)
+        d2 = torch.minimum(d2, (xf - xf[rows, chosen[:, j]].unsqueeze(1)).square().sum(-1))
+    return x.gather(1, chosen.unsqueeze(-1).expand(-1, -1, d)).clone()
 
 
 _INITS = {Init.KMEANS_PP: _kmeans_pp, Init.LINEAR: _linear, Init.DENSITY: _density, Init.RANDOM: _random}

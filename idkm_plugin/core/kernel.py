@@ -64,6 +64,24 @@ def map_sums(x: torch.Tensor, n: Optional[torch.Tensor], c: torch.Tensor, tau: t
     return acc[..., :d], acc[..., d]
 
 
+def map_sums_and_output(x: torch.Tensor, n: Optional[torch.Tensor], c: torch.Tensor, tau: torch.Tensor,
+                        rows: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """map_sums and the output A(C) C [g, r, d] (x's dtype) from one attention computation per chunk."""
+    g, r, d = x.shape
+    acc = torch.zeros(g, c.shape[1], d + 1, dtype=torch.float64, device=x.device)
+    x_hat = torch.empty_like(x)
+    ct = c.transpose(1, 2)
+    for s in row_chunks(r, rows):
+        e = shifted_exp(x[:, s], c, tau)
+        inv = e.sum(1).reciprocal_()  # [g, rows]
+        x_hat[:, s] = torch.bmm(ct, e).mul_(inv.unsqueeze(1)).transpose(1, 2)
+        if n is not None:
+            inv.mul_(n[:, s])
+        inv = inv.unsqueeze(-1)
+        acc += torch.bmm(e, torch.cat([x[:, s] * inv, inv], -1))
+    return acc[..., :d], acc[..., d], x_hat
+
+
 def soft_map(x: torch.Tensor, n: Optional[torch.Tensor], c: torch.Tensor, tau: torch.Tensor, rows: int
              ) -> torch.Tensor:
     """F(C) = sum_i n_i A_ij x_i / sum_i n_i A_ij (empty clusters keep c_j). [g, k, d] in c's dtype."""

@@ -22,38 +22,55 @@ def uniquify_rows(x: torch.Tensor, count_dtype: torch.dtype = torch.float32
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """x [g, m, d] -> (distinct rows [g, r, d], counts [g, r], inverse [g, m] int32).
 
-    Groups with fewer distinct rows than the largest are padded with zero-count rows, which
-    contribute nothing to any sum.
+    Groups with fewer distinct rows than the largest are padded with zero-count rows (copies of their first
+    row), which contribute nothing to any sum. d = 1: all groups at once (one sort along the rows; one
+    group of 16-bit floats: a histogram of the bit patterns, no sort). d > 1: torch.unique(dim=0) per group.
     """
-    if x.shape[-1] == 1 and x.dtype in _HALF:
-        per_group = [_histogram(xg.reshape(-1).view(torch.int16).int() + 32768, _half_values(x.dtype, x.device))
-                     for xg in x]
-    elif x.shape[-1] == 1:
-        per_group = [_unique_scalars(xg) for xg in x]
-    else:
-        per_group = [torch.unique(xg, dim=0, return_inverse=True, return_counts=True) for xg in x]
-    return _pad(per_group, x, count_dtype)
+    if x.shape[-1] == 1 and x.dtype in _HALF and x.shape[0] == 1:
+        bins = x.reshape(-1).view(torch.int16).int() + 32768
+        return _pad([_histogram(bins, _half_values(x.dtype, x.device))], x, count_dtype)
+    if x.shape[-1] == 1:
+        return _unique_sorted(x[..., 0], lambda sorted_keys: sorted_keys, count_dtype)
+    return _pad([torch.unique(xg, dim=0, return_inverse=True, return_counts=True) for xg in x], x, count_dtype)
 
 
 def grid_rows(x: torch.Tensor, count_dtype: torch.dtype = torch.float32
               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """x [g, m, 1] -> the occupied values of each group's uniform 16-bit grid, as uniquify_rows returns.
 
-    float16/bfloat16 weights already lie on a 16-bit grid and are uniquified exactly.
+    float16/bfloat16 weights already lie on a 16-bit grid and are uniquified exactly. All groups at once:
+    one group by a histogram of its bins, several by one sort of the bins along the rows.
     """
     if x.shape[-1] != 1:
         raise ValueError(f"grid uniquification needs d = 1 (scalar weights); got vectors of dim {x.shape[-1]}")
     if x.dtype in _HALF:
         return uniquify_rows(x, count_dtype)
-    per_group = []
-    for xg in x:
-        flat = xg.reshape(-1)
-        lo, hi = flat.min(), flat.max()
-        step = torch.where(hi > lo, (hi - lo) / (GRID_LEVELS - 1), torch.ones_like(hi))
-        bins = (flat - lo).mul_(1 / step).round_().clamp_(0, GRID_LEVELS - 1).int()
-        values = lo + torch.arange(GRID_LEVELS, dtype=flat.dtype, device=flat.device) * step
-        per_group.append(_histogram(bins, values))
-    return _pad(per_group, x, count_dtype)
+    flat = x[..., 0]  # [g, m]
+    lo, hi = flat.amin(1, keepdim=True), flat.amax(1, keepdim=True)
+    step = torch.where(hi > lo, (hi - lo) / (GRID_LEVELS - 1), torch.ones_like(hi))
+    bins = (flat - lo).mul_(1 / step).round_().clamp_(0, GRID_LEVELS - 1).int()
+    if x.shape[0] == 1:
+        values = lo[0] + torch.arange(GRID_LEVELS, dtype=flat.dtype, device=flat.device) * step[0]
+        return _pad([_histogram(bins[0], values)], x, count_dtype)
+    return _unique_sorted(bins, lambda sorted_bins: lo + sorted_bins.to(flat.dtype) * step, count_dtype)
+
+
+def _unique_sorted(keys: torch.Tensor, value_of, count_dtype: torch.dtype
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """keys [g, m] -> (value_of(distinct keys) [g, r, 1] ascending, counts [g, r], inverse [g, m] int32), every
+    group in one sort; a group with fewer than r distinct keys is padded with its smallest, count 0."""
+    g, m = keys.shape
+    sorted_keys, order = keys.sort(1)
+    new = torch.ones_like(sorted_keys, dtype=torch.bool)
+    new[:, 1:] = sorted_keys[:, 1:] != sorted_keys[:, :-1]
+    ids = new.cumsum(1, dtype=torch.int64).sub_(1)  # [g, m]: distinct index, in sorted order
+    r = int(ids[:, -1].max()) + 1
+    inverse = torch.empty(g, m, dtype=torch.int32, device=keys.device).scatter_(1, order, ids.int())
+    counts = torch.zeros(g, r, dtype=count_dtype, device=keys.device)
+    counts.scatter_add_(1, ids, torch.ones(g, m, dtype=count_dtype, device=keys.device))
+    firsts = sorted_keys[:, :1].expand(g, r).clone()  # padding rows: the group's smallest key
+    firsts.scatter_(1, ids, sorted_keys)  # equal keys write equal values
+    return value_of(firsts).unsqueeze(-1), counts, inverse
 
 
 def _half_values(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -67,11 +84,6 @@ def _histogram(bins: torch.Tensor, values: torch.Tensor):
     present = counts > 0
     remap = (present.cumsum(0, dtype=torch.int32) - 1)
     return values[present].unsqueeze(-1), remap.index_select(0, bins), counts[present]
-
-
-def _unique_scalars(xg: torch.Tensor):
-    vals, inv, cnt = torch.unique(xg.reshape(-1), sorted=True, return_inverse=True, return_counts=True)
-    return vals.unsqueeze(-1), inv, cnt
 
 
 def _pad(per_group, x: torch.Tensor, count_dtype: torch.dtype):
@@ -91,18 +103,22 @@ def _pad(per_group, x: torch.Tensor, count_dtype: torch.dtype):
 
 
 def gather_rows(t: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
-    """Distinct-row values t [g, r, e] -> per-row values [g, m, e]."""
+    """Distinct-row values t [g, r, e] -> per-row values [g, m, e] (all groups in one gather)."""
+    if t.shape[0] == 1 and t.shape[-1] == 1:  # gather is the fastest 1-D lookup on CPU
+        return torch.gather(t.view(-1), 0, inverse.view(-1).long()).view(1, -1, 1)
     if t.shape[0] == 1:
         return t[0].index_select(0, inverse[0]).unsqueeze(0)
-    return torch.stack([tg.index_select(0, ig) for tg, ig in zip(t, inverse)])
+    g, m = inverse.shape
+    return torch.gather(t, 1, inverse.long().unsqueeze(-1).expand(g, m, t.shape[-1]))
 
 
 def scatter_rows(t: torch.Tensor, inverse: torch.Tensor, r: int) -> torch.Tensor:
-    """Per-row values t [g, m, e] -> sums per distinct row [g, r, e]."""
-    out = t.new_zeros(t.shape[0], r, t.shape[-1])
-    for og, tg, ig in zip(out, t, inverse):
-        if t.shape[-1] == 1:  # index_add_ over 1-D is ~30x faster than over [m, 1] rows
-            og.view(-1).index_add_(0, ig, tg.reshape(-1))
-        else:
-            og.index_add_(0, ig, tg)
+    """Per-row values t [g, m, e] -> sums per distinct row [g, r, e] (all groups in one index_add_)."""
+    g, m, e = t.shape
+    out = t.new_zeros(g, r, e)
+    index = inverse[0] if g == 1 else (inverse.long() + r * torch.arange(g, device=t.device).unsqueeze(1)).view(-1)
+    if e == 1:  # index_add_ over 1-D is ~30x faster than over [m, 1] rows
+        out.view(-1).index_add_(0, index, t.reshape(-1))
+    else:
+        out.view(g * r, e).index_add_(0, index, t.reshape(g * m, e))
     return out

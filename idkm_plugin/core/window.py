@@ -93,7 +93,9 @@ def window_map_sums(rows: SortedRows, c: torch.Tensor, tau: torch.Tensor) -> tup
     starts.scatter_add_(1, bounds[:, 1:-1], torch.ones_like(bounds[:, 1:-1], dtype=torch.int32))
     nearest = starts[:, :r].cumsum(1)  # [g, r]
     neg_inv_tau = (-1 / tau).view(g, 1, 1)
-    sums = torch.zeros(g, 2, w, k, dtype=torch.float64, device=xs.device)  # (num, mass) per offset, segment
+    # (num, mass) per offset and (group, segment): one index_add_ over all groups' segments per chunk
+    sums = torch.zeros(2 * w, g * k, dtype=torch.float64, device=xs.device)
+    group_base = (k * torch.arange(g, device=xs.device)).unsqueeze(1)  # [g, 1]
     for s in row_chunks(r, WINDOW_CHUNK_ROWS):
         x = xs[:, s].unsqueeze(1)  # [g, 1, rows]
         idx = nearest[:, s].unsqueeze(1) + offsets.view(1, w, 1)  # [g, w, rows]: rows contiguous
@@ -106,9 +108,10 @@ def window_map_sums(rows: SortedRows, c: torch.Tensor, tau: torch.Tensor) -> tup
         if n is not None:
             inv.mul_(n[:, s].unsqueeze(1))
         e.mul_(inv)  # n_i A_ij
-        vals = torch.stack([e * x, e], 1).double()  # [g, 2, w, rows]
-        for gi in range(g):
-            sums[gi].view(2 * w, k).index_add_(1, nearest[gi, s], vals[gi].view(2 * w, -1))
+        vals = torch.stack([e * x, e], 0).double()  # [2, g, w, rows]
+        vals = vals.transpose(1, 2).reshape(2 * w, -1)  # [(2, w), (g, rows)]
+        sums.index_add_(1, (nearest[:, s] + group_base).view(-1), vals)
+    sums = sums.view(2, w, g, k).permute(2, 0, 1, 3)  # [g, 2, w, k]
     # segment j's offset o goes to centroid j + o
     per_centroid = torch.zeros(g, 2, k + w, dtype=torch.float64, device=xs.device)
     for i, o in enumerate(offsets.tolist()):

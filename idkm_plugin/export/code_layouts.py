@@ -26,11 +26,11 @@ from typing import Optional
 
 import torch
 
-from ..nn.packing import packed_nbytes, unpack_codes
+from ..nn.packing import pack_codes, packed_nbytes, unpack_codes
 from . import huffman
 
-__all__ = ["EncodedCodes", "LAYOUTS", "best_layout", "decode_codes", "encode_codes", "layer_codes", "layout_sizes",
-           "sparse_fixed_width_nbytes"]
+__all__ = ["EncodedCodes", "LAYOUTS", "best_layout", "decode_codes", "decode_packed_codes", "encode_codes",
+           "layer_codes", "layout_sizes", "sparse_fixed_width_nbytes"]
 
 LAYOUTS = ("packed", "huffman", "huffman_reserved", "huffman_sparse")
 INDEX_BITS = range(1, 9)
@@ -150,9 +150,26 @@ def decode_codes(layout: str, blob: torch.Tensor, count: int, bits: int,
         codes, mask = _scatter_survivors(survivors, gap_symbols, index_bits, count)
     else:
         raise ValueError(f"unknown codes layout {layout!r}; known: {list(LAYOUTS)}")
+    _check_end(layout, blob, end)
+    return codes, mask
+
+
+def decode_packed_codes(layout: str, blob: torch.Tensor, count: int, bits: int,
+                        index_bits: Optional[int] = None) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """`decode_codes` packed as a layer stores them: (codes uint8 [packed_nbytes(count, bits)], mask uint8
+    [packed_nbytes(count, 1)] or None), equal to pack_codes of decode_codes' tensors. The "huffman" layout
+    decodes straight into packed codes (no int64 [count] tensor: the bulk of an unpruned model's load)."""
+    if layout == "huffman":
+        packed, end = huffman.decode_packed(blob, bits, 0, count, 1 << bits)
+        _check_end(layout, blob, end)
+        return packed, None
+    codes, mask = decode_codes(layout, blob, count, bits, index_bits)
+    return pack_codes(codes, bits), None if mask is None else pack_codes(mask, 1)
+
+
+def _check_end(layout: str, blob: torch.Tensor, end: int) -> None:
     if end != blob.numel():
         raise ValueError(f"{layout}: the blob holds {blob.numel()} bytes, its streams end at byte {end}")
-    return codes, mask
 
 
 def _scatter_survivors(survivors: torch.Tensor, gap_symbols: torch.Tensor, width: int,

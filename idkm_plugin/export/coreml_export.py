@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from ..nn.palettized_tensor import PalettizedTensor, palettized_parameters
+from ..quiet import quiet_imports
 from ..atomic import atomic_path
 
 __all__ = ["coreml_lut", "to_coreml", "with_coreml_metadata"]
@@ -32,7 +33,8 @@ _PALETTIZATION = 2  # coremltools' CompressionType.palettization
 
 def _require_coremltools():
     try:
-        import coremltools as ct
+        with quiet_imports():
+            import coremltools as ct
     except ImportError as err:
         raise ImportError("to_coreml needs coremltools: pip install 'idkm-plugin[coreml]' (coremltools==9.0); "
                           f"import failed: {err}") from None

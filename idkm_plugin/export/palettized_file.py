@@ -29,9 +29,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..nn.packing import pack_codes
 from ..nn.palettized_tensor import PaletteSpec, PalettizedTensor, palettized_parameters
-from .code_layouts import decode_codes, encode_codes, layer_codes
+from .code_layouts import decode_packed_codes, encode_codes, layer_codes
 from .integrity import CHECKSUMS_KEY, seal, verify
 from .safetensors_format import read_safetensors, write_safetensors
 
@@ -205,12 +204,12 @@ def _decode_codes(path, name: str, meta: dict, spec: PaletteSpec, tensors: dict[
     if blob is None or blob.dtype != torch.uint8 or blob.dim() != 1:
         raise ValueError(f"{path}: weight {name!r} ({layout}) lacks its uint8 tensor {name + '.huffman'!r}")
     try:
-        codes, mask = decode_codes(layout, blob, spec.num_codes, spec.bits, meta.get("index_bits"))
+        codes, mask = decode_packed_codes(layout, blob, spec.num_codes, spec.bits, meta.get("index_bits"))
     except ValueError as error:
         raise ValueError(f"{path}: weight {name!r}: {error}") from None
-    tensors[f"{name}.codes"] = pack_codes(codes, spec.bits)
+    tensors[f"{name}.codes"] = codes
     if mask is not None:
-        tensors[f"{name}.mask"] = pack_codes(mask, 1)
+        tensors[f"{name}.mask"] = mask
 
 
 def _build_weight(path, name: str, meta: dict, tensors: dict[str, torch.Tensor]) -> PalettizedTensor:

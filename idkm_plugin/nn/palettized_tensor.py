@@ -389,7 +389,7 @@ def _decoding(func):
 _aten = torch.ops.aten
 _FUNCTIONS: dict = {F.linear: _linear, _aten.linear.default: _linear}
 for _func in (F.embedding, F.conv1d, F.conv2d, _aten.embedding.default, _aten.conv1d.default,
-              _aten.conv2d.default, torch.addmm, torch.matmul, torch.Tensor.t, torch.t):
+              _aten.conv2d.default):
     _FUNCTIONS[_func] = _decoding(_func)
 
 

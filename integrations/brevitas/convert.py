@@ -1,6 +1,7 @@
 """`palettize(model)`: trained Brevitas layers with a clustering weight quantizer -> palettized layers."""
 from __future__ import annotations
 
+import warnings
 from typing import Optional
 
 import torch
@@ -78,11 +79,19 @@ def palettize(model: nn.Module) -> nn.Module:
     """
     if _is_clustered(model):
         return palettize_layer(model, type(model).__name__)
+    converted = []
     for name, module in list(model.named_modules()):
         for child_name, child in list(module.named_children()):
             if _is_clustered(child):
                 full = f"{name}.{child_name}" if name else child_name
+                if child.training:
+                    warnings.warn(f"{full}: converted in train mode; the converted layer computes what eval mode "
+                                  "computes (call model.eval() before palettize)", stacklevel=2)
                 setattr(module, child_name, palettize_layer(child, full))
+                converted.append(full)
+    if not converted:
+        warnings.warn(f"palettize: {type(model).__name__} has no layer with an enabled clustering weight quantizer "
+                      "(IDKM/DKM/JFBWeightQuant); nothing was converted", stacklevel=2)
     return model
 
 

@@ -94,6 +94,9 @@ _FQN = "_idkm_fqn"  # a layer's fully qualified name, noted on it by `clusterabl
 # right after (torchao hands the handler the module only); used to name the layer in warnings and errors
 
 
+FLOAT_BY_CONFIG = "_idkm_float_by_config"  # noted on a layer that a ModelConfig leaves float (fqn_to_config)
+
+
 def _name(module: nn.Module, name: Optional[str]) -> str:
     return name or module.__dict__.get(_FQN) or layer_label(module)
 
@@ -145,7 +148,8 @@ def convert_module(module: nn.Module, name: Optional[str] = None) -> nn.Module:
     with other prepared layers converts them too (in place), so a tied embedding never stays fake-quantized."""
     name = _name(module, name)
     if not isinstance(module, IDKMFakeQuantMixin):
-        if fake_quant_class(module) is not None and not is_palettized(getattr(module, "weight", None)):
+        expected = is_palettized(getattr(module, "weight", None)) or module.__dict__.get(FLOAT_BY_CONFIG, False)
+        if fake_quant_class(module) is not None and not expected:
             warnings.warn(f"IDKMQATConfig(step='convert'): {name} was never prepared for clustering "
                           "(IDKMQATConfig(step='prepare') did not reach it); it stays float", stacklevel=3)
         return module

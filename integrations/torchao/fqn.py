@@ -10,7 +10,7 @@ from idkm_plugin.config import ModelConfig
 from idkm_plugin.layers import resolve_layers
 
 from ._import import import_torchao
-from .config import IDKMQATConfig
+from .config import FLOAT_BY_CONFIG, IDKMQATConfig
 
 import_torchao()
 from torchao.quantization import FqnToConfig  # noqa: E402
@@ -27,7 +27,9 @@ def fqn_to_config(model_config: ModelConfig, model: nn.Module) -> FqnToConfig:
     """
     if not isinstance(model_config, ModelConfig):
         raise ValueError(f"fqn_to_config expects an idkm_plugin.ModelConfig, got {type(model_config).__name__}")
-    table: "OrderedDict[str, Optional[IDKMQATConfig]]" = OrderedDict(
-        (name, None if cfg is None else IDKMQATConfig(cfg, step="prepare", layer_name=name))
-        for name, _, cfg in resolve_layers(model, model_config, flow="the torchao flow"))
+    table: "OrderedDict[str, Optional[IDKMQATConfig]]" = OrderedDict()
+    for name, module, cfg in resolve_layers(model, model_config, flow="the torchao flow"):
+        table[name] = None if cfg is None else IDKMQATConfig(cfg, step="prepare", layer_name=name)
+        if cfg is None:
+            module.__dict__[FLOAT_BY_CONFIG] = True  # converting it later is no surprise: no warning
     return FqnToConfig(fqn_to_config=table)

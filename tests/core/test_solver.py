@@ -100,3 +100,45 @@ def test_singular_anderson_history_takes_the_plain_step():
     cand, extrapolated = _extrapolate([x, x, x], [fx, fx, fx], torch.zeros(2, dtype=torch.long), 2)
     assert not extrapolated.any()
     assert torch.equal(cand, fx)
+
+
+def test_a_warm_start_within_tol_is_the_fixed_point_in_one_evaluation():
+    from idkm_plugin.core import attention
+    torch.manual_seed(0)
+    x = torch.randn(2, 3000, 1, dtype=torch.float64)
+    c0 = torch.linspace(-2, 2, 8, dtype=torch.float64).view(1, 8, 1).repeat(2, 1, 1)
+    _, converged = soft_kmeans(x, c0, method="idkm_jfb", tol=1e-12, max_iter=2000, solver="picard")
+    stats = SolveStats()
+    x_hat, c = soft_kmeans(x, converged, method="idkm_jfb", tol=1e-10, stats=stats)
+    assert stats.forward_evals == 1 and stats.forward_iters == 0 and stats.forward_residual <= 1e-10
+    assert torch.equal(c, converged)  # C* = the warm start
+    tau = default_tau(x, 8)
+    torch.testing.assert_close(x_hat, torch.bmm(attention(x, converged, tau), converged), rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("solve", [picard, anderson])
+def test_converged_groups_are_not_evaluated_again(solve):
+    """Many LUTs: a group within tol stops costing passes; the result equals solving each group alone."""
+    torch.manual_seed(0)
+    x = torch.randn(3, 4000, 1, dtype=torch.float64) * torch.tensor([1.0, 2.0, 3.0]).view(3, 1, 1)
+    tau = default_tau(x, 4)
+    c_far = init_centroids(x, 4, "linear")
+    fixed = picard(lambda c: soft_map(x, None, c, tau, 4000), c_far, 5000, 1e-13, x.abs().amax()).c
+    c0 = torch.cat([fixed[:1], c_far[1:]])  # group 0 starts at its fixed point
+    evaluated = torch.zeros(3, dtype=torch.long)
+
+    def fmap(c):
+        evaluated.add_(1)
+        return soft_map(x, None, c, tau, 4000)
+
+    def fmap_groups(c, idx):
+        evaluated[idx] += 1
+        return soft_map(x[idx], None, c, tau[idx], 4000)
+
+    sol = solve(fmap, c0, 5000, 1e-12, x.abs().amax(), fmap_groups=fmap_groups)
+    assert sol.residual <= 1e-12
+    assert int(evaluated[0]) == 1 and int(evaluated[1:].min()) > 5  # group 0: only the first (full) pass
+    for gi in range(3):
+        alone = solve(lambda c: soft_map(x[gi:gi + 1], None, c, tau[gi:gi + 1], 4000), c0[gi:gi + 1], 5000, 1e-12,
+                      x.abs().amax())
+        torch.testing.assert_close(sol.c[gi], alone.c[0], rtol=0, atol=1e-10)

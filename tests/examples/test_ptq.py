@@ -18,7 +18,7 @@ def test_ptq_with_per_channel_scales_clusters_the_normalised_weight():
         model[0].weight.mul_(torch.logspace(-3, 0, 16).unsqueeze(1))
     ptq = ptq_kmeans(model, ModelConfig(default=ClusterConfig(bits=4, per_channel_scale="max_abs")))
     layer = ptq[0]
-    assert layer.decoded_lut().abs().max() <= 1.0 + 1e-6  # centroids live in the normalised [-1, 1] space
-    w, w_hat = model[0].weight.detach(), layer.dequantize_weight()
+    assert layer.weight.decoded_lut().abs().max() <= 1.0 + 1e-6  # centroids live in the normalised [-1, 1] space
+    w, w_hat = model[0].weight.detach(), layer.weight.dequantize()
     per_channel_error = (w - w_hat).norm(dim=1) / w.norm(dim=1)
     assert per_channel_error.max() < 0.08  # Lloyd on the raw weight (the old bug) leaves 0.10

@@ -18,8 +18,7 @@ from idkm_plugin.export import size_report  # noqa: E402
 from idkm_plugin.integrations.torchao import (IDKMFakeQuantConv1d, IDKMFakeQuantConv2d,  # noqa: E402
                                               IDKMFakeQuantEmbedding, IDKMFakeQuantLinear, IDKMQATConfig,
                                               clusterable, fqn_to_config)
-from idkm_plugin.nn import (PalettizedConv1d, PalettizedConv2d, PalettizedEmbedding, PalettizedLinear,  # noqa: E402
-                            PalettizedModule)
+from idkm_plugin.nn import PalettizedTensor  # noqa: E402
 
 
 class TinyNet(nn.Module):
@@ -60,9 +59,9 @@ def test_mnist_prepare_train_convert(method):
     with torch.no_grad():
         expected = model(x_test)
     quantize_(model, IDKMQATConfig(step="convert"), filter_fn=clusterable)
-    assert isinstance(model.features[0], PalettizedConv2d) and isinstance(model.classifier, PalettizedLinear)
+    assert type(model.features[0]) is nn.Conv2d and type(model.classifier) is nn.Linear
     for layer in (model.features[0], model.classifier):
-        assert layer.bits == 2
+        assert isinstance(layer.weight, PalettizedTensor) and layer.weight.bits == 2
         assert_at_most_k_vectors(layer)
     with torch.no_grad():
         got = model(x_test)
@@ -103,10 +102,9 @@ def test_prepare_swaps_every_supported_layer_and_shares_parameters():
     with torch.no_grad():
         expected = model(ids, img)
     quantize_(model, IDKMQATConfig(step="convert"), filter_fn=clusterable)
-    converted = {"emb": PalettizedEmbedding, "conv1": PalettizedConv1d, "conv2": PalettizedConv2d,
-                 "fc": PalettizedLinear}
+    converted = {"emb": nn.Embedding, "conv1": nn.Conv1d, "conv2": nn.Conv2d, "fc": nn.Linear}
     for name, cls in converted.items():
-        assert type(getattr(model, name)) is cls
+        assert type(getattr(model, name)) is cls and isinstance(getattr(model, name).weight, PalettizedTensor)
     assert torch.equal(model(ids, img), expected)
 
 
@@ -217,11 +215,18 @@ def test_converted_model_exports_with_codes_and_lut():
     assert torch.equal(program.module()(x), model(x))
     state = program.state_dict
     for layer in ("features.0", "classifier"):
-        assert state[f"{layer}.codes"].dtype == torch.uint8
-        assert state[f"{layer}.lut"].shape == (1, 8, 1)
-        assert f"{layer}.weight" not in state
+        weight = state[f"{layer}.weight"]  # the program's parameter is the palettized weight itself
+        assert isinstance(weight, PalettizedTensor)
+        assert weight.codes.dtype == torch.uint8
+        assert weight.lut.shape == (1, 8, 1)
     # nothing dense of the weights' size is stored: 676*10 float weights would be 27 kB
-    assert max(t.numel() * t.element_size() for t in state.values()) < 676 * 10 * 4 / 8
+    stored = [u for t in state.values() for u in (t.inner_tensors().values() if isinstance(t, PalettizedTensor)
+                                                  else (t,))]
+    assert max(t.numel() * t.element_size() for t in stored) < 676 * 10 * 4 / 8
+    # the graph reads the codes and the LUT (and decodes them), not a dense weight
+    inner = [n.args[1] for n in program.graph.nodes
+             if n.op == "call_function" and "access_subclass_inner_tensor" in str(n.target)]
+    assert inner.count("codes") == 2 and inner.count("lut") == 2
 
 
 def test_config_validation():
@@ -249,3 +254,52 @@ def test_prepared_state_dict_round_trip():
     fresh.load_state_dict(model.state_dict())
     x = mnist("test", 16)[0]
     assert torch.equal(fresh.eval()(x), model.eval()(x))
+
+
+def test_config_takes_cluster_config_fields_as_idkm_qconfig_does():
+    assert IDKMQATConfig(bits=3, method="idkm_jfb").cluster_config == ClusterConfig(bits=3, method="idkm_jfb")
+    assert IDKMQATConfig(ClusterConfig(bits=2), dim=2).cluster_config == ClusterConfig(bits=2, dim=2)
+    with pytest.raises(ValueError, match=r"ClusterConfig got unknown field\(s\) \['bitz'\]"):
+        IDKMQATConfig(bitz=3)
+    with pytest.raises(ValueError, match=r"step='convert'\) takes no ClusterConfig fields"):
+        IDKMQATConfig(step="convert", bits=3)
+
+
+def test_convert_warns_for_a_never_prepared_layer_and_for_train_mode():
+    model = tiny_net()
+    with pytest.warns(UserWarning, match=r"classifier was never prepared for clustering"):
+        quantize_(model, IDKMQATConfig(step="convert"), filter_fn=clusterable)
+    assert not isinstance(model.classifier.weight, PalettizedTensor)
+    quantize_(model, IDKMQATConfig(bits=3), filter_fn=clusterable)
+    model(torch.randn(2, 1, 28, 28))
+    with pytest.warns(UserWarning, match=r"classifier is in train mode"):
+        quantize_(model, IDKMQATConfig(step="convert"), filter_fn=clusterable)
+    assert isinstance(model.classifier.weight, PalettizedTensor)
+
+
+class TiedLM(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(32, 8)
+        self.head = nn.Linear(8, 32, bias=False)
+        self.head.weight = self.embed.weight
+
+    def forward(self, ids):
+        return self.head(self.embed(ids))
+
+
+def test_converting_the_head_converts_its_tied_embedding_too():
+    """torchao's default filter matches nn.Linear only: the prepared embedding tied to the head must not stay
+    fake-quantized (the file would hold a float embedding beside a palettized head)."""
+    torch.manual_seed(0)
+    model = TiedLM()
+    quantize_(model, IDKMQATConfig(bits=2), filter_fn=clusterable)
+    assert model.embed.weight_clusterer is model.head.weight_clusterer  # one clusterer for the tied Parameter
+    ids = torch.randint(0, 32, (2, 5))
+    model(ids)
+    model.eval()
+    expected = model(ids)
+    quantize_(model, IDKMQATConfig(step="convert"))  # default filter: Linear only
+    assert type(model.embed) is nn.Embedding and type(model.head) is nn.Linear
+    assert isinstance(model.head.weight, PalettizedTensor) and model.embed.weight is model.head.weight
+    assert torch.equal(model(ids), expected)
