@@ -260,7 +260,7 @@ def kernel_markdown(rows, scaling, crossover, memory, rounds: int) -> list[str]:
         lines.append(f"| {r['bits']} | {r['batch']} | {r['lut_ms']:.2f} ms | {r['decode_ms']:.2f} ms | "
                      f"{r['decode_ms'] / r['lut_ms']:.2f}x |")
     lines += ["", "Memory held by a converted 4096 x 4096 layer at 4 bits, cache off (no dense copy after a "
-              "forward; the kernel allocates only its output and a per-thread float32 copy of one LUT):", "",
+              "forward; per call the kernel allocates its output, float32 / permuted copies of x and a float32 copy of one LUT per thread):", "",
               "| LUT | codes | LUT | held in all | fp32 weight | bf16 weight | dense cache after forward |",
               "|---|---:|---:|---:|---:|---:|---|"]
     for r in memory:

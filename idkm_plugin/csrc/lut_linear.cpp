@@ -15,10 +15,10 @@
 //     per row and batch block of 8, never written to memory. Pruned vectors: the activation lanes are zeroed by
 //     a masked load. Compiled with __attribute__((target)) and picked with __builtin_cpu_supports, so the build
 //     runs on any x86-64.
-//   partial sums (T-MAC's idea, d >= 2 with few LUTs): per activation block of d values and LUT g, the K partial
-//     sums dot(lut[g][k], x_block) are computed once and each code then costs one table lookup + add instead of
-//     d multiply-adds. Used where it is measured faster (see `use_partial_sums`).
-//   portable: the same two ideas in scalar C++.
+//   partial sums (T-MAC's idea, d >= 4 with few LUTs, portable kernel only): per activation block of d values and
+//     LUT g, the K partial sums dot(lut[g][k], x_block) are computed once and each code then costs one table
+//     lookup + add instead of d multiply-adds (see `use_partial_sums`).
+//   portable: scalar C++ (decode + multiply-add, or the partial sums).
 // Threads: at::parallel_for over output rows.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -634,10 +634,11 @@ bool vector_dim_ok(Isa isa, int64_t dim) {
   return dim <= lanes && (dim & (dim - 1)) == 0;
 }
 
-// T-MAC partial sums pay when a code stands for several weights and the per-call tables ([B, G, in / d, K]
-// floats) are few next to the codes they serve: each code then costs one lookup instead of d multiply-adds.
-// Measured on AVX-512 (benchmarks/deploy.py, lut kernel rows): the register decode wins for d <= 2 at any batch;
-// for d >= 4 the partial sums win while their table is small (batch * groups * k <= rows * d / 2).
+// T-MAC partial sums: each code then costs one table lookup instead of d multiply-adds, for a per-call table of
+// [B, G, in / d, K] floats, so they pay where d is large and the tables are few next to the codes they serve. The
+// scalar portable kernel uses them there; the vector kernels decode in registers instead (their d <= 16 vectors
+// cost one permute + one FMA per 16 weights). Partial sums vs register decode on the vector paths for d >= 4 is
+// not measured yet (deploy.py measures d = 1).
 bool use_partial_sums(const Problem& p, Isa isa) {
   if (p.dim < 4) return false;
   if (isa == kPortable) return p.batch * p.groups * p.k <= p.out * p.dim / 2;
