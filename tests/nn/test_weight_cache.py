@@ -19,7 +19,9 @@ def make_linear(bits=4, cache_weight=True, seed=0):
 def test_cached_and_uncached_outputs_are_equal():
     x = torch.randn(3, 16)
     on, off = make_linear(), make_linear(cache_weight=False)
-    assert torch.equal(on(x), off(x)) and torch.equal(on(x), off(x))
+    # cache off runs the LUT kernel where it is built (its own summation order): equal to float tolerance
+    torch.testing.assert_close(off(x), on(x), rtol=1e-5, atol=1e-5)
+    assert torch.equal(off(x), off(x))
     assert torch.equal(on.weight.dense(), off.weight.dequantize())
 
 
