@@ -376,7 +376,7 @@ def _lut_kernel_applies(x: torch.Tensor, weight: PalettizedTensor) -> bool:
         from .lut_linear import prefers_lut_kernel
     except ImportError:
         return False
-    return prefers_lut_kernel(x, weight.shape[0], weight.shape[1], weight.bits)
+    return prefers_lut_kernel(x, weight.shape[0], weight.shape[1], weight.bits, weight.cluster_dim, weight.groups_lut)
 
 
 def _decoding(func):
