@@ -153,12 +153,21 @@ def lower_to_pte(model: nn.Module, example_inputs: Sequence[Any], path: str | os
     partitioners = _partitioners() if delegate else []
     with stage("to_executorch: torch.export", progress):
         program = export_program(model, example_inputs, dense_convolutions)
+        _drop_provenance(program)
     with stage("to_executorch: edge dialect + XNNPACK lowering", progress), _quiet_export():
         edge = to_edge_transform_and_lower(program, partitioner=partitioners)
     with stage("to_executorch: serialize", progress), _quiet_export():
         buffer = edge.to_executorch().buffer
         atomic_write_bytes(path, buffer)
     return len(buffer)
+
+
+def _drop_provenance(program: torch.export.ExportedProgram) -> None:
+    """Drop torch.fx's node provenance (`meta["from_node"]`) from the exported graph. Every later pass deep-copies
+    each node's whole history, so the lowering's time grows with the passes already run; the .pte does not use it
+    (measured: the lowering of a 2-layer LLaMA with a KV cache, 57 s -> 36 s)."""
+    for node in program.graph.nodes:
+        node.meta.pop("from_node", None)
 
 
 def load_pte_method(path: str | os.PathLike, method: str = "forward"):

@@ -110,10 +110,13 @@ def generate_pte(path: str | os.PathLike, prompt_ids: Sequence[int], max_new_tok
     return new
 
 
+_MASKED = -30000.0  # exp(-30000 + any attention score) is 0; Core ML's float16 holds it (finfo.min would overflow)
+
+
 class CausalMaskLM(nn.Module):
     """forward(input_ids int64 [batch, seq_len]) -> logits [batch, seq_len, vocab]: the model called without a KV
     cache, with a precomputed additive causal mask (float [1, 1, seq_len, seq_len]: 0 where a token may attend,
-    the dtype's minimum elsewhere) and positions (int64 [1, seq_len]), so that transformers builds no mask itself."""
+    -30000 elsewhere: masked, and finite in float16) and positions (int64 [1, seq_len]), so that transformers builds no mask itself."""
 
     def __init__(self, model: nn.Module, seq_len: int) -> None:
         super().__init__()
@@ -121,7 +124,7 @@ class CausalMaskLM(nn.Module):
         self.model = model
         dtype = next(model.parameters()).dtype
         allowed = torch.ones(seq_len, seq_len, dtype=torch.bool).tril()
-        mask = torch.zeros(seq_len, seq_len, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)
+        mask = torch.zeros(seq_len, seq_len, dtype=dtype).masked_fill(~allowed, _MASKED)
         self.register_buffer("causal_mask", mask.view(1, 1, seq_len, seq_len), persistent=False)
         self.register_buffer("positions", torch.arange(seq_len).view(1, seq_len), persistent=False)
 
@@ -137,8 +140,12 @@ def llm_to_coreml(model: nn.Module, path: Optional[str | os.PathLike] = None, se
     output the logits [1, seq_len, vocab] (causal: position t sees tokens 0..t). Every palettized weight is one
     `constexpr_lut_to_dense` (a tied embedding / head one, shared). convert_kwargs go to `to_coreml` /
     `coremltools.convert`. Returns the MLModel (saved to `path` when given)."""
-    from .coreml_export import to_coreml
+    from .coreml_export import _require_coremltools, to_coreml
 
+    ct = _require_coremltools()
+    import numpy as np  # coremltools' dependency
+    convert_kwargs.setdefault("inputs", [ct.TensorType(name="input_ids", shape=(1, seq_len), dtype=np.int32)])
+    convert_kwargs.setdefault("outputs", [ct.TensorType(name="logits")])
     with stage("to_coreml: causal-mask wrapper", progress):
         wrapped = CausalMaskLM(model, seq_len).eval()
     example = (torch.zeros(1, seq_len, dtype=torch.long),)
