@@ -101,7 +101,7 @@ def main() -> None:
     ap.add_argument("--max-cache-len", type=int, default=128)
     ap.add_argument("--cache", default=os.path.join(tempfile.gettempdir(), "smollm2_4bit_ptq.safetensors"),
                     help="save the PTQ model here, or load it from here when it exists ('' for neither)")
-    ap.add_argument("--skip", nargs="*", default=[], choices=["float-pte", "coreml"])
+    ap.add_argument("--skip", nargs="*", default=[], choices=["pte", "float-pte", "coreml"])
     args = ap.parse_args()
     rows = []
     work = tempfile.mkdtemp(prefix="llm_deploy_")
@@ -138,6 +138,32 @@ def main() -> None:
     rows.append(("plan(model, mc) total vs file", f"{plan_bytes:,} B vs {file_bytes:,} B",
                  f"{100 * (plan_bytes / file_bytes - 1):+.2f}% (target within 1%)"))
 
+    if "pte" not in args.skip:
+        run_pte(args, model, report, work, rows)
+    if float_model is not None:
+        fpte = os.path.join(work, "smollm2_float.pte")
+        start = time.perf_counter()
+        fbytes = llm_to_executorch(float_model, fpte, max_cache_len=args.max_cache_len)
+        rows.append(("float .pte export", f"{time.perf_counter() - start:.1f} s", f"{fbytes:,} B"))
+        rows.append(("float .pte decode", f"{decode_speed(fpte, PROMPT, args.tokens):.1f} tokens/s", ""))
+        del float_model
+    write(args, rows, "pre-Core ML")
+    del report
+
+    if "coreml" not in args.skip:
+        start = time.perf_counter()
+        try:
+            mlmodel = llm_to_coreml(model, os.path.join(work, "smollm2_4bit.mlpackage"), seq_len=32)
+            from idkm_plugin.export.coreml_export import count_ops
+            luts = count_ops(mlmodel, "constexpr_lut_to_dense")
+            rows.append(("Core ML conversion (seq_len 32)", f"{time.perf_counter() - start:.1f} s",
+                         f"{luts} constexpr_lut_to_dense for {len(weights)} palettized weights"))
+        except Exception as err:  # reported in the table
+            rows.append(("Core ML conversion", "FAILED", f"{type(err).__name__}: {err}"[:300]))
+    write(args, rows, "")
+
+
+def run_pte(args, model, report, work, rows) -> None:
     pte = os.path.join(work, "smollm2_4bit.pte")
     start = time.perf_counter()
     pte_bytes = llm_to_executorch(model, pte, max_cache_len=args.max_cache_len)
@@ -152,25 +178,9 @@ def main() -> None:
     speed = decode_speed(pte, PROMPT, args.tokens)
     rows.append(("4-bit .pte decode", f"{speed:.1f} tokens/s", f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '')}"))
 
-    if float_model is not None:
-        fpte = os.path.join(work, "smollm2_float.pte")
-        start = time.perf_counter()
-        fbytes = llm_to_executorch(float_model, fpte, max_cache_len=args.max_cache_len)
-        rows.append(("float .pte export", f"{time.perf_counter() - start:.1f} s", f"{fbytes:,} B"))
-        rows.append(("float .pte decode", f"{decode_speed(fpte, PROMPT, args.tokens):.1f} tokens/s", ""))
-        del float_model
 
-    if "coreml" not in args.skip:
-        start = time.perf_counter()
-        try:
-            mlmodel = llm_to_coreml(model, os.path.join(work, "smollm2_4bit.mlpackage"), seq_len=32)
-            from idkm_plugin.export.coreml_export import count_ops
-            luts = count_ops(mlmodel, "constexpr_lut_to_dense")
-            rows.append(("Core ML conversion (seq_len 32)", f"{time.perf_counter() - start:.1f} s",
-                         f"{luts} constexpr_lut_to_dense for {len(weights)} palettized weights"))
-        except Exception as err:  # reported in the table
-            rows.append(("Core ML conversion", "FAILED", f"{type(err).__name__}: {err}"[:300]))
 
+def write(args, rows, partial: str) -> None:
     lines = ["# SmolLM2-135M-Instruct at 4 bits: ExecuTorch and Core ML", "",
              f"`HF_HUB_OFFLINE=1 OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '')} python benchmarks/llm_deploy.py`"
              f" (torch {torch.__version__}); 4-bit PTQ k-means, one LUT per layer.", "",
@@ -178,9 +188,9 @@ def main() -> None:
     lines += [f"| {a} | {b} | {c} |" for a, b, c in rows]
     text = "\n".join(lines) + "\n"
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "w") as f:
+    with open(args.out + (".partial" if partial else ""), "w") as f:
         f.write(text)
-    print(text)
+    print(text, flush=True)
 
 
 if __name__ == "__main__":

@@ -154,9 +154,9 @@ def lower_to_pte(model: nn.Module, example_inputs: Sequence[Any], path: str | os
     with stage("to_executorch: torch.export", progress):
         program = export_program(model, example_inputs, dense_convolutions)
         _drop_provenance(program)
-    with stage("to_executorch: edge dialect + XNNPACK lowering", progress), _quiet_export():
+    with stage("to_executorch: edge dialect + XNNPACK lowering", progress), _quiet_export(), _shallow_provenance():
         edge = to_edge_transform_and_lower(program, partitioner=partitioners)
-    with stage("to_executorch: serialize", progress), _quiet_export():
+    with stage("to_executorch: serialize", progress), _quiet_export(), _shallow_provenance():
         buffer = edge.to_executorch().buffer
         atomic_write_bytes(path, buffer)
     return len(buffer)
@@ -168,6 +168,29 @@ def _drop_provenance(program: torch.export.ExportedProgram) -> None:
     (measured: the lowering of a 2-layer LLaMA with a KV cache, 57 s -> 36 s)."""
     for node in program.graph.nodes:
         node.meta.pop("from_node", None)
+
+
+@contextlib.contextmanager
+def _shallow_provenance() -> Iterator[None]:
+    """Within the block, a node's provenance record (`torch.fx.traceback.NodeSource`) names its source node but not
+    that node's own history. torch.fx deep-copies the whole history into every new record, and ExecuTorch's
+    lowering re-traces the graph for each pass and each XNNPACK partition, so the histories grow with the passes
+    run and their copying dominated the export of an LLM (time quadratic in its depth). ExecuTorch's debug handles
+    then come from each node's latest source rather than its first. Restored on exit."""
+    from torch.fx import traceback as fx_traceback
+
+    original = fx_traceback.NodeSource.__init__
+
+    def shallow(self, node, pass_name="", action=None):
+        original(self, None, pass_name, action)
+        if node is not None:
+            self.node_info = self.NodeInfo(node.name, str(node.target), id(node.graph))
+
+    fx_traceback.NodeSource.__init__ = shallow
+    try:
+        yield
+    finally:
+        fx_traceback.NodeSource.__init__ = original
 
 
 def load_pte_method(path: str | os.PathLike, method: str = "forward"):

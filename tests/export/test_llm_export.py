@@ -98,7 +98,6 @@ def test_sizes_count_the_tied_weight_once(tmp_path):
     assert abs(planned.nbytes / file_bytes - 1) < 0.01
 
 
-@pytest.mark.slow
 def test_pte_generates_pytorchs_greedy_tokens(llama, tmp_path):
     pytest.importorskip("executorch.runtime")
     from idkm_plugin.export.llm_export import generate_pte, llm_to_executorch
@@ -106,9 +105,17 @@ def test_pte_generates_pytorchs_greedy_tokens(llama, tmp_path):
     path = tmp_path / "llama.pte"
     size = llm_to_executorch(llama, path, max_cache_len=32, progress=False)
     assert size == os.path.getsize(path)
-    reference = greedy(llama, PROMPT, 12)
-    assert len(set(reference)) > 1  # the check means something: the tokens vary
-    assert generate_pte(path, PROMPT, 12) == reference
+    assert generate_pte(path, PROMPT, 12) == greedy(llama, PROMPT, 12)
+    # a random model's greedy tokens repeat: also feed 12 varied tokens and compare every step's logits
+    from idkm_plugin.export.executorch_export import load_pte_method
+
+    method = load_pte_method(path)
+    ids = torch.randint(0, VOCAB, (1, 12), generator=torch.Generator().manual_seed(1))
+    steps = torch.cat([method.execute([ids[:, i:i + 1], torch.tensor([i])])[0][0] for i in range(12)])
+    with torch.no_grad():
+        full = llama(ids).logits[0]
+    torch.testing.assert_close(steps, full, rtol=1e-4, atol=1e-4)
+    assert torch.equal(steps.argmax(-1), full.argmax(-1))
 
 
 def test_pte_keeps_the_tied_weight_once(llama):
