@@ -110,7 +110,7 @@ def main() -> None:
     model = load_smollm2(args.gguf_dir)
     mc = ModelConfig(default=ClusterConfig(bits=4))
     planned = plan(model, mc)
-    float_model = model if "float-pte" in args.skip else None
+    float_model = None
     if "float-pte" not in args.skip:
         import copy
         float_model = copy.deepcopy(model)
@@ -140,14 +140,7 @@ def main() -> None:
 
     if "pte" not in args.skip:
         run_pte(args, model, report, work, rows)
-    if float_model is not None:
-        fpte = os.path.join(work, "smollm2_float.pte")
-        start = time.perf_counter()
-        fbytes = llm_to_executorch(float_model, fpte, max_cache_len=args.max_cache_len)
-        rows.append(("float .pte export", f"{time.perf_counter() - start:.1f} s", f"{fbytes:,} B"))
-        rows.append(("float .pte decode", f"{decode_speed(fpte, PROMPT, args.tokens):.1f} tokens/s", ""))
-        del float_model
-    write(args, rows, "pre-Core ML")
+    write(args, rows, "partial")
     del report
 
     if "coreml" not in args.skip:
@@ -160,6 +153,14 @@ def main() -> None:
                          f"{luts} constexpr_lut_to_dense for {len(weights)} palettized weights"))
         except Exception as err:  # reported in the table
             rows.append(("Core ML conversion", "FAILED", f"{type(err).__name__}: {err}"[:300]))
+        write(args, rows, "partial")
+    if float_model is not None:
+        fpte = os.path.join(work, "smollm2_float.pte")
+        start = time.perf_counter()
+        fbytes = llm_to_executorch(float_model, fpte, max_cache_len=args.max_cache_len)
+        rows.append(("float .pte export", f"{time.perf_counter() - start:.1f} s", f"{fbytes:,} B"))
+        rows.append(("float .pte decode", f"{decode_speed(fpte, PROMPT, args.tokens):.1f} tokens/s", ""))
+        del float_model
     write(args, rows, "")
 
 
