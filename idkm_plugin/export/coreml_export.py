@@ -143,6 +143,7 @@ def to_coreml(model: nn.Module, example_inputs: Sequence[torch.Tensor], path: Op
     convert_kwargs.setdefault("convert_to", "mlprogram")
     with stage("to_coreml: coremltools.convert", progress), quiet_imports(), warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="overflow encountered in cast", category=RuntimeWarning)
+        warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"coremltools\.")  # NumPy 1.25 notices
         try:
             mlmodel = ct.convert(traced, **convert_kwargs)
         except NotImplementedError as err:
