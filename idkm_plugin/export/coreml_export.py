@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import os
+import re
 import warnings
 from typing import Any, Optional, Sequence
 
@@ -24,8 +25,9 @@ from torch import nn
 from ..nn.palettized_tensor import PalettizedTensor, palettized_parameters
 from ..quiet import quiet_imports
 from ..atomic import atomic_path
+from .progress import stage
 
-__all__ = ["coreml_lut", "to_coreml", "with_coreml_metadata"]
+__all__ = ["coreml_lut", "count_ops", "to_coreml", "with_coreml_metadata"]
 
 _COREML_BITS = (1, 2, 3, 4, 6, 8)  # iOS18 constexpr_lut_to_dense index types
 _PALETTIZATION = 2  # coremltools' CompressionType.palettization
@@ -70,35 +72,43 @@ def coreml_lut(name: str, module: PalettizedTensor) -> tuple[torch.Tensor, Optio
 
 
 def with_coreml_metadata(model: nn.Module) -> nn.Module:
-    """A copy of `model` whose palettized weights are float weights carrying Core ML palettization metadata."""
+    """A copy of `model` whose palettized weights are float weights carrying Core ML palettization metadata. A tied
+    weight (an embedding shared with the LM head) stays one Parameter, shared by all its layers, with the metadata
+    on each, so the ML program holds one LUT + indices for it."""
     model = copy.deepcopy(model).eval()
     weights = palettized_parameters(model)
     if not weights:
         raise ValueError("to_coreml: the model has no palettized layer; convert it first")
+    holders: dict[int, list[str]] = {}  # id(weight) -> every layer path holding it
+    for path, weight in model.named_parameters(remove_duplicate=False):
+        if isinstance(weight, PalettizedTensor):
+            holders.setdefault(id(weight), []).append(path)
     for path, weight in weights.items():
-        name, _, attr = path.rpartition(".")
-        if attr != "weight":
-            raise ValueError(f"{path!r}: a palettized weight outside a layer (a PT2E graph) cannot be converted to "
-                             "Core ML; convert the model through the eager torch.ao or torchao flow instead")
-        lut, vector_axis = coreml_lut(name, weight)
-        layer = model.get_submodule(name) if name else model
-        if weight.spec.transposed:  # Hugging Face's Conv1D: an nn.Linear computes it on the [out, in] weight
-            linear = nn.Linear(weight.shape[0], weight.shape[1], bias=layer.bias is not None, device="meta")
-            linear.bias = layer.bias
-            layer = linear
-        layer.weight = nn.Parameter(weight.dequantize().t() if weight.spec.transposed else weight.dequantize(),
-                                    requires_grad=False)
-        layer.register_buffer("_COREML_/weight/lut", lut)
-        layer.register_buffer("_COREML_/weight/compression_type", torch.tensor([_PALETTIZATION]))
-        if vector_axis is not None:
-            layer.register_buffer("_COREML_/weight/vector_axis", torch.tensor(vector_axis))
-        if weight.channel_scale is not None:  # per-output-channel scale: constexpr_blockwise_shift_scale after the LUT
-            scale = weight.channel_scale.detach().float().view(-1, *([1] * (len(weight.weight_shape) - 1)))
-            layer.register_buffer("_COREML_/weight/palettization_scale", scale)
-        if not name:
-            return _with_version(layer)
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, child, layer)
+        lut, vector_axis = coreml_lut(path.rpartition(".")[0], weight)
+        dense = nn.Parameter(weight.dequantize().t() if weight.spec.transposed else weight.dequantize(),
+                             requires_grad=False)
+        for path in holders[id(weight)]:
+            name, _, attr = path.rpartition(".")
+            if attr != "weight":
+                raise ValueError(f"{path!r}: a palettized weight outside a layer (a PT2E graph) cannot be converted "
+                                 "to Core ML; convert the model through the eager torch.ao or torchao flow instead")
+            layer = model.get_submodule(name) if name else model
+            if weight.spec.transposed:  # Hugging Face's Conv1D: an nn.Linear computes it on the [out, in] weight
+                linear = nn.Linear(weight.shape[0], weight.shape[1], bias=layer.bias is not None, device="meta")
+                linear.bias = layer.bias
+                layer = linear
+            layer.weight = dense
+            layer.register_buffer("_COREML_/weight/lut", lut)
+            layer.register_buffer("_COREML_/weight/compression_type", torch.tensor([_PALETTIZATION]))
+            if vector_axis is not None:
+                layer.register_buffer("_COREML_/weight/vector_axis", torch.tensor(vector_axis))
+            if weight.channel_scale is not None:  # per-output-channel scale: constexpr_blockwise_shift_scale after
+                scale = weight.channel_scale.detach().float().view(-1, *([1] * (len(weight.weight_shape) - 1)))
+                layer.register_buffer("_COREML_/weight/palettization_scale", scale)
+            if not name:
+                return _with_version(layer)
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, child, layer)
     return _with_version(model)
 
 
@@ -108,27 +118,61 @@ def _with_version(model: nn.Module) -> nn.Module:
 
 
 def to_coreml(model: nn.Module, example_inputs: Sequence[torch.Tensor], path: Optional[str | os.PathLike] = None,
-              **convert_kwargs: Any):
+              progress: bool = False, **convert_kwargs: Any):
     """Convert `model` to a Core ML ML program (iOS18+) with every palettized weight as LUT + indices.
 
     convert_kwargs go to `coremltools.convert` (defaults: `inputs` from the example inputs' shapes,
     `minimum_deployment_target=ct.target.iOS18`, `convert_to="mlprogram"`; pass
     `compute_precision=ct.precision.FLOAT32` to keep float32 LUTs, the default rounds them to float16).
     Saves the .mlpackage atomically when `path` is given. Returns the `ct.models.MLModel`.
+    An op coremltools cannot convert raises NotImplementedError naming it and the ways around it.
+    Decoder LLMs from transformers: `llm_export.llm_to_coreml` (precomputed causal mask, no `torch.diff`).
     """
     ct = _require_coremltools()
     example_inputs = tuple(example_inputs)
-    dense = with_coreml_metadata(model)
-    with torch.no_grad(), warnings.catch_warnings():
-        # coremltools reads the palettization metadata from a TorchScript trace's state_dict
-        warnings.filterwarnings("ignore", message=r"`torch\.jit\.trace", category=DeprecationWarning)
-        traced = torch.jit.trace(dense, example_inputs)
+    with stage("to_coreml: trace", progress):
+        dense = with_coreml_metadata(model)
+        with torch.no_grad(), warnings.catch_warnings():
+            # coremltools reads the palettization metadata from a TorchScript trace's state_dict
+            warnings.filterwarnings("ignore", category=DeprecationWarning)
+            warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
+            traced = torch.jit.trace(dense, example_inputs)
     convert_kwargs.setdefault("inputs", [ct.TensorType(name=f"input_{i}", shape=tuple(x.shape))
                                          for i, x in enumerate(example_inputs)])
     convert_kwargs.setdefault("minimum_deployment_target", ct.target.iOS18)
     convert_kwargs.setdefault("convert_to", "mlprogram")
-    mlmodel = ct.convert(traced, **convert_kwargs)
+    with stage("to_coreml: coremltools.convert", progress), quiet_imports(), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="overflow encountered in cast", category=RuntimeWarning)
+        warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"coremltools\.")  # NumPy 1.25 notices
+        try:
+            mlmodel = ct.convert(traced, **convert_kwargs)
+        except NotImplementedError as err:
+            op = re.search(r"op '([^']+)'", str(err))
+            raise NotImplementedError(
+                f"Core ML conversion of {type(model).__name__}: coremltools {ct.__version__} cannot convert the torch "
+                f"op {op.group(1) if op else '?'!r} ({err}). Ways around it: keep the op out of the traced forward "
+                "(for a transformers LLM, use llm_export.llm_to_coreml, which passes a precomputed causal mask and "
+                "positions), replace the module that calls it by one written with supported ops, or register a "
+                "converter with coremltools.converters.mil.frontend.torch.register_torch_op") from err
     if path is not None:
-        with atomic_path(path) as tmp:
+        with stage("to_coreml: save", progress), atomic_path(path) as tmp:
             mlmodel.save(tmp)
     return mlmodel
+
+
+def count_ops(mlmodel, op_type: str) -> int:
+    """How many ops of `op_type` (e.g. "constexpr_lut_to_dense") the ML program's functions hold."""
+    spec = mlmodel.get_spec()
+    total = 0
+
+    def walk(block) -> None:
+        nonlocal total
+        for op in block.operations:
+            total += op.type == op_type
+            for inner in op.blocks:
+                walk(inner)
+
+    for function in spec.mlProgram.functions.values():
+        for block in function.block_specializations.values():
+            walk(block)
+    return total
