@@ -252,6 +252,11 @@ def _is_num(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
+# ModelConfig.llm: bits -> (output rows per float16 LUT, per-channel scale), chosen by post-training perplexity
+# on SmolLM2-135M (docs/llm.md) within the bits-per-weight budget of bits + 1/4
+_LLM_LAYOUT: dict[int, tuple[int, Any]] = {2: (1, False), 3: (1, False), 4: (2, False), 5: (4, False),
+                                           6: (8, False), 7: (16, False), 8: (32, False)}
+
 _SKIP = "skip"  # marker in dicts / YAML for "leave this layer float"
 
 
@@ -333,6 +338,35 @@ class ModelConfig:
         from .layers import plan_layers  # layers imports this module
 
         return plan_layers(model, self)
+
+    def with_overrides(self, **changes: Any) -> "ModelConfig":
+        """A copy with the ClusterConfig fields `changes` set in every entry (default, small_layer, by_type and
+        by_name; float (None) entries stay float): the one way to apply command-line overrides to a loaded
+        YAML, e.g. `ModelConfig.from_yaml(path).with_overrides(method="dkm", max_iter=3)`."""
+        known = {f.name for f in fields(ClusterConfig)}
+        unknown = sorted(set(changes) - known)
+        if unknown:
+            raise ValueError(f"ModelConfig.with_overrides got unknown ClusterConfig field(s) {unknown}; allowed: "
+                             f"{sorted(known)}")
+
+        def apply(cfg: Optional[ClusterConfig]) -> Optional[ClusterConfig]:
+            return None if cfg is None else cfg.replace(**changes)
+
+        return replace(self, default=apply(self.default), small_layer=apply(self.small_layer),
+                       by_type={k: apply(v) for k, v in self.by_type.items()},
+                       by_name={k: apply(v) for k, v in self.by_name.items()})
+
+    @classmethod
+    def llm(cls, bits: int = 4, method: Method | str = Method.IDKM_JFB) -> "ModelConfig":
+        """The recommended configuration for decoder LLMs (see docs/llm.md; provisional)."""
+        if not _is_int(bits) or not 2 <= bits <= 8:
+            raise ValueError(f"ModelConfig.llm(bits={bits!r}) is not allowed; expected an integer in 2..8 "
+                             "(bits per code of every Linear and Embedding)")
+        group_size, scale = _LLM_LAYOUT[bits]
+        cfg = ClusterConfig(method=method, bits=bits, granularity=Granularity.PER_GROUPED_CHANNEL,
+                            group_size=group_size, lut_dtype="float16", per_channel_scale=scale,
+                            scale_dtype="float16")
+        return cls(default=cfg, skip_unclusterable=True)
 
     def to_dict(self) -> dict[str, Any]:
         def enc(cfg: Optional[ClusterConfig]) -> Any:
