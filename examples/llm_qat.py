@@ -165,7 +165,8 @@ def peak_rss_mib() -> float:
 # ---- the run -------------------------------------------------------------------------------------------------
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--bits", type=int, default=4, help="ModelConfig.llm(bits): 2..8 (default %(default)s)")
+    p.add_argument("--bits", type=int, nargs="+", default=[4],
+                   help="ModelConfig.llm(bits), 2..8: post-training rows for each; QAT and the saved model at the first")
     p.add_argument("--bits-config", default=None, help="a YAML ModelConfig instead of ModelConfig.llm(bits)")
     p.add_argument("--method", choices=["dkm", "idkm", "idkm_jfb"], default="idkm_jfb", help="QAT method")
     p.add_argument("--max-iter", type=int, default=None, help="soft k-means iterations (dkm: unrolled)")
@@ -188,7 +189,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def model_config(args) -> ModelConfig:
+def model_config(args, bits: int) -> ModelConfig:
     overrides = {"method": args.method}
     if args.max_iter is not None:
         overrides["max_iter"] = args.max_iter
@@ -196,7 +197,7 @@ def model_config(args) -> ModelConfig:
         overrides["uniquify"] = "off"  # uniquification needs the implicit backward
     if args.bits_config:
         return ModelConfig.from_yaml(args.bits_config, overrides=overrides)
-    return ModelConfig.llm(args.bits).with_overrides(**overrides)
+    return ModelConfig.llm(bits).with_overrides(**overrides)
 
 
 def train(qat: nn.Module, teacher: nn.Module, stream: torch.Tensor, args) -> tuple[list[float], list[float]]:
@@ -223,7 +224,7 @@ def train(qat: nn.Module, teacher: nn.Module, stream: torch.Tensor, args) -> tup
         opt.step()
         sched.step()
         times.append(time.perf_counter() - start)
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
         bar.set_postfix(kl=f"{losses[-1]:.4f}", s_per_step=f"{times[-1]:.1f}")
         if args.no_progress and (step % 10 == 0 or step == args.steps - 1):
             print(f"step {step:4d}  KL {losses[-1]:.5f}  {sum(times):.0f} s", flush=True)
@@ -251,30 +252,31 @@ def main(argv=None, model=None, tokenizer=None, texts: Optional[list[str]] = Non
     eval_ids = held[:n_eval].view(-1, args.seq_len)
     print(f"training text: {stream.numel():,} tokens; held-out: {n_eval:,} tokens ({HELD_OUT})")
 
-    mc = model_config(args)
-    bpw, nbytes, n_weights = bits_per_weight(teacher, mc)
-    print(f"{mc.default.bits} bit recipe: {bpw:.3f} bits per weight (LUTs and scales counted, tie once), "
-          f"{nbytes:,} B for {n_weights:,} weights")
-    rows = [("float", 32.0, perplexity(teacher, eval_ids), 0.0)]
-    print(f"float perplexity {rows[0][2]:.3f}")
-
-    if not args.skip_kmeans:
-        start = time.perf_counter()
-        kmeans = ptq.palettize(teacher, mc, iters=args.kmeans_iters)
-        rows.append(("k-means PTQ", bpw, perplexity(kmeans, eval_ids), time.perf_counter() - start))
-        del kmeans
-        print(f"k-means PTQ perplexity {rows[-1][2]:.3f} ({rows[-1][3]:.0f} s)")
+    float_ppl = perplexity(teacher, eval_ids)
+    rows = [("float", 32.0, float_ppl, 0.0)]
+    print(f"float perplexity {float_ppl:.3f}")
     fisher = None
     if args.calib_batches:
         start = time.perf_counter()
         g = torch.Generator().manual_seed(args.seed)
         calib = [windows(stream, args.batch, args.seq_len, g) for _ in range(args.calib_batches)]
         fisher = ptq.fisher_information(teacher, calib, lm_loss)
-        sens = ptq.palettize(teacher, mc, fisher=fisher, iters=args.kmeans_iters)
-        rows.append(("sensitivity PTQ", bpw, perplexity(sens, eval_ids), time.perf_counter() - start))
-        del sens
-        print(f"sensitivity PTQ perplexity {rows[-1][2]:.3f} ({rows[-1][3]:.0f} s, {args.calib_batches} batches)")
+        print(f"Fisher information from {args.calib_batches} batches: {time.perf_counter() - start:.0f} s")
+    for bits in args.bits:  # post-training rows for every width
+        mc = model_config(args, bits)
+        bpw = bits_per_weight(teacher, mc)[0]
+        variants = ([] if args.skip_kmeans else [("k-means", None)]) + ([("sensitivity", fisher)] if fisher else [])
+        for label, f in variants:
+            start = time.perf_counter()
+            converted = ptq.palettize(teacher, mc, fisher=f, iters=args.kmeans_iters)
+            rows.append((f"{bits} bit {label} PTQ", bpw, perplexity(converted, eval_ids), time.perf_counter() - start))
+            del converted
+            print(f"{rows[-1][0]}: {bpw:.3f} bits per weight (LUTs and scales counted, the tie once), perplexity "
+                  f"{rows[-1][2]:.3f} ({rows[-1][3]:.0f} s)")
 
+    bits = args.bits[0]  # QAT, conversion and the saved model at the first width
+    mc = model_config(args, bits)
+    bpw, nbytes, n_weights = bits_per_weight(teacher, mc)
     from torchao.quantization import quantize_
 
     from idkm_plugin.export import save_palettized, size_report
@@ -292,7 +294,7 @@ def main(argv=None, model=None, tokenizer=None, texts: Optional[list[str]] = Non
     times, losses = train(qat, teacher, stream, args) if args.steps else ([], [])
     qat_ppl = perplexity(qat, eval_ids) if times else start_ppl
     if times:
-        rows.append((f"QAT {args.method}, {len(times)} steps", bpw, qat_ppl, sum(times)))
+        rows.append((f"{bits} bit QAT {args.method}, {len(times)} steps", bpw, qat_ppl, sum(times)))
         print(f"after {len(times)} steps ({sum(times):.0f} s): perplexity {qat_ppl:.3f}")
     probe = eval_ids[:2]
     qat_logits = logits_of(qat, probe)
@@ -305,7 +307,7 @@ def main(argv=None, model=None, tokenizer=None, texts: Optional[list[str]] = Non
     file_bytes = save_palettized(deployed, os.path.join(args.out, "model.safetensors"))
     report = size_report(deployed)
     result = {
-        "bits": mc.default.bits, "method": args.method, "steps": len(times), "batch": args.batch,
+        "bits": bits, "method": args.method, "steps": len(times), "batch": args.batch,
         "seq_len": args.seq_len, "lr": args.lr, "calib_batches": args.calib_batches, "threads": args.threads,
         "bits_per_weight": bpw, "palettized_bytes": nbytes, "weights": n_weights,
         "rows": [{"what": w, "bits_per_weight": b, "perplexity": p, "seconds": s} for w, b, p, s in rows],
