@@ -6,8 +6,9 @@ exactly the codes a converted model decodes. With w_i = the diagonal Fisher info
 gradients of the loss) this is sensitivity-weighted k-means (SqueezeLLM, coremltools' SKMPalettizer); with equal
 weights it is plain k-means. A weight of 0 leaves a vector out of the centroids.
 
-Every step works on [groups, m, d] at once (no Python loop over groups): 1-D vectors are assigned with
-`searchsorted` on the sorted centroids' midpoints (memory O(m)), d > 1 through `hard_assign` (row chunks).
+Every step works on [groups, m, d] at once (no Python loop over groups). Scalars (d = 1) are sorted once, so
+that each iteration costs O(groups * k * log m) (clusters are runs between the centroids' midpoints, their sums
+differences of prefix sums); vectors (d > 1) are assigned through `hard_assign` (row chunks).
 """
 from __future__ import annotations
 
@@ -26,17 +27,48 @@ def weighted_kmeans(x: torch.Tensor, weights: torch.Tensor, init: torch.Tensor, 
         iters: at most this many assignment / update rounds; stops early once no centroid moves.
 
     Returns:
-        centroids [g, k, d] in x's dtype; a centroid whose cluster has zero total weight keeps its value.
+        centroids [g, k, d] in x's dtype (sorted for d = 1); a centroid whose cluster has zero total weight keeps
+        its value.
     """
     _check_shapes(x, weights, init)
     x, weights = x.detach(), weights.detach().to(x.dtype)
     c = init.detach().to(x.dtype).clone()
+    if x.shape[-1] == 1:
+        return _scalar_kmeans(x[..., 0], weights, c[..., 0], iters).unsqueeze(-1)
     for _ in range(iters):
         new = weighted_means(x, weights, assign(x, c), c)
         if torch.equal(new, c):
             break
         c = new
     return c
+
+
+def _scalar_kmeans(x: torch.Tensor, weights: torch.Tensor, c: torch.Tensor, iters: int) -> torch.Tensor:
+    """Lloyd's iterations on scalars x [g, m] (weights [g, m]) from c [g, k] -> [g, k].
+
+    The scalars are sorted once; a cluster is then a contiguous run of them, between the sorted centroids'
+    midpoints, and its weighted sum and mass are differences of prefix sums: each iteration costs
+    O(g k log m), not O(g m k). Assignment as `assign`: a scalar on a midpoint goes to the lower centroid.
+    """
+    values, order = x.sort(dim=1)
+    w = weights.gather(1, order).double()
+    zero = torch.zeros(x.shape[0], 1, dtype=torch.float64, device=x.device)
+    mass = torch.cat([zero, w.cumsum(1)], 1)  # [g, m + 1]
+    moment = torch.cat([zero, (w * values.double()).cumsum(1)], 1)
+    last = torch.full((x.shape[0], 1), x.shape[1], dtype=torch.long, device=x.device)
+    for _ in range(iters):
+        c_sorted = c.sort(dim=1).values
+        midpoints = (c_sorted[:, 1:] + c_sorted[:, :-1]) / 2  # [g, k - 1]
+        ends = torch.cat([torch.searchsorted(values, midpoints.contiguous(), right=True), last], 1)  # [g, k]
+        starts = torch.cat([torch.zeros_like(last), ends[:, :-1]], 1)
+        total = mass.gather(1, ends) - mass.gather(1, starts)
+        summed = moment.gather(1, ends) - moment.gather(1, starts)
+        new = torch.where(total > 0, summed / total.clamp_min(torch.finfo(torch.float64).tiny),
+                          c_sorted.double()).to(x.dtype)
+        if torch.equal(new, c_sorted):
+            break
+        c = new
+    return c.sort(dim=1).values
 
 
 def assign(x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
