@@ -134,7 +134,9 @@ def distill_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> 
 def bits_per_weight(model: nn.Module, mc: ModelConfig) -> tuple[float, int, int]:
     """(bits per weight, palettized bytes, weights) of the layers `mc` plans for `model`, LUTs and scales counted,
     a tied weight (embedding / lm_head) counted once."""
-    plan = mc.plan(model)
+    from idkm_plugin import layers
+
+    plan = layers.plan(model, mc) if hasattr(layers, "plan") else mc.plan(model)  # the plan moved to layers.plan
     seen: set[int] = set()
     nbytes = weights = 0
     for row in plan.rows:
