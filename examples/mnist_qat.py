@@ -31,9 +31,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from mnist_common import (disk_bytes, evaluate, evaluate_pte, finetune, load_mnist,  # noqa: E402
                           load_pretrained_cnn)
 
-from idkm_plugin import ModelConfig  # noqa: E402
+from idkm_plugin import ModelConfig, plan  # noqa: E402
 from idkm_plugin.export import load_palettized, save_palettized, size_report  # noqa: E402
-from idkm_plugin.nn import PalettizedModule  # noqa: E402
+from idkm_plugin.nn import palettized_parameters  # noqa: E402
 from idkm_plugin.atomic import atomic_path, atomic_write_text  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -190,9 +190,9 @@ def main(argv=None) -> dict:
 
     # 2. per-layer IDKM qconfigs from the YAML ModelConfig, then torch.ao's prepare_qat
     mp = load_model_config(args.config, args.method, args.bits, args.dim, args.max_iter, args.seed, args.sparsity)
-    print(mp.plan(model).to_markdown())  # each layer's config and size (LUTs and scales counted), before training
+    print(plan(model, mp).to_markdown())  # each layer's config and size (LUTs and scales counted), before training
     if args.plan:
-        return {"plan": [row.name for row in mp.plan(model).rows]}
+        return {"plan": [row.name for row in plan(model, mp).rows]}
     assign_qconfigs(model, mp)
     qat = prepare_qat(model.train())
 
@@ -237,7 +237,7 @@ def main(argv=None) -> dict:
         "float": float_row, "palettized": rows[1], "qat_eval_acc": qat_acc, "converted_equals_qat_eval": exact,
         "accuracy_drop_points": float_acc - deployed_acc, "train": vars(train), "seconds_total": elapsed,
         "layers": [vars(layer) for layer in layers.layers], "model_config": mp.to_dict(), "deploy": files,
-        "sparsity": {name: m.sparsity for name, m in deployed.named_modules() if isinstance(m, PalettizedModule)},
+        "sparsity": {name.removesuffix(".weight"): w.sparsity for name, w in palettized_parameters(deployed).items()},
     }
     atomic_write_text(os.path.join(args.out, "report.json"), json.dumps(report, indent=2, default=str))
     atomic_write_text(os.path.join(args.out, "report.md"),

@@ -30,7 +30,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from distillation import without_dropout  # noqa: E402
 from mobilenet_common import crops, logits_and_features, pretrained  # noqa: E402
 
-from idkm_plugin import ClusterConfig, ModelConfig  # noqa: E402
+from idkm_plugin import ClusterConfig, ModelConfig, plan  # noqa: E402
 from idkm_plugin.export import size_report  # noqa: E402
 
 
@@ -111,10 +111,10 @@ def main(argv=None) -> dict:
 
     teacher = pretrained()
     mp = model_config(args)
-    plan = mp.plan(teacher)
-    print(plan.to_markdown())
+    layer_plan = plan(teacher, mp)
+    print(layer_plan.to_markdown())
     if args.plan:
-        return {"plan_bytes": plan.nbytes}
+        return {"plan_bytes": layer_plan.nbytes}
     x_train, x_test = (crops(args.train_crops, seed=1, source=args.images),
                       crops(args.test_crops, seed=2, source=args.images))
     with torch.no_grad():

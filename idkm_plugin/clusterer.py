@@ -13,6 +13,7 @@ from .core.frozen import frozen_soft_assign
 from .core.init import init_centroids_masked
 from .core.prune import magnitude_mask, num_pruned, on_survivors, scatter_survivors
 from .core.vectors import vector_shape
+from .nn.palettized_tensor import PaletteSpec, PalettizedTensor
 
 
 # id(Parameter) -> (the Parameter, the clusterer that clusters it), both weakly: a dropped model releases them.
@@ -388,6 +389,32 @@ class WeightClusterer(nn.Module):
                                       unexpected_keys, error_msgs)
         if prefix + "mask" in missing_keys and not self.pruned:  # saved before pruning existed: nothing pruned
             missing_keys.remove(prefix + "mask")
+
+    @torch.no_grad()
+    def export(self, weight: torch.Tensor, transposed: bool = False) -> PalettizedTensor:
+        """The stored form of `weight` [out, ...]: hard nearest-centroid codes against the LUT, with the LUT in
+        lut_dtype, the channel and LUT scales, the pruning mask and the spec (bits, dim, shape, LUT groups, dtype),
+        in one call. transposed: the layer stores the weight as its transpose (decoding transposes back)."""
+        codes, lut = self.codes_and_lut(weight)
+        scales = self.scales(weight)
+        spec = PaletteSpec(self.config.bits, self.config.dim, tuple(weight.shape), lut.shape[0], weight.dtype,
+                           transposed)
+        return PalettizedTensor.build(codes, lut, spec, scales.get("channel_scale"), scales.get("lut_scale"),
+                                      self.pruning_mask())
+
+    def export_parameter(self, weight: torch.Tensor, transposed: bool = False) -> nn.Parameter:
+        """`export` as a frozen Parameter; the same Parameter again for the same weight Parameter and version (a
+        tied weight, converted through each of its layers, stays one Parameter), from its owning clusterer."""
+        owner = self._tie_owner(weight)  # registers this clusterer for a Parameter no clusterer has seen yet
+        source = weight if isinstance(weight, nn.Parameter) else weight._base
+        key = (id(source), None if source is None else source._version, tuple(weight.shape), transposed)
+        memo = owner.__dict__.get("_exported")
+        if source is not None and memo is not None and memo[0] == key and memo[1] is source:
+            return memo[2]
+        parameter = nn.Parameter(owner.export(weight, transposed), requires_grad=False)
+        if source is not None:
+            owner.__dict__["_exported"] = (key, source, parameter)
+        return parameter
 
     def extra_repr(self) -> str:
         c = self.config

@@ -278,7 +278,7 @@ class ModelConfig:
     skip_unclusterable: bool = False  # True: warn and leave float a layer `dim` does not divide
     strict: bool = False  # True: a by_name key or regex that matches no layer is an error, not a warning
     # True: a layer whose palettized form (codes + LUTs + scales) would take at least its float32 bytes is left
-    # float, with a warning (every flow applies it through idkm_plugin.layers.checked_config)
+    # float, with a warning (every flow applies it through idkm_plugin.selection.checked_config)
     keep_float_if_larger: bool = True
 
     def __post_init__(self) -> None:
@@ -327,17 +327,6 @@ class ModelConfig:
         if self.small_layer_params and weight_shape is not None and math.prod(weight_shape) < self.small_layer_params:
             return self.small_layer, "small_layer"
         return self.default, "default"
-
-    def plan(self, model: torch.nn.Module) -> "Plan":
-        """Per layer of `model` (the walk every flow uses): the rule and config it resolves to, its weights,
-        bits per weight (LUTs and scales counted) and bytes vs float32, before any training.
-
-        Layers that would not shrink are shown as float (with the reason), as every flow will leave them.
-        Returns a `Plan` (rows, `to_markdown()`).
-        """
-        from .layers import plan_layers  # layers imports this module
-
-        return plan_layers(model, self)
 
     def with_overrides(self, **changes: Any) -> "ModelConfig":
         """A copy with the ClusterConfig fields `changes` set in every entry (default, small_layer, by_type and

@@ -14,17 +14,16 @@ every decision lives in the core, once:
    `lut_frozen` from its own switches and calls `clusterer(weight)` (soft in training, frozen-LUT soft,
    hard in eval). It never calls `idkm_plugin.core` itself.
 3. Convert through `idkm_plugin.layers.palettize_module(module, clusterer, weight=, bias=)`, so every
-   toolkit produces the same `idkm_plugin.nn.Palettized*` modules (and the same files and exports), with
-   the clusterer's `scales(weight)` (per-channel scales, int8 LUT scales) and pruning mask attached; where a
-   graph needs a bare `PalettizedWeight` (PT2E), call `set_scales(**clusterer.scales(weight))` and
-   `set_mask(clusterer.pruning_mask())` on it likewise.
+   toolkit produces the same form (and the same files and exports): the layer's float class whose weight is a
+   `PalettizedTensor` (codes, LUT, scales, pruning mask and spec, exported once by the clusterer); where a
+   graph needs a bare weight (PT2E), register `clusterer.export_parameter(weight)` and read it with get_attr.
 4. Import the toolkit lazily (the package `__init__` may import it; `import idkm_plugin` never does).
 
-Adding a layer kind is one registry entry plus its palettized class; the torchao and torch.ao adapters
-then handle it without changes (see `tests/integrations/test_adapter_contract.py`):
+Adding a layer kind is one registry entry; the torchao and torch.ao adapters then handle it without changes
+(see `tests/integrations/test_adapter_contract.py`):
 
     from idkm_plugin.layers import LayerKind, register_layer_kind
-    register_layer_kind(LayerKind("ScaledLinear", ScaledLinear, PalettizedScaledLinear,
+    register_layer_kind(LayerKind("ScaledLinear", ScaledLinear,
                                   forward_with_weight=lambda m, x, w: F.linear(x, w, m.bias) * m.scale))
 
 Adding a toolkit is one new folder here (package discovery ships it; `tests/test_wheel.py` checks).

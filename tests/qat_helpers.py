@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from idkm_plugin.nn import PalettizedModule
+from idkm_plugin.nn import PalettizedTensor, PaletteSpec, palettized_parameters
 
 
 def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int, batch: int = 64,
@@ -26,9 +26,38 @@ def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int, batch:
     return losses
 
 
-def assert_at_most_k_vectors(layer: PalettizedModule) -> None:
-    """Every LUT group of the deployed weight holds at most 2**bits distinct d-vectors."""
-    vectors = layer.dequantize_weight().reshape(layer.groups_lut, -1, layer.dim)
+def assert_at_most_k_vectors(layer: nn.Module) -> None:
+    """Every LUT group of the deployed layer's weight holds at most 2**bits distinct d-vectors."""
+    weight = layer.weight
+    assert isinstance(weight, PalettizedTensor), f"{type(layer).__name__} has a float weight"
+    vectors = weight.dequantize().reshape(weight.groups_lut, -1, weight.cluster_dim)
     for group in vectors:
-        assert torch.unique(group, dim=0).shape[0] <= 1 << layer.bits
-    assert int(layer.unpacked_codes().max()) < 1 << layer.bits
+        assert torch.unique(group, dim=0).shape[0] <= 1 << weight.bits
+    assert int(weight.unpacked_codes().max()) < 1 << weight.bits
+
+
+def converted_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """name -> every layer of `model` whose weight is palettized (the converted form)."""
+    return {name: m for name, m in model.named_modules()
+            if isinstance(getattr(m, "weight", None), PalettizedTensor)}
+
+
+def palettized(layer: nn.Module, codes: torch.Tensor, lut: torch.Tensor, bits: int, *, channel_scale=None,
+               lut_scale=None, mask=None, cache_weight: bool = True, transposed: bool = False) -> nn.Module:
+    """`layer` (modified) with its weight replaced by codes + LUT [groups, 2**bits, d] (codes as
+    `PalettizedTensor.build` takes them)."""
+    shape = tuple(layer.weight.shape)
+    spec = PaletteSpec(bits, lut.shape[2], tuple(reversed(shape)) if transposed else shape, lut.shape[0],
+                       layer.weight.dtype, transposed)
+    layer.weight = nn.Parameter(PalettizedTensor.build(codes, lut, spec, channel_scale, lut_scale, mask,
+                                                       cache_weight), requires_grad=False)
+    return layer
+
+
+def palettized_linear(in_features: int, out_features: int, codes: torch.Tensor, lut: torch.Tensor, bits: int,
+                      bias: torch.Tensor | None = None, **kwargs) -> nn.Linear:
+    """An nn.Linear whose weight [out, in] is codes + LUT (and `bias` [out] when given)."""
+    layer = nn.Linear(in_features, out_features, bias=bias is not None)
+    if bias is not None:
+        layer.bias = nn.Parameter(bias.detach().clone(), requires_grad=False)
+    return palettized(layer, codes, lut, bits, **kwargs)

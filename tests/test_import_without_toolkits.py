@@ -34,6 +34,7 @@ import idkm_plugin
 from idkm_plugin import ClusterConfig, ModelConfig, soft_kmeans
 from idkm_plugin.clusterer import WeightClusterer
 from idkm_plugin.layers import palettize_module
+import idkm_plugin.nn
 from idkm_plugin.export import size_report
 import idkm_plugin.integrations
 
@@ -43,6 +44,7 @@ clusterer = WeightClusterer(ClusterConfig(bits=2, max_iter=5)).train()
 clusterer(layer.weight).sum().backward()
 clusterer.eval()
 deployed = palettize_module(layer, clusterer)
+assert type(deployed) is nn.Linear and isinstance(deployed.weight, idkm_plugin.nn.PalettizedTensor)
 x = torch.randn(3, 16)
 assert torch.equal(deployed(x), torch.nn.functional.linear(x, clusterer(layer.weight), layer.bias))
 assert size_report(nn.Sequential(deployed)).layers[0].bits == 2

@@ -16,7 +16,8 @@ from idkm_plugin.clusterer import WeightClusterer
 from idkm_plugin.config import ChannelScale
 from idkm_plugin.export import load_palettized, save_palettized, size_report
 from idkm_plugin.layers import palettize_module
-from idkm_plugin.nn import PalettizedModule
+from idkm_plugin.nn import PalettizedTensor, palettized_parameters
+from qat_helpers import converted_layers
 
 
 def _uneven(shape, seed=0):
@@ -155,7 +156,7 @@ def _train(model, steps=2):
 
 
 def _check_converted(deployed, cfg, n_layers=5):
-    layers = [m for m in deployed.modules() if isinstance(m, PalettizedModule)]
+    layers = [m.weight for m in converted_layers(deployed).values()]
     assert len(layers) == n_layers
     for m in layers:
         assert (m.channel_scale is not None) == bool(cfg.per_channel_scale)
@@ -211,7 +212,7 @@ def test_pt2e_converted_equals_eval_qat_exactly():
     pytest.importorskip("torchao")
     from torchao.quantization.pt2e.quantize_pt2e import prepare_qat_pt2e
 
-    from idkm_plugin.integrations.torch_ao import (IDKMQuantizer, PalettizedWeight, convert_pt2e_palettized,
+    from idkm_plugin.integrations.torch_ao import (IDKMQuantizer, convert_pt2e_palettized,
                                                    pt2e_eval, pt2e_train)
 
     cfg = CONFIGS["rms scale + int8 LUT + grouped"]
@@ -224,9 +225,20 @@ def test_pt2e_converted_equals_eval_qat_exactly():
         opt.step()
     expected = pt2e_eval(qat)(*_inputs())
     deployed = convert_pt2e_palettized(qat)
-    weights = [m for m in deployed.modules() if isinstance(m, PalettizedWeight)]
+    weights = list(palettized_parameters(deployed).values())
     assert weights and all(w.channel_scale is not None and w.lut.dtype == torch.int8 for w in weights)
     assert torch.equal(deployed(*_inputs()), expected)
+
+
+def _stored(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The state_dict as stored: a palettized weight as its codes, LUT, scales and mask ("fc.weight.codes")."""
+    out = {}
+    for key, value in model.state_dict().items():
+        if isinstance(value, PalettizedTensor):
+            out.update({f"{key}.{name}": t for name, t in value.inner_tensors().items()})
+        else:
+            out[key] = value
+    return out
 
 
 def _palettized_net(cfg):
@@ -245,18 +257,19 @@ def test_save_load_round_trip_is_exact_and_size_counts_scales(tmp_path, name):
     model = _palettized_net(cfg)
     save_palettized(model, tmp_path / "m.safetensors")
     loaded = load_palettized(tmp_path / "m.safetensors", Net())
-    for key, value in model.state_dict().items():
-        assert loaded.state_dict()[key].dtype == value.dtype and torch.equal(loaded.state_dict()[key], value), key
+    theirs = _stored(loaded)
+    for key, value in _stored(model).items():
+        assert theirs[key].dtype == value.dtype and torch.equal(theirs[key], value), key
     assert torch.equal(loaded(*_inputs()), model(*_inputs()))
     report = size_report(model)
     for layer in report.layers:
-        m = model.get_submodule(layer.name)
+        m = model.get_submodule(layer.name).weight
         assert layer.scale_bytes == (cfg.scale_torch_dtype.itemsize * m.weight_shape[0] * bool(cfg.per_channel_scale)
                                      + 4 * m.groups_lut * cfg.lut_quantized)
         assert layer.lut_bytes == m.lut.numel() * (1 if cfg.lut_quantized else 4)
         # the plan's arithmetic is the converted module's
         assert layer.code_bytes + layer.lut_bytes + layer.scale_bytes == cfg.palettized_nbytes(m.weight_shape)
-    stored = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    stored = sum(t.numel() * t.element_size() for t in _stored(model).values())
     assert report.total_bytes == stored
 
 
@@ -292,7 +305,7 @@ def test_coreml_weights_with_scales_and_int8_luts_equal_dequantize_weight(name):
         name = op.name.split("_weight")[0]
         layer = model.get_submodule(name)
         weight = torch.from_numpy(lut_to_dense(op.inputs["indices"].val, lut, None if axis is None else axis.val))
-        assert torch.equal(weight.reshape(layer.weight_shape), layer.dequantize_weight()), name
+        assert torch.equal(weight.reshape(layer.weight.weight_shape), layer.weight.dequantize()), name
         checked.add(name)
     assert checked == {"emb", "conv1", "conv2", "fc", "head"}
 
@@ -314,10 +327,11 @@ def test_tied_weight_scales_are_stored_once_and_tied_again(tmp_path):
     clusterer(model.embed.weight)
     model.embed, model.head = (palettize_module(model.embed, clusterer), palettize_module(model.head, clusterer))
     for name in ("codes", "lut", "channel_scale", "lut_scale"):
-        assert getattr(model.head, name) is getattr(model.embed, name), name
+        assert getattr(model.head.weight, name) is getattr(model.embed.weight, name), name
     save_palettized(model, tmp_path / "tied.safetensors")
     loaded = load_palettized(tmp_path / "tied.safetensors", Tied())
-    assert loaded.head.channel_scale is loaded.embed.channel_scale and loaded.head.lut_scale is loaded.embed.lut_scale
+    assert loaded.head.weight.channel_scale is loaded.embed.weight.channel_scale
+    assert loaded.head.weight.lut_scale is loaded.embed.weight.lut_scale
     ids = torch.randint(0, 16, (2, 3))
     assert torch.equal(loaded(ids), model(ids))
 

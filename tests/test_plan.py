@@ -1,4 +1,4 @@
-"""`ModelConfig.plan(model)` and the rule that no layer is palettized into more bytes than its float32 weight."""
+"""`idkm_plugin.plan(model, model_config)` and the rule that no layer is palettized into more bytes than its float32 weight."""
 import copy
 import itertools
 import warnings
@@ -7,9 +7,10 @@ import pytest
 import torch
 from torch import nn
 
-from idkm_plugin import ClusterConfig, ModelConfig
+from idkm_plugin import ClusterConfig, ModelConfig, plan as plan_of
 from idkm_plugin.clusterer import WeightClusterer
 from idkm_plugin.layers import palettize_module, resolve_layers
+from idkm_plugin.nn import PalettizedTensor
 
 
 def readme_model():
@@ -24,7 +25,7 @@ TOO_BIG = r"layer '0' \(Conv2d\): palettized with bits=8, dim=1 it would take 1,
 
 def test_plan_of_the_readme_example_leaves_the_small_conv_float():
     with pytest.warns(UserWarning, match=TOO_BIG + r".*not less than its 288 B in float32; leaving it float"):
-        plan = README_MP.plan(readme_model())
+        plan = plan_of(readme_model(), README_MP)
     conv, fc = plan.rows
     assert (conv.name, conv.kind, conv.rule, conv.config, conv.weights, conv.nbytes) == (
         "0", "Conv2d", "small_layer", None, 72, 288)
@@ -42,7 +43,7 @@ def test_keep_float_if_larger_false_palettizes_anyway_and_round_trips():
                      small_layer=README_MP.small_layer, keep_float_if_larger=False)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        plan = mp.plan(readme_model())
+        plan = plan_of(readme_model(), mp)
     assert plan.rows[0].config == ClusterConfig(bits=8) and plan.rows[0].nbytes == 1096
     assert ModelConfig.from_dict(mp.to_dict()) == mp
     assert ModelConfig.from_dict(README_MP.to_dict()).keep_float_if_larger is True
@@ -57,7 +58,7 @@ def test_planned_size_never_exceeds_float32_and_equals_the_converted_size(shape)
         cfg = ClusterConfig(bits=bits, max_iter=2, per_channel_scale=per_channel, lut_dtype=lut_dtype)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            (row,) = ModelConfig(default=cfg).plan(model).rows
+            (row,) = plan_of(model, ModelConfig(default=cfg)).rows
             (_, _, resolved), = resolve_layers(model, cfg)
         assert row.nbytes <= row.float32_bytes
         assert row.config == resolved  # the plan is what the flows will do
@@ -69,7 +70,8 @@ def test_planned_size_never_exceeds_float32_and_equals_the_converted_size(shape)
         clusterer = WeightClusterer(cfg)
         clusterer(fresh.weight)
         converted = palettize_module(fresh, clusterer)
-        stored = sum(t.numel() * t.element_size() for name, t in converted.state_dict().items() if name != "bias")
+        assert type(converted) is type(layer) and isinstance(converted.weight, PalettizedTensor)
+        stored = sum(t.numel() * t.element_size() for t in converted.weight.inner_tensors().values())
         assert row.nbytes == stored
 
 
@@ -124,7 +126,7 @@ def test_converted_readme_model_keeps_the_small_conv_float():
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        plan = README_MP.plan(readme_model())
+        plan = plan_of(readme_model(), README_MP)
         qat = tq.prepare_qat(assign_qconfigs(readme_model(), README_MP).train())
         qat(torch.rand(4, 1, 28, 28))
         deployed = tq.convert(qat.eval(), mapping=palettize_mapping())

@@ -11,12 +11,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from idkm_plugin import ClusterConfig, ModelConfig
+from idkm_plugin import ClusterConfig, ModelConfig, plan
 from idkm_plugin.clusterer import WeightClusterer
 from idkm_plugin.core import magnitude_mask, num_pruned
 from idkm_plugin.export import size_report
 from idkm_plugin.layers import palettize_module
-from idkm_plugin.nn import PalettizedLinear, PalettizedModule, pack_codes
+from idkm_plugin.nn import PalettizedTensor, pack_codes, palettized_parameters
+from qat_helpers import converted_layers, palettized_linear
 
 FAST = dict(bits=2, max_iter=5)
 ignore_torch_ao_deprecation = pytest.mark.filterwarnings("ignore:torch.ao.quantization is deprecated")
@@ -59,9 +60,9 @@ def test_schedule_one_shot_and_cubic_ramp():
 def test_plan_counts_the_mask_bit():
     base, pruned = ClusterConfig(bits=2, dim=2), ClusterConfig(bits=2, dim=2, sparsity=0.5)
     assert pruned.palettized_nbytes((10, 12)) - base.palettized_nbytes((10, 12)) == math.ceil(60 / 8)
-    row = ModelConfig(default=pruned).plan(nn.Sequential(nn.Linear(12, 10))).rows[0]
-    assert row.nbytes == pruned.palettized_nbytes((10, 12)) and "sparsity 0.5" in ModelConfig(
-        default=pruned).plan(nn.Sequential(nn.Linear(12, 10))).to_markdown()
+    row = plan(nn.Sequential(nn.Linear(12, 10)), ModelConfig(default=pruned)).rows[0]
+    assert row.nbytes == pruned.palettized_nbytes((10, 12)) and "sparsity 0.5" in plan(
+        nn.Sequential(nn.Linear(12, 10)), ModelConfig(default=pruned)).to_markdown()
 
 
 # ---- the clusterer -------------------------------------------------------------------------------------
@@ -219,7 +220,7 @@ def test_tied_weight_is_pruned_once_with_one_mask():
     a, b = first(embed.weight), second(head.weight)
     assert a is b and second.mask is first.mask and int((~first.mask).sum()) == 64
     embed_p, head_p = palettize_module(embed, first), palettize_module(head, second)
-    assert head_p.mask is embed_p.mask and head_p.codes is embed_p.codes
+    assert head_p.weight.mask is embed_p.weight.mask and head_p.weight.codes is embed_p.weight.codes
 
 
 # ---- the converted module ---------------------------------------------------------------------------
@@ -228,24 +229,27 @@ def _converted_linear(cfg, seed=0):
     layer = nn.Linear(12, 10)
     clusterer = WeightClusterer(cfg, "fc")
     clusterer(layer.weight)
-    return layer, clusterer, palettize_module(layer, clusterer)
+    pal = palettize_module(layer, clusterer)
+    assert type(pal) is nn.Linear and isinstance(pal.weight, PalettizedTensor)
+    return layer, clusterer, pal
 
 
 def test_palettized_mask_is_packed_one_bit_per_vector_and_codes_of_pruned_are_zero():
     cfg = ClusterConfig(**FAST, dim=2, sparsity=0.5)
     layer, clusterer, pal = _converted_linear(cfg)
-    assert pal.mask.dtype == torch.uint8 and pal.mask.numel() == math.ceil(60 / 8)
-    assert torch.equal(pal.mask, pack_codes(clusterer.mask.to(torch.int64), 1))
-    assert torch.equal(pal.unpacked_mask(), clusterer.mask) and pal.sparsity == 0.5
-    assert bool((pal.unpacked_codes()[~clusterer.mask] == 0).all())
-    assert torch.equal(pal.dequantize_weight(), clusterer.eval()(layer.weight))
-    again = PalettizedLinear(12, 10, pal.codes, pal.lut, 2).set_mask(pal.mask)  # packed form accepted
-    assert torch.equal(again.dequantize_weight(), pal.dequantize_weight())
-    with pytest.raises(ValueError, match=r"mask torch.bool \[3\] does not match a \[10, 12\] weight with dim=2: "
-                                         r"expected bool \[1, 60\] or packed uint8 \[8\]"):
-        pal.set_mask(torch.ones(3, dtype=torch.bool))
-    unpruned = _converted_linear(ClusterConfig(**FAST, dim=2))[2]
-    assert unpruned.mask is None and "mask" not in unpruned.state_dict()
+    w = pal.weight
+    assert w.mask.dtype == torch.uint8 and w.mask.numel() == math.ceil(60 / 8)
+    assert torch.equal(w.mask, pack_codes(clusterer.mask.to(torch.int64), 1))
+    assert torch.equal(w.unpacked_mask(), clusterer.mask) and w.sparsity == 0.5
+    assert bool((w.unpacked_codes()[~clusterer.mask] == 0).all())
+    assert torch.equal(w.dequantize(), clusterer.eval()(layer.weight))
+    again = palettized_linear(12, 10, w.codes, w.lut, 2, mask=w.mask)  # packed form accepted
+    assert torch.equal(again.weight.dequantize(), w.dequantize())
+    with pytest.raises(ValueError, match=r"mask torch.bool \[3\] does not match 60 codes: "
+                                         r"expected bool \(60 values\) or packed uint8 \[8\]"):
+        palettized_linear(12, 10, w.codes, w.lut, 2, mask=torch.ones(3, dtype=torch.bool))
+    unpruned = _converted_linear(ClusterConfig(**FAST, dim=2))[2].weight
+    assert unpruned.mask is None and "mask" not in unpruned.inner_tensors()
     assert bool(unpruned.unpacked_mask().all()) and unpruned.sparsity == 0
 
 
@@ -254,21 +258,29 @@ def test_the_weight_cache_follows_the_mask_and_torch_export_decodes_it():
     _, clusterer, pal = _converted_linear(cfg)
     x = torch.randn(3, 12)
     masked = pal(x)
-    pal.set_mask(torch.zeros_like(clusterer.mask))
-    assert not torch.equal(pal(x), masked) and bool((pal.dense_weight() == 0).all())
+    pal.weight.mask.zero_()  # every vector pruned, written in place
+    assert not torch.equal(pal(x), masked) and bool((pal.weight.dense() == 0).all())
     _, _, pal = _converted_linear(cfg)
     program = torch.export.export(pal, (x,))
     assert torch.equal(program.module()(x), pal(x))
-    assert "mask" in {spec.target for spec in program.graph_signature.input_specs if spec.target}
+    inner = {n.args[1] for n in program.graph.nodes
+             if n.op == "call_function" and "access_subclass_inner_tensor" in str(n.target)}
+    assert "mask" in inner  # the program reads the packed mask and decodes it
 
 
 def test_converted_state_dict_round_trip_restores_the_mask():
     cfg = ClusterConfig(**FAST, sparsity=0.6, per_channel_scale=True)
     _, _, pal = _converted_linear(cfg)
-    _, _, fresh = _converted_linear(ClusterConfig(**FAST, per_channel_scale=True), seed=1)  # no mask yet
+    _, _, fresh = _converted_linear(cfg, seed=1)  # another mask
+    assert not torch.equal(fresh.weight.mask, pal.weight.mask)
     fresh.load_state_dict(pal.state_dict())
     x = torch.randn(3, 12)
-    assert torch.equal(fresh.mask, pal.mask) and torch.equal(fresh(x), pal(x))
+    assert torch.equal(fresh.weight.mask, pal.weight.mask) and torch.equal(fresh(x), pal(x))
+    _, _, unpruned = _converted_linear(ClusterConfig(**FAST, per_channel_scale=True), seed=1)  # no mask
+    with pytest.raises(RuntimeError, match="palettized weight .* does not match this one"):  # torch wraps the error
+        unpruned.load_state_dict(pal.state_dict())
+    unpruned.load_state_dict(pal.state_dict(), assign=True)  # takes the saved weight as it is
+    assert torch.equal(unpruned.weight.mask, pal.weight.mask) and torch.equal(unpruned(x), pal(x))
 
 
 def test_size_report_counts_the_mask_bytes():
@@ -276,9 +288,10 @@ def test_size_report_counts_the_mask_bytes():
     _, _, pal = _converted_linear(cfg)
     model = nn.Sequential(pal)
     layer = size_report(model).layers[0]
-    assert layer.code_bytes == pal.codes.numel() + pal.mask.numel() == 30 + 15
+    assert layer.code_bytes == pal.weight.codes.numel() + pal.weight.mask.numel() == 30 + 15
     assert layer.code_bytes + layer.lut_bytes + layer.scale_bytes == cfg.palettized_nbytes((10, 12))
-    stored = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    stored = sum(t.nbytes_stored if isinstance(t, PalettizedTensor) else t.numel() * t.element_size()
+                 for t in model.state_dict().values())
     assert size_report(model).total_bytes == stored
 
 
@@ -372,10 +385,10 @@ def test_converted_equals_eval_qat_exactly_with_pruning(flow, name):
     expected = qat.eval()(*_inputs())
     masks = {c.name: c.mask.clone() for c in clusterers}
     deployed = convert(qat)
-    layers = {n: m for n, m in deployed.named_modules() if isinstance(m, PalettizedModule)}
+    layers = converted_layers(deployed)
     assert len(layers) == 4
     for n, m in layers.items():
-        assert torch.equal(m.unpacked_mask(), masks[n]), n
+        assert torch.equal(m.weight.unpacked_mask(), masks[n]), n
     assert torch.equal(deployed(*_inputs()), expected)
 
 
@@ -383,7 +396,7 @@ def test_pt2e_converted_equals_eval_qat_exactly_with_pruning():
     pytest.importorskip("torchao")
     from torchao.quantization.pt2e.quantize_pt2e import prepare_qat_pt2e
 
-    from idkm_plugin.integrations.torch_ao import (IDKMQuantizer, PalettizedWeight, convert_pt2e_palettized,
+    from idkm_plugin.integrations.torch_ao import (IDKMQuantizer, convert_pt2e_palettized,
                                                    pt2e_eval, pt2e_train)
 
     cfg = CONFIGS["ramp, dim 2, grouped, scale"]
@@ -392,7 +405,7 @@ def test_pt2e_converted_equals_eval_qat_exactly_with_pruning():
     _train(qat, 4)
     expected = pt2e_eval(qat)(*_inputs())
     deployed = convert_pt2e_palettized(qat)
-    weights = [m for m in deployed.modules() if isinstance(m, PalettizedWeight)]
+    weights = list(palettized_parameters(deployed).values())
     assert len(weights) == 4 and all(w.mask is not None for w in weights)
     assert torch.equal(deployed(*_inputs()), expected)
 
@@ -513,9 +526,9 @@ def test_fx_with_batchnorm_folding_keeps_the_mask():
         opt.step()
     expected = qat.eval()(x)
     deployed = convert_fx_palettized(qat)
-    layers = [m for m in deployed.modules() if isinstance(m, PalettizedModule)]
-    assert len(layers) == 2 and all(m.sparsity == 0.5 for m in layers)
+    layers = list(converted_layers(deployed).values())
+    assert len(layers) == 2 and all(m.weight.sparsity == 0.5 for m in layers)
     for m in layers:
-        pruned = ~m.unpacked_mask().reshape(-1)
-        assert bool((m.dequantize_weight().reshape(pruned.numel(), -1)[pruned] == 0).all())
+        pruned = ~m.weight.unpacked_mask().reshape(-1)
+        assert bool((m.weight.dequantize().reshape(pruned.numel(), -1)[pruned] == 0).all())
     torch.testing.assert_close(deployed(x), expected, rtol=1e-5, atol=1e-5)  # BN folding: rounding only (as unpruned)

@@ -6,7 +6,7 @@ from torch import nn
 
 from idkm_plugin import ClusterConfig, ModelConfig
 from idkm_plugin.export import load_palettized, save_palettized, size_report
-from idkm_plugin.nn import PalettizedEmbedding
+from idkm_plugin.nn import PalettizedTensor
 from idkm_plugin.split_embedding import FrequencySplitEmbedding, split_embedding
 
 
@@ -90,8 +90,9 @@ def test_each_table_gets_its_own_bits_and_converted_equals_eval_qat(tmp_path, fl
         expected = model.eval()(ids)
         model = tq.convert(model, mapping=palettize_mapping())
     frequent, rare = model.tokens.frequent, model.tokens.rare
-    assert isinstance(frequent, PalettizedEmbedding) and isinstance(rare, PalettizedEmbedding)
-    assert (frequent.bits, rare.bits, rare.lut.shape[-1]) == (3, 2, 2)
+    assert type(frequent) is nn.Embedding and type(rare) is nn.Embedding
+    assert isinstance(frequent.weight, PalettizedTensor) and isinstance(rare.weight, PalettizedTensor)
+    assert (frequent.weight.bits, rare.weight.bits, rare.weight.lut.shape[-1]) == (3, 2, 2)
     assert torch.equal(model(ids), expected)
     report = size_report(model)
     assert {layer.name for layer in report.layers} >= {"tokens.frequent", "tokens.rare"}

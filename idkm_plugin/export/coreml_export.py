@@ -3,9 +3,8 @@
     from idkm_plugin.export import to_coreml
     mlmodel = to_coreml(deployed, (example_input,), "model.mlpackage")   # extra: pip install 'idkm-plugin[coreml]'
 
-Each palettized layer is replaced, in a copy of the model, by its float layer holding
-`dequantize_weight()` plus the palettization metadata coremltools' own `DKMPalettizer.finalize()`
-writes (buffers `_COREML_/weight/lut`, `/compression_type`, `/vector_axis`); `ct.convert` turns that
+In a copy of the model, each palettized weight is replaced by its decoded float weight plus the palettization
+metadata coremltools' own `DKMPalettizer.finalize()` writes (buffers `_COREML_/weight/lut`, `/compression_type`, `/vector_axis`); `ct.convert` turns that
 into an ML program whose weights are LUT + n-bit indices (times the per-channel scales
 `_COREML_/weight/palettization_scale` where the layer has them; an int8 LUT is written as its float values).
 What Core ML cannot express raises ValueError naming the layer: more than 8 bits, vectors (d > 1) that
@@ -22,7 +21,8 @@ from typing import Any, Optional, Sequence
 import torch
 from torch import nn
 
-from ..nn.palettized import PalettizedModule, PalettizedWeight
+from ..nn.palettized_tensor import PalettizedTensor, palettized_parameters
+from ..quiet import quiet_imports
 from ..atomic import atomic_path
 
 __all__ = ["coreml_lut", "to_coreml", "with_coreml_metadata"]
@@ -33,14 +33,15 @@ _PALETTIZATION = 2  # coremltools' CompressionType.palettization
 
 def _require_coremltools():
     try:
-        import coremltools as ct
+        with quiet_imports():
+            import coremltools as ct
     except ImportError as err:
         raise ImportError("to_coreml needs coremltools: pip install 'idkm-plugin[coreml]' (coremltools==9.0); "
                           f"import failed: {err}") from None
     return ct
 
 
-def coreml_lut(name: str, module: PalettizedModule) -> tuple[torch.Tensor, Optional[int]]:
+def coreml_lut(name: str, module: PalettizedTensor) -> tuple[torch.Tensor, Optional[int]]:
     """The LUT in coremltools' layout and the vector axis (None for d = 1).
 
     Ours: lut [groups, 2**bits, d], groups = consecutive blocks of output channels, vectors = d
@@ -48,7 +49,7 @@ def coreml_lut(name: str, module: PalettizedModule) -> tuple[torch.Tensor, Optio
     weight rank + 2, n in 1, 2, 3, 4, 6, 8) and vectors along one axis: here the last one. A pruned
     layer gets the next width up, so that its zeros decode from a spare all-zero entry.
     """
-    bits, d, shape = module.bits, module.dim, module.weight_shape
+    bits, d, shape = module.bits, module.cluster_dim, module.weight_shape
     pruned = module.mask is not None
     # a pruned layer's zeros need a LUT entry of their own: the next width up, whose spare entries are 0
     coreml_bits = next((b for b in _COREML_BITS if b > bits or (b == bits and not pruned)), None)
@@ -69,31 +70,35 @@ def coreml_lut(name: str, module: PalettizedModule) -> tuple[torch.Tensor, Optio
 
 
 def with_coreml_metadata(model: nn.Module) -> nn.Module:
-    """A copy of `model` whose palettized layers are float layers carrying Core ML palettization metadata."""
+    """A copy of `model` whose palettized weights are float weights carrying Core ML palettization metadata."""
     model = copy.deepcopy(model).eval()
-    replacements = []
-    for name, module in model.named_modules():
-        if isinstance(module, PalettizedWeight):
-            raise ValueError(f"layer {name!r}: a PalettizedWeight (PT2E graph) cannot be converted to Core ML; "
-                             "convert the model through the eager torch.ao or torchao flow instead")
-        if isinstance(module, PalettizedModule):
-            replacements.append((name, module))
-    if not replacements:
+    weights = palettized_parameters(model)
+    if not weights:
         raise ValueError("to_coreml: the model has no palettized layer; convert it first")
-    for name, module in replacements:
-        lut, vector_axis = coreml_lut(name, module)
-        layer = module.to_float()
+    for path, weight in weights.items():
+        name, _, attr = path.rpartition(".")
+        if attr != "weight":
+            raise ValueError(f"{path!r}: a palettized weight outside a layer (a PT2E graph) cannot be converted to "
+                             "Core ML; convert the model through the eager torch.ao or torchao flow instead")
+        lut, vector_axis = coreml_lut(name, weight)
+        layer = model.get_submodule(name) if name else model
+        if weight.spec.transposed:  # Hugging Face's Conv1D: an nn.Linear computes it on the [out, in] weight
+            linear = nn.Linear(weight.shape[0], weight.shape[1], bias=layer.bias is not None, device="meta")
+            linear.bias = layer.bias
+            layer = linear
+        layer.weight = nn.Parameter(weight.dequantize().t() if weight.spec.transposed else weight.dequantize(),
+                                    requires_grad=False)
         layer.register_buffer("_COREML_/weight/lut", lut)
         layer.register_buffer("_COREML_/weight/compression_type", torch.tensor([_PALETTIZATION]))
         if vector_axis is not None:
             layer.register_buffer("_COREML_/weight/vector_axis", torch.tensor(vector_axis))
-        if module.channel_scale is not None:  # per-output-channel scale: constexpr_blockwise_shift_scale after the LUT
-            scale = module.channel_scale.detach().float().view(-1, *([1] * (len(module.weight_shape) - 1)))
+        if weight.channel_scale is not None:  # per-output-channel scale: constexpr_blockwise_shift_scale after the LUT
+            scale = weight.channel_scale.detach().float().view(-1, *([1] * (len(weight.weight_shape) - 1)))
             layer.register_buffer("_COREML_/weight/palettization_scale", scale)
-        parent, _, attr = name.rpartition(".")
         if not name:
             return _with_version(layer)
-        setattr(model.get_submodule(parent) if parent else model, attr, layer)
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, layer)
     return _with_version(model)
 
 

@@ -3,7 +3,7 @@
     from idkm_plugin.export import to_executorch
     to_executorch(deployed, (example_input,), "model.pte")     # extra: pip install 'idkm-plugin[executorch]'
 
-`torch.export` traces the palettized modules' Core ATen decode (`nn/portable_dequantize.py`), so the
+`torch.export` traces the palettized weights' Core ATen decode (`nn/portable_dequantize.py`), so the
 program's constants are the packed uint8 codes and the LUTs, decoded by the program when it runs;
 XNNPACK takes the layers it can delegate, linears with decoded weights included (convolutions need
 constant weights in XNNPACK, so those run on ExecuTorch's portable kernels).
@@ -19,7 +19,8 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from ..nn.palettized import PalettizedConv1d, PalettizedConv2d, PalettizedModule
+from ..nn.palettized_tensor import PalettizedTensor, decode
+from ..quiet import quiet_imports
 from ..atomic import atomic_write_bytes
 
 __all__ = ["export_program", "to_executorch"]
@@ -27,8 +28,9 @@ __all__ = ["export_program", "to_executorch"]
 
 def _require_executorch():
     try:
-        from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
-        from executorch.exir import to_edge_transform_and_lower
+        with quiet_imports():
+            from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+            from executorch.exir import to_edge_transform_and_lower
     except ImportError as err:
         raise ImportError("to_executorch needs ExecuTorch: pip install 'idkm-plugin[executorch]' "
                           f"(executorch==1.5.1 with torch 2.13); import failed: {err}") from None
@@ -36,26 +38,52 @@ def _require_executorch():
 
 
 def without_weight_cache(model: nn.Module, dense_convolutions: bool = False) -> nn.Module:
-    """A copy of `model` in eval mode whose palettized layers decode in the traced graph (no cached
-    dense weight); with dense_convolutions, its palettized convolutions become float ones."""
+    """A copy of `model` in eval mode, wrapped so that its palettized weights are decoded inside the traced graph:
+    each one becomes plain buffers (codes, LUT, scales, mask) on its layer, decoded with Core ATen ops before the
+    model runs (outside the layer, so that backends see the layer's own op with a computed weight). With
+    dense_convolutions, the palettized weights of its convolutions become float ones."""
     model = copy.deepcopy(model).eval()
-    for name, module in list(model.named_modules()):
-        if not isinstance(module, PalettizedModule):
+    palettized = [(p, w) for p, w in model.named_parameters(remove_duplicate=False) if isinstance(w, PalettizedTensor)]
+    decoded = []
+    for path, weight in palettized:
+        name, _, attr = path.rpartition(".")
+        layer = model.get_submodule(name) if name else model
+        del layer._parameters[attr]
+        if dense_convolutions and isinstance(layer, (nn.Conv1d, nn.Conv2d)):
+            layer.register_parameter(attr, nn.Parameter(weight.dequantize(), requires_grad=False))
             continue
-        module.clear_weight_cache()
-        module.cache_weight = False
-        if dense_convolutions and isinstance(module, (PalettizedConv1d, PalettizedConv2d)):
-            parent, _, attr = name.rpartition(".")
-            if not name:
-                return module.to_float()
-            setattr(model.get_submodule(parent) if parent else model, attr, module.to_float())
-    return model
+        for inner, tensor in weight.inner_tensors().items():
+            layer.register_buffer(f"{attr}_{inner}", tensor)
+        decoded.append((name, attr, weight.spec))
+    return _DecodingRoot(model, decoded)
+
+
+class _DecodingRoot(nn.Module):
+    """forward(*args) = model(*args) after setting each palettized layer's weight attribute to the weight decoded
+    from its `<attr>_codes` / `_lut` / `_channel_scale` / `_lut_scale` / `_mask` buffers."""
+
+    def __init__(self, model: nn.Module, decoded: list) -> None:
+        super().__init__()
+        self.model = model
+        self.decoded = decoded
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        for name, attr, spec in self.decoded:
+            layer = self.model.get_submodule(name) if name else self.model
+            lut, lut_scale = getattr(layer, f"{attr}_lut"), getattr(layer, f"{attr}_lut_scale", None)
+            if lut_scale is not None:
+                lut = lut.to(torch.float32) * lut_scale.view(-1, 1, 1)
+            layer.__dict__[attr] = decode(spec, getattr(layer, f"{attr}_codes"), lut,
+                                          getattr(layer, f"{attr}_channel_scale", None),
+                                          getattr(layer, f"{attr}_mask", None))
+        return self.model(*args, **kwargs)
 
 
 def export_program(model: nn.Module, example_inputs: Sequence[Any],
                    dense_convolutions: bool = False) -> torch.export.ExportedProgram:
     """`torch.export` of the model's inference graph, the palettized weights decoded inside it."""
-    with torch.no_grad():
+    with torch.no_grad(), warnings.catch_warnings():  # torch.export's own deprecation notice, once per tree spec
+        warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)", category=FutureWarning)
         return torch.export.export(without_weight_cache(model, dense_convolutions), tuple(example_inputs))
 
 
@@ -89,6 +117,7 @@ def to_executorch(model: nn.Module, example_inputs: Sequence[Any], path: str | o
     partitioners = _partitioners() if delegate else []
     with warnings.catch_warnings():  # ExecuTorch 1.5's serializer still calls importlib.resources.read_binary
         warnings.filterwarnings("ignore", message="read_binary is deprecated", category=DeprecationWarning)
+        warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)", category=FutureWarning)
         program = to_edge_transform_and_lower(export_program(model, example_inputs, dense_convolutions),
                                               partitioner=partitioners)
         buffer = program.to_executorch().buffer

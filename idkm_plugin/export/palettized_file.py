@@ -1,27 +1,24 @@
 """Self-describing files of palettized models: `save_palettized` / `load_palettized`.
 
-The file is a safetensors file holding the model's whole state_dict as it is (for a palettized
-layer: its packed uint8 codes, LUT and bias; for every other module: its float tensors) and, in
-the header's `__metadata__["idkm_plugin.layers"]`, a JSON description of each palettized layer:
+A safetensors file (written and read by the `safetensors` library) holding, for every palettized weight
+"<path>" (e.g. "fc.weight"), its tensors "<path>.codes" (packed uint8), "<path>.lut", and where it has them
+"<path>.channel_scale", "<path>.lut_scale" and "<path>.mask" (packed, 1 bit per d-vector), and every other
+state_dict tensor as it is. The header's metadata describes each palettized weight:
 
-    {"features.0": {"kind": "PalettizedConv2d", "bits": 8, "dim": 1, "weight_shape": [32, 1, 3, 3],
-                    "lut_groups": 1, "weight_dtype": "float32", "lut_dtype": "float32",
-                    "hyperparameters": {"stride": [1, 1], "padding": [0, 0], ...}}, ...}
+    "idkm_plugin.weights": {"fc.weight": {"kind": "Linear", "bits": 4, "dim": 1, "shape": [10, 240]}, ...}
 
-written compactly: entries equal to their default (dim 1, lut_groups 1, float32 dtypes, a weight_shape
-the hyperparameters already hold) are left out, and read back as those defaults.
+(the `PaletteSpec` with defaults left out, plus the owning module's class), so
+`load_palettized(path, FloatModel())` puts palettized weights on the float skeleton without any training or
+conversion code. A tied weight is stored once ("idkm_plugin.aliases": {"head.weight": "embed.weight"}).
 
-so `load_palettized(path, FloatModel())` rebuilds the palettized layers from the float skeleton
-without any QAT or conversion code. A pruned layer's mask (uint8 [packed_nbytes(num_codes, 1)], 1 bit
-per d-vector) is the tensor "<layer>.mask".
+Codecs (metadata "idkm_plugin.codec"): "raw" stores the packed codes; "huffman" replaces a weight's codes (and
+mask) by one uint8 tensor "<path>.huffman" where that is smaller, recording "layout" (and "index_bits") in its
+entry (see `code_layouts`). Integrity: metadata "idkm_plugin.crc32" holds the CRC32 of every tensor and of the
+header (`integrity`); loading checks them and every length before building anything, and raises ValueError
+naming the file on a truncated or corrupted file.
 
-Codecs (metadata "idkm_plugin.codec"): "raw" stores the state_dict as it is; "huffman" replaces a
-layer's "<layer>.codes" (and "<layer>.mask") by one uint8 tensor "<layer>.huffman" when that is
-smaller, recording "layout" (and "index_bits") in the layer's entry (see `code_layouts`).
-Integrity: metadata "idkm_plugin.crc32" holds the CRC32 of every tensor and of the header
-(`integrity`); `load_palettized` checks them and every length before building anything, and raises
-ValueError naming the file on a truncated or corrupted file. Files of format "/1" (raw, written
-before checksums existed) still load, unchecked.
+Files of the earlier formats "/2" and "/1" (one palettized module class per layer, tensors "<layer>.codes") load
+into the same form.
 """
 from __future__ import annotations
 
@@ -32,114 +29,77 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..layers import layer_kinds
-from ..nn.packing import pack_codes, packed_nbytes
-from ..nn.palettized import PalettizedModule, PalettizedWeight
+from ..nn.packing import pack_codes
+from ..nn.palettized_tensor import PaletteSpec, PalettizedTensor, palettized_parameters
 from .code_layouts import decode_codes, encode_codes, layer_codes
 from .integrity import CHECKSUMS_KEY, seal, verify
 from .safetensors_format import read_safetensors, write_safetensors
 
-__all__ = ["CODECS", "FORMAT", "load_palettized", "palettized_layers", "save_palettized"]
+__all__ = ["CODECS", "FORMAT", "load_palettized", "save_palettized"]
 
-FORMAT = "idkm_plugin.palettized/2"
-_LEGACY_FORMAT = "idkm_plugin.palettized/1"  # raw, without checksums
+FORMAT = "idkm_plugin.palettized/3"
+_LEGACY_FORMATS = ("idkm_plugin.palettized/2", "idkm_plugin.palettized/1")  # /1: raw, without checksums
 CODECS = ("raw", "huffman")
 _CODEC_KEY = "idkm_plugin.codec"
-_LAYERS_KEY = "idkm_plugin.layers"
-_ALIASES_KEY = "idkm_plugin.aliases"  # tied weights: state_dict key -> the key whose tensor it is
+_WEIGHTS_KEY = "idkm_plugin.weights"
+_LEGACY_LAYERS_KEY = "idkm_plugin.layers"
+_ALIASES_KEY = "idkm_plugin.aliases"  # a tied weight (or tensor): its key -> the key it is stored under
+_INNER = ("codes", "lut", "channel_scale", "lut_scale", "mask")
 
 
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
-
-
-def _dtype(name: str) -> torch.dtype:
-    dtype = getattr(torch, name, None)
-    if not isinstance(dtype, torch.dtype):
-        raise ValueError(f"unknown dtype {name!r} in the file's metadata")
-    return dtype
-
-
-_LAYER_DEFAULTS = {"dim": 1, "lut_groups": 1, "weight_dtype": "float32", "lut_dtype": "float32"}
-
-
-def layer_metadata(module: PalettizedModule) -> dict[str, Any]:
-    """The JSON description of one palettized layer (every key; see `_compact`)."""
-    meta = {"kind": type(module).__name__, "bits": module.bits, "dim": module.dim,
-            "weight_shape": list(module.weight_shape), "lut_groups": module.groups_lut,
-            "weight_dtype": _dtype_name(module.weight_dtype), "lut_dtype": _dtype_name(module.lut.dtype),
-            "hyperparameters": module.hyperparameters()}
-    # per-channel scales: tensor "<layer>.channel_scale" float32 or float16 [out] (an int8 LUT's: "<layer>.lut_scale" [groups])
-    if module.channel_scale is not None:
-        meta["per_channel_scale"] = True
-    return meta
-
-
-def _compact(meta: dict[str, Any]) -> dict[str, Any]:
-    """`meta` without the entries `_expanded` restores (defaults, a weight_shape the hyperparameters hold)."""
-    out = {k: v for k, v in meta.items() if _LAYER_DEFAULTS.get(k, _MISSING) != v}
-    if out["weight_shape"] == out["hyperparameters"].get("weight_shape"):
-        del out["weight_shape"]
-    return out
-
-
-def _expanded(meta: dict[str, Any]) -> dict[str, Any]:
-    """Inverse of `_compact`."""
-    full = {**_LAYER_DEFAULTS, **meta}
-    if "weight_shape" not in full and isinstance(meta.get("hyperparameters"), dict):
-        full["weight_shape"] = meta["hyperparameters"].get("weight_shape")
-    return full
-
-
-_MISSING = object()
-
-
-def palettized_layers(model: nn.Module) -> dict[str, PalettizedModule]:
-    """name -> palettized module, in `named_modules` order."""
-    return {name: m for name, m in model.named_modules() if isinstance(m, PalettizedModule)}
+def _owner(model: nn.Module, path: str) -> tuple[nn.Module, str]:
+    module_name, _, attr = path.rpartition(".")
+    return (model.get_submodule(module_name) if module_name else model), attr
 
 
 def save_palettized(model: nn.Module, path: str | os.PathLike, codec: str = "raw") -> int:
-    """Write `model` (with its palettized layers) to a safetensors file, atomically; returns its size in bytes.
+    """Write `model` (with its palettized weights) to a safetensors file, atomically; returns its size in bytes.
 
-    codec "raw": every tensor as the state_dict holds it (packed codes); "huffman": each layer's codes
-    (and pruning mask) in the smallest of the layouts of `code_layouts`, entropy-coded where that wins.
+    codec "raw": the packed codes as the weights hold them; "huffman": each weight's codes (and pruning mask) in
+    the smallest of the layouts of `code_layouts`, entropy-coded where that wins.
     """
     if codec not in CODECS:
         raise ValueError(f"save_palettized: codec={codec!r} is not one of {list(CODECS)}")
-    layers = palettized_layers(model)
-    if not layers:
+    weights = palettized_parameters(model)
+    if not weights:
         raise ValueError("save_palettized: the model has no palettized layer; convert it first "
                          "(or save a float model with torch.save / safetensors directly)")
-    tensors, aliases = _deduplicated(model.state_dict())
-    described = {name: _compact(layer_metadata(module)) for name, module in layers.items()}
+    aliases = {name: _first_name(model, p) for name, p in model.named_parameters(remove_duplicate=False)
+               if isinstance(p, PalettizedTensor) and name not in weights}
+    state = {k: v for k, v in model.state_dict().items() if k not in weights and k not in aliases}
+    tensors, tensor_aliases = _deduplicated(state)
+    aliases.update(tensor_aliases)
+    described = {}
+    for name, weight in weights.items():
+        owner, _ = _owner(model, name)
+        described[name] = {"kind": type(owner).__name__, **weight.spec.to_metadata()}
+        tensors.update({f"{name}.{k}": t for k, t in weight.inner_tensors().items()})
     if codec == "huffman":
-        _entropy_code(layers, tensors, described)
+        _entropy_code(weights, tensors, described)
     compact = {"separators": (",", ":")}
     metadata = {"format": "pt", "idkm_plugin.format": FORMAT, _CODEC_KEY: codec,
-                _LAYERS_KEY: json.dumps(described, **compact)}
+                _WEIGHTS_KEY: json.dumps(described, **compact)}
     if aliases:
         metadata[_ALIASES_KEY] = json.dumps(aliases, **compact)
     metadata[CHECKSUMS_KEY] = seal(tensors, metadata)
     return write_safetensors(path, tensors, metadata)
 
 
-def _entropy_code(layers: dict[str, PalettizedModule], tensors: dict[str, torch.Tensor],
-                  described: dict[str, dict]) -> None:
-    """Replace each layer's stored codes (+ mask) by its "<layer>.huffman" blob where that is smaller.
+def _first_name(model: nn.Module, parameter: nn.Parameter) -> str:
+    return next(name for name, p in model.named_parameters() if p is parameter)
 
-    A layer whose codes or mask are another layer's (tied) is left to the layer that stores them."""
-    for name, module in layers.items():
-        prefix = f"{name}." if name else ""
-        keys = [prefix + "codes"] + ([prefix + "mask"] if module.mask is not None else [])
-        if not all(key in tensors for key in keys):
-            continue
-        encoded = encode_codes(*layer_codes(module), module.bits)
+
+def _entropy_code(weights: dict[str, PalettizedTensor], tensors: dict[str, torch.Tensor],
+                  described: dict[str, dict]) -> None:
+    """Replace each weight's stored codes (+ mask) by its "<path>.huffman" blob where that is smaller."""
+    for name, weight in weights.items():
+        keys = [f"{name}.codes"] + ([f"{name}.mask"] if weight.mask is not None else [])
+        encoded = encode_codes(*layer_codes(weight), weight.bits)
         if encoded.layout == "packed":
             continue
         for key in keys:
             del tensors[key]
-        tensors[prefix + "huffman"] = encoded.blob
+        tensors[f"{name}.huffman"] = encoded.blob
         described[name]["layout"] = encoded.layout
         if encoded.index_bits is not None:
             described[name]["index_bits"] = encoded.index_bits
@@ -164,67 +124,7 @@ def _deduplicated(state: dict) -> tuple[dict[str, torch.Tensor], dict[str, str]]
     return tensors, aliases
 
 
-def _palettized_classes() -> dict[str, type]:
-    found, stack = {}, [PalettizedModule]
-    while stack:
-        cls = stack.pop()
-        for sub in cls.__subclasses__():
-            found[sub.__name__] = sub
-            stack.append(sub)
-    return found
-
-
-def _float_type(cls: type) -> type:
-    for kind in layer_kinds():
-        if kind.palettized_type is cls:
-            return kind.float_type
-    raise ValueError(f"{cls.__name__} has no registered float layer kind")
-
-
-def _describe_mismatch(name: str, cls: type, found: dict, expected: dict, target: nn.Module) -> str:
-    keys = sorted(set(found) | set(expected))
-    diffs = ", ".join(f"{k}: file {expected.get(k)!r} vs model {found.get(k)!r}" for k in keys
-                      if found.get(k) != expected.get(k))
-    return f"layer {name!r}: the file's {cls.__name__} does not match the model's {type(target).__name__} ({diffs})"
-
-
-def _check_target(name: str, cls: type, hyperparameters: dict, target: nn.Module) -> None:
-    """Raise ValueError naming the layer if `target` in the skeleton cannot take the saved layer."""
-    if isinstance(target, cls):
-        found = json.loads(json.dumps(target.hyperparameters()))
-    elif cls is PalettizedWeight:
-        raise ValueError(f"layer {name!r}: the file holds a PalettizedWeight (a weight inside a PT2E graph); "
-                         f"load it into the converted graph module, which has one at this path, not into "
-                         f"a {type(target).__name__}")
-    else:
-        float_type = _float_type(cls)
-        if not isinstance(target, float_type):
-            raise ValueError(f"layer {name!r}: the file holds a {cls.__name__} but the model has a "
-                             f"{type(target).__name__} there (expected {float_type.__name__})")
-        found = json.loads(json.dumps(cls.float_hyperparameters(target)))
-    if found != hyperparameters:
-        raise ValueError(_describe_mismatch(name, cls, found, hyperparameters, target))
-
-
-def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, attr = name.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, attr, module)
-
-
-def _read_layers(path: str | os.PathLike, tensors: dict, metadata: dict) -> dict[str, dict]:
-    """The layers' metadata, after checking the file's format and (format /2) checksums."""
-    found = metadata.get("idkm_plugin.format")
-    if found not in (FORMAT, _LEGACY_FORMAT) or _LAYERS_KEY not in metadata:
-        raise ValueError(f"{path}: not a palettized model file (no {FORMAT!r} metadata); "
-                         "write it with idkm_plugin.export.save_palettized")
-    if found == FORMAT or CHECKSUMS_KEY in metadata:
-        verify(path, tensors, metadata)
-    layers = _json(path, metadata, _LAYERS_KEY)
-    if not isinstance(layers, dict) or not all(isinstance(m, dict) for m in layers.values()):
-        raise ValueError(f"{path}: corrupted file: {_LAYERS_KEY!r} is not a JSON object of layers")
-    return {name: _expanded(meta) for name, meta in layers.items()}
-
-
+# ---- reading --------------------------------------------------------------------------------------------------
 def _json(path: str | os.PathLike, metadata: dict, key: str, default: str = "{}"):
     try:
         return json.loads(metadata.get(key, default))
@@ -232,114 +132,154 @@ def _json(path: str | os.PathLike, metadata: dict, key: str, default: str = "{}"
         raise ValueError(f"{path}: corrupted file: metadata {key!r} is not valid JSON ({error})") from None
 
 
-def _num_codes(meta: dict) -> int:
-    numel = 1
-    for size in meta["weight_shape"]:
-        numel *= size
-    return numel // meta["dim"]
+def _read_weights(path: str | os.PathLike, tensors: dict, metadata: dict) -> tuple[dict[str, dict], dict[str, str]]:
+    """(palettized weights' metadata, aliases), after checking the format and checksums; earlier formats are
+    translated (their tensors renamed in `tensors`)."""
+    found = metadata.get("idkm_plugin.format")
+    if found not in (FORMAT, *_LEGACY_FORMATS):
+        raise ValueError(f"{path}: not a palettized model file (no {FORMAT!r} metadata); "
+                         "write it with idkm_plugin.export.save_palettized")
+    if found != _LEGACY_FORMATS[1] or CHECKSUMS_KEY in metadata:
+        verify(path, tensors, metadata)
+    aliases = _json(path, metadata, _ALIASES_KEY)
+    if found == FORMAT:
+        weights = _json(path, metadata, _WEIGHTS_KEY)
+    else:
+        weights, aliases = _legacy_weights(path, _json(path, metadata, _LEGACY_LAYERS_KEY), tensors, aliases)
+    if not isinstance(weights, dict) or not weights or not all(isinstance(m, dict) for m in weights.values()):
+        raise ValueError(f"{path}: corrupted file: its metadata does not describe the palettized weights")
+    return weights, aliases
 
 
-def _decode_layers(path: str | os.PathLike, layers: dict[str, dict], tensors: dict[str, torch.Tensor]) -> None:
-    """Replace each "<layer>.huffman" blob by the "<layer>.codes" (+ "<layer>.mask") tensors it encodes."""
-    for name, meta in layers.items():
-        layout = meta.get("layout", "packed")
-        if layout == "packed":
-            continue
-        prefix = f"{name}." if name else ""
-        blob = tensors.pop(prefix + "huffman", None)
-        if blob is None or blob.dtype != torch.uint8 or blob.dim() != 1:
-            raise ValueError(f"{path}: layer {name!r} ({layout}) lacks its uint8 tensor {prefix + 'huffman'!r}")
-        try:
-            codes, mask = decode_codes(layout, blob, _num_codes(meta), meta["bits"], meta.get("index_bits"))
-        except ValueError as error:
-            raise ValueError(f"{path}: layer {name!r}: {error}") from None
-        tensors[prefix + "codes"] = pack_codes(codes, meta["bits"])
-        if mask is not None:
-            tensors[prefix + "mask"] = pack_codes(mask, 1)
+# the module classes of formats /1 and /2 -> the float class (and parameter) their weight is on now
+_LEGACY_KINDS = {"PalettizedLinear": "Linear", "PalettizedConv1d": "Conv1d", "PalettizedConv2d": "Conv2d",
+                 "PalettizedEmbedding": "Embedding", "PalettizedConv1D": "Conv1D", "PalettizedWeight": None}
 
 
-def _attach_mask(name: str, layer: PalettizedModule, mask: torch.Tensor) -> None:
-    """Give `layer` its pruning mask uint8 [packed_nbytes(num_codes, 1)]."""
-    if mask.dtype != torch.uint8 or mask.dim() != 1 or mask.numel() != packed_nbytes(layer.num_codes, 1):
-        raise ValueError(f"layer {name!r}: mask {mask.dtype} {list(mask.shape)} is not the packed 1-bit mask "
-                         f"of its {layer.num_codes} codes (uint8 [{packed_nbytes(layer.num_codes, 1)}])")
-    layer.set_mask(mask)
+def _legacy_weights(path, layers: Any, tensors: dict, aliases: dict) -> tuple[dict[str, dict], dict[str, str]]:
+    """Formats /1 and /2 (one entry per palettized module, tensors "<layer>.codes"): the same description as
+    format /3 gives, keyed by the weight's path, with the tensors renamed to match."""
+    if not isinstance(layers, dict) or not all(isinstance(m, dict) for m in layers.values()):
+        raise ValueError(f"{path}: corrupted file: {_LEGACY_LAYERS_KEY!r} is not a JSON object of layers")
+    weights, renamed = {}, {}
+    for layer, meta in layers.items():
+        if meta.get("kind") not in _LEGACY_KINDS:
+            raise ValueError(f"{path}: layer {layer!r}: unknown palettized kind {meta.get('kind')!r}; known: "
+                             f"{sorted(_LEGACY_KINDS)}")
+        kind = _LEGACY_KINDS[meta["kind"]]
+        target = layer if kind is None else (f"{layer}.weight" if layer else "weight")
+        shape = meta.get("weight_shape") or (meta.get("hyperparameters") or {}).get("weight_shape")
+        if shape is None:  # Linear / Embedding / Conv1D: the shape was left to their hyperparameters
+            h = meta["hyperparameters"]
+            shape = {"Linear": lambda: [h["out_features"], h["in_features"]], "Conv1D": lambda: [h["nf"], h["nx"]],
+                     "Embedding": lambda: [h["num_embeddings"], h["embedding_dim"]]}[kind]()
+        entry = {"bits": meta["bits"], "dim": meta.get("dim", 1), "shape": shape,
+                 "lut_groups": meta.get("lut_groups", 1), "dtype": meta.get("weight_dtype", "float32"),
+                 "transposed": kind == "Conv1D"}
+        if kind is not None:
+            entry["kind"] = kind
+        entry.update({k: meta[k] for k in ("layout", "index_bits") if k in meta})
+        weights[target] = entry
+        prefix = f"{layer}." if layer else ""
+        for inner in (*_INNER, "huffman"):
+            if prefix + inner in tensors:
+                tensors[f"{target}.{inner}"] = tensors.pop(prefix + inner)
+            renamed[prefix + inner] = f"{target}.{inner}"
+    new_aliases = {}
+    for alias, key in aliases.items():
+        if alias in renamed and key in renamed:  # a tied layer's codes / LUT: the whole weight is tied
+            new_aliases[renamed[alias].rpartition(".")[0]] = renamed[key].rpartition(".")[0]
+        else:
+            new_aliases[alias] = key
+    for alias in new_aliases:  # a tied layer is described by the layer that stores its weight
+        weights.pop(alias, None)
+    return weights, new_aliases
 
 
-def _build_layer(name: str, meta: dict, tensors: dict, classes: dict) -> PalettizedModule:
-    cls = classes.get(meta["kind"])
-    if cls is None:
-        raise ValueError(f"layer {name!r}: unknown palettized kind {meta['kind']!r}; known: {sorted(classes)}")
-    prefix = f"{name}." if name else ""
+def _decode_codes(path, name: str, meta: dict, spec: PaletteSpec, tensors: dict[str, torch.Tensor]) -> None:
+    """Replace a "<path>.huffman" blob by the "<path>.codes" (+ "<path>.mask") tensors it encodes."""
+    layout = meta.get("layout", "packed")
+    if layout == "packed":
+        return
+    blob = tensors.pop(f"{name}.huffman", None)
+    if blob is None or blob.dtype != torch.uint8 or blob.dim() != 1:
+        raise ValueError(f"{path}: weight {name!r} ({layout}) lacks its uint8 tensor {name + '.huffman'!r}")
     try:
-        codes, lut = tensors[prefix + "codes"], tensors[prefix + "lut"]
-    except KeyError as missing:
-        raise ValueError(f"layer {name!r}: the file lacks tensor {missing.args[0]!r}") from None
-    if list(lut.shape) != [meta["lut_groups"], 1 << meta["bits"], meta["dim"]]:
-        raise ValueError(f"layer {name!r}: lut {list(lut.shape)} does not match its metadata "
-                         f"(lut_groups={meta['lut_groups']}, bits={meta['bits']}, dim={meta['dim']})")
-    layer = cls.from_hyperparameters(meta["hyperparameters"], codes, lut, meta["bits"], tensors.get(prefix + "bias"),
-                                     _dtype(meta["weight_dtype"]))
-    if meta.get("per_channel_scale") and prefix + "channel_scale" not in tensors:
-        raise ValueError(f"layer {name!r}: the file lacks tensor {prefix + 'channel_scale'!r} (per-channel scales)")
-    if lut.dtype == torch.int8 and prefix + "lut_scale" not in tensors:
-        raise ValueError(f"layer {name!r}: the file lacks tensor {prefix + 'lut_scale'!r} (its int8 LUT's scales)")
-    layer.set_scales(tensors.get(prefix + "channel_scale") if meta.get("per_channel_scale") else None,
-                     tensors.get(prefix + "lut_scale") if lut.dtype == torch.int8 else None)
-    if prefix + "mask" in tensors:
-        _attach_mask(name, layer, tensors[prefix + "mask"])
-    if list(layer.weight_shape) != meta["weight_shape"]:
-        raise ValueError(f"layer {name!r}: weight shape {list(layer.weight_shape)} does not match its "
-                         f"metadata {meta['weight_shape']}")
-    return layer
+        codes, mask = decode_codes(layout, blob, spec.num_codes, spec.bits, meta.get("index_bits"))
+    except ValueError as error:
+        raise ValueError(f"{path}: weight {name!r}: {error}") from None
+    tensors[f"{name}.codes"] = pack_codes(codes, spec.bits)
+    if mask is not None:
+        tensors[f"{name}.mask"] = pack_codes(mask, 1)
+
+
+def _build_weight(path, name: str, meta: dict, tensors: dict[str, torch.Tensor]) -> PalettizedTensor:
+    try:
+        spec = PaletteSpec.from_metadata(meta)
+    except (KeyError, TypeError, ValueError) as error:
+        raise ValueError(f"{path}: weight {name!r}: invalid description {meta} ({error})") from None
+    _decode_codes(path, name, meta, spec, tensors)
+    inner = {k: tensors.pop(f"{name}.{k}") for k in _INNER if f"{name}.{k}" in tensors}
+    if "codes" not in inner or "lut" not in inner:
+        missing = next(k for k in ("codes", "lut") if k not in inner)
+        raise ValueError(f"weight {name!r}: the file lacks tensor {name + '.' + missing!r}")
+    try:
+        return PalettizedTensor.build(inner["codes"], inner["lut"], spec, inner.get("channel_scale"),
+                                      inner.get("lut_scale"), inner.get("mask"))
+    except ValueError as error:
+        raise ValueError(f"weight {name!r}: {error}") from None
+
+
+def _check_target(name: str, meta: dict, spec_shape: tuple, model: nn.Module) -> tuple[nn.Module, str]:
+    """The module and attribute of the skeleton that take weight `name`; ValueError naming it if they cannot."""
+    module_name, _, attr = name.rpartition(".")
+    modules = dict(model.named_modules())
+    module = modules.get(module_name)
+    if module is None or not isinstance(getattr(module, attr, None), torch.Tensor):
+        raise ValueError(f"weight {name!r}: the file has a palettized weight there but the model has no such "
+                         "parameter")
+    kind = meta.get("kind")
+    if kind is not None and type(module).__name__ != kind:
+        raise ValueError(f"layer {module_name!r}: the file holds a palettized {kind} but the model has a "
+                         f"{type(module).__name__} there")
+    current = getattr(module, attr)
+    if tuple(current.shape) != spec_shape:
+        raise ValueError(f"layer {module_name!r}: the file's {attr} has shape {list(spec_shape)} but the model's "
+                         f"{type(module).__name__} has {list(current.shape)}")
+    return module, attr
 
 
 def load_palettized(path: str | os.PathLike, model: nn.Module) -> nn.Module:
-    """The float skeleton `model` with its layers replaced by the file's palettized ones and every
-    other tensor loaded from the file; returns it (a new module only when the root itself is palettized).
+    """The float skeleton `model` with the file's palettized weights put on its layers and every other tensor
+    loaded from the file; returns it.
 
-    The skeleton must have the structure of the saved model (same module names; a float layer of the
-    matching kind and hyperparameters, or the same palettized kind, where the file has a palettized
-    layer). Any mismatch raises ValueError naming the layer or tensor.
+    The skeleton must have the structure of the saved model (same module names; where the file has a palettized
+    weight, a layer of the same class whose weight has that shape, float or palettized). Any mismatch raises
+    ValueError naming the layer or tensor.
     """
     tensors, metadata = read_safetensors(path)
-    layers = _read_layers(path, tensors, metadata)
-    aliases = _json(path, metadata, _ALIASES_KEY)
-    _decode_layers(path, layers, tensors)
-    missing = sorted(key for key in aliases.values() if key not in tensors)
-    if missing:
-        raise ValueError(f"{path}: aliases name tensors the file lacks: {missing[:8]}")
-    tensors.update({alias: tensors[key] for alias, key in aliases.items()})
-    classes = _palettized_classes()
-    modules = dict(model.named_modules())
-    built: dict[str, PalettizedModule] = {}
-    for name, meta in layers.items():
-        if name not in modules:
-            raise ValueError(f"layer {name!r}: the file has a {meta['kind']} there but the model has no such module")
-        cls = classes.get(meta["kind"])
-        if cls is not None:
-            _check_target(name, cls, meta["hyperparameters"], modules[name])
-        built[name] = layer = _build_layer(name, meta, tensors, classes)
-        if name:
-            _set_submodule(model, name, layer)
+    weights, aliases = _read_weights(path, tensors, metadata)
+    built: dict[str, nn.Parameter] = {}
+    for name, meta in weights.items():
+        weight = _build_weight(path, name, meta, tensors)
+        module, attr = _check_target(name, meta, tuple(weight.shape), model)
+        built[name] = parameter = nn.Parameter(weight, requires_grad=False)
+        setattr(module, attr, parameter)
+    for alias, key in aliases.items():
+        if key in built:  # a tied weight: the same Parameter again
+            module, attr = _check_target(alias, {}, tuple(built[key].shape), model)
+            setattr(module, attr, built[key])
+        elif key in tensors:
+            tensors[alias] = tensors[key]
         else:
-            model = layer
-    _retie(built, aliases)
-    _load_rest(model, tensors)
+            raise ValueError(f"{path}: alias {alias!r} names tensor {key!r}, which the file lacks")
+    _load_rest(model, tensors, set(built) | {a for a, k in aliases.items() if k in built})
     return model
 
 
-def _retie(built: dict[str, PalettizedModule], aliases: dict[str, str]) -> None:
-    """Layers whose codes / LUT were one tensor when saved (tied weights) share one tensor again."""
-    for alias, key in aliases.items():
-        (layer, _, attr), (owner, _, owner_attr) = alias.rpartition("."), key.rpartition(".")
-        if attr in ("codes", "lut", "channel_scale", "lut_scale", "mask") and layer in built and owner in built:
-            setattr(built[layer], attr, getattr(built[owner], owner_attr))
-
-
-def _load_rest(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
-    """Load every tensor of the file, requiring exactly the model's state_dict keys and shapes."""
-    expected = model.state_dict()
+def _load_rest(model: nn.Module, tensors: dict[str, torch.Tensor], palettized: set[str]) -> None:
+    """Load every other tensor of the file, requiring exactly the model's other state_dict keys and shapes."""
+    expected = {k: v for k, v in model.state_dict().items() if k not in palettized}
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))
     if missing or unexpected:
@@ -349,4 +289,8 @@ def _load_rest(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
         if value.shape != tensors[key].shape:
             raise ValueError(f"tensor {key!r}: the file has shape {list(tensors[key].shape)}, "
                              f"the model {list(value.shape)}")
-    model.load_state_dict(tensors, strict=True)
+    result = model.load_state_dict(tensors, strict=False)
+    leftover = [k for k in result.missing_keys if k not in palettized]
+    if leftover or result.unexpected_keys:
+        raise ValueError(f"the file does not match the model's structure: missing {leftover[:8]}, "
+                         f"unexpected {result.unexpected_keys[:8]}")

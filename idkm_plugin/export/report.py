@@ -1,6 +1,6 @@
 """Size report of a (partly) palettized model: bytes of codes + LUT per layer, compression ratio.
 
-Per palettized layer: the dense packed codes (+ a pruned layer's 1-bit mask) as codec="raw" stores
+Per palettized weight (a tied weight once): the dense packed codes (+ a pruned layer's 1-bit mask) as codec="raw" stores
 them, Deep Compression's fixed-width sparse form (pruned layers), and the bytes codec="huffman" stores
 for codes + mask (`code_layouts.best_layout`); with `file=`, the saved file's actual size.
 """
@@ -10,9 +10,10 @@ import os
 from dataclasses import dataclass, field
 from typing import Optional
 
+import torch
 from torch import nn
 
-from ..nn.palettized import PalettizedModule
+from ..nn.palettized_tensor import PalettizedTensor, palettized_parameters
 from .code_layouts import best_layout, layer_codes, sparse_fixed_width_nbytes
 
 
@@ -93,36 +94,38 @@ class SizeReport:
         return "\n".join(lines)
 
 
-def _layer_size(name: str, module: PalettizedModule) -> LayerSize:
-    bias = module.bias
-    scales = [t for t in (module.channel_scale, module.lut_scale) if t is not None]
-    mask_bytes = 0 if module.mask is None else module.mask.numel()
-    codes, mask = layer_codes(module)
-    layout, entropy_bytes, _ = best_layout(codes, mask, module.bits)
+def _layer_size(name: str, kind: str, weight: PalettizedTensor, bias) -> LayerSize:
+    scales = [t for t in (weight.channel_scale, weight.lut_scale) if t is not None]
+    mask_bytes = 0 if weight.mask is None else weight.mask.numel()
+    codes, mask = layer_codes(weight)
+    layout, entropy_bytes, _ = best_layout(codes, mask, weight.bits)
     return LayerSize(
-        name=name, kind=type(module).__name__, params=module.num_codes * module.dim, bits=module.bits,
-        dim=module.dim, luts=module.groups_lut, code_bytes=module.codes.numel() + mask_bytes,
-        lut_bytes=module.lut.numel() * module.lut.element_size(),
+        name=name, kind=kind, params=weight.numel(), bits=weight.bits, dim=weight.cluster_dim,
+        luts=weight.groups_lut, code_bytes=weight.codes.numel() + mask_bytes,
+        lut_bytes=weight.lut.numel() * weight.lut.element_size(),
         bias_bytes=0 if bias is None else bias.numel() * bias.element_size(),
         scale_bytes=sum(t.numel() * t.element_size() for t in scales), mask_bytes=mask_bytes,
-        sparse_bytes=None if mask is None else sparse_fixed_width_nbytes(mask, module.bits),
+        sparse_bytes=None if mask is None else sparse_fixed_width_nbytes(mask, weight.bits),
         entropy_bytes=entropy_bytes, layout=layout)
 
 
 def size_report(model: nn.Module, file: Optional[str | os.PathLike] = None) -> SizeReport:
-    """Walk `model` and account for every stored parameter and buffer exactly once; with `file`
-    (a file `save_palettized` wrote for this model), also report its size on disk."""
+    """Walk `model` and account for every stored parameter and buffer exactly once (a tied weight once, under its
+    first layer); with `file` (a file `save_palettized` wrote for this model), also report its size on disk."""
     report = SizeReport()
     if file is not None:
         report.file, report.file_bytes = os.fspath(file), os.path.getsize(file)
     seen: set[int] = set()
-    for name, module in model.named_modules():
-        if isinstance(module, PalettizedModule):
-            layer = _layer_size(name, module)
-            report.layers.append(layer)
-            report.float32_bytes += 4 * layer.params + (0 if module.bias is None else 4 * module.bias.numel())
-            seen.update(id(t) for t in (module.codes, module.lut, module.bias, module.mask, module.channel_scale,
-                                        module.lut_scale) if t is not None)
+    for path, weight in palettized_parameters(model).items():
+        module_name, _, attr = path.rpartition(".")
+        module = model.get_submodule(module_name) if module_name else model
+        bias = getattr(module, "bias", None) if attr == "weight" else None
+        bias = bias if isinstance(bias, torch.Tensor) and id(bias) not in seen else None
+        name = module_name if attr == "weight" else path
+        layer = _layer_size(name, type(module).__name__, weight, bias)
+        report.layers.append(layer)
+        report.float32_bytes += 4 * layer.params + (0 if bias is None else 4 * bias.numel())
+        seen.update(id(t) for t in (weight, bias) if t is not None)
     for tensor in list(model.parameters()) + [b for b in model.buffers() if b.is_floating_point()]:
         if id(tensor) in seen:
             continue

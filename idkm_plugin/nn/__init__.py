@@ -1,13 +1,10 @@
-"""Converted modules holding packed codes + lookup tables, and the bit packing they use.
-
-(`palettize_module`, which builds them from a float layer and its clusterer, is in `idkm_plugin.layers`.)
+"""The converted form: `PalettizedTensor`, a palettized weight (packed n-bit codes + LUTs) on the unchanged float
+module, and the bit packing and decoding it uses. (`palettize_module`, which converts a layer with its clusterer,
+is in `idkm_plugin.conversion`.)
 """
 from .dequantize import dequantize_packed
-from .gpt_conv1d import PalettizedConv1D
 from .packing import pack_codes, packed_nbytes, unpack_codes
-from .palettized import (PalettizedConv1d, PalettizedConv2d, PalettizedEmbedding, PalettizedLinear,
-                         PalettizedModule, PalettizedWeight)
+from .palettized_tensor import PaletteSpec, PalettizedTensor, is_palettized, palettized_parameters
 
-__all__ = ["PalettizedConv1D", "PalettizedConv1d", "PalettizedConv2d", "PalettizedEmbedding", "PalettizedLinear",
-           "PalettizedModule",
-           "PalettizedWeight", "dequantize_packed", "pack_codes", "packed_nbytes", "unpack_codes"]
+__all__ = ["PaletteSpec", "PalettizedTensor", "dequantize_packed", "is_palettized", "pack_codes", "packed_nbytes",
+           "palettized_parameters", "unpack_codes"]

@@ -1,13 +1,13 @@
 """`palettize(model)`: trained Brevitas layers with a clustering weight quantizer -> palettized layers."""
 from __future__ import annotations
 
+import warnings
 from typing import Optional
 
 import torch
 from torch import nn
 
 from idkm_plugin.layers import palettize_module
-from idkm_plugin.nn import PalettizedModule
 
 from ._import import import_brevitas
 from .proxy import ClusterWeightQuantProxy, check_layer_supported
@@ -23,7 +23,7 @@ class ActQuantPalettized(nn.Module):
     the quantizers are the trained Brevitas proxies (moved, not copied), so scales are kept.
     """
 
-    def __init__(self, layer: PalettizedModule, input_quant: Optional[nn.Module],
+    def __init__(self, layer: nn.Module, input_quant: Optional[nn.Module],
                  output_quant: Optional[nn.Module]) -> None:
         super().__init__()
         self.input_quant = input_quant
@@ -46,7 +46,8 @@ def _enabled(proxy: Optional[nn.Module]) -> Optional[nn.Module]:
 def palettize_layer(layer: nn.Module, name: str = "layer") -> nn.Module:
     """One Brevitas layer whose `weight_quant` is a clustering quantizer -> its deployed form.
 
-    The weight becomes packed codes + LUT (the quantizer's eval-mode hard weight, bit for bit);
+    The layer becomes its float class (QuantLinear -> nn.Linear) whose weight is packed codes + LUT (the
+    quantizer's eval-mode hard weight, bit for bit);
     a quantized bias is stored as its fake-quantized value; enabled input / output quantizers
     are kept around the palettized layer (`ActQuantPalettized`).
     """
@@ -78,11 +79,19 @@ def palettize(model: nn.Module) -> nn.Module:
     """
     if _is_clustered(model):
         return palettize_layer(model, type(model).__name__)
+    converted = []
     for name, module in list(model.named_modules()):
         for child_name, child in list(module.named_children()):
             if _is_clustered(child):
                 full = f"{name}.{child_name}" if name else child_name
+                if child.training:
+                    warnings.warn(f"{full}: converted in train mode; the converted layer computes what eval mode "
+                                  "computes (call model.eval() before palettize)", stacklevel=2)
                 setattr(module, child_name, palettize_layer(child, full))
+                converted.append(full)
+    if not converted:
+        warnings.warn(f"palettize: {type(model).__name__} has no layer with an enabled clustering weight quantizer "
+                      "(IDKM/DKM/JFBWeightQuant); nothing was converted", stacklevel=2)
     return model
 
 

@@ -14,7 +14,7 @@ from .fake_quantize import IDKMFakeQuantize
 from .qat import qat_module_mapping
 from .qconfig import idkm_qconfig
 
-_PT2E = ("IDKMQuantizer", "PalettizedWeight", "convert_pt2e_palettized", "pt2e_eval", "pt2e_train")
+_PT2E = ("IDKMQuantizer", "convert_pt2e_palettized", "pt2e_eval", "pt2e_train")
 
 
 def __getattr__(name: str):

@@ -98,13 +98,16 @@ def _frozen_activation(mod: nn.Module) -> Optional[nn.Module]:
 def palettize_qat_module(mod: nn.Module) -> nn.Module:
     """One QAT module (weight fake-quant = IDKMFakeQuantize) -> its palettized form.
 
-    Returns a `Palettized*` module, or `nn.Sequential(palettized, [nn.ReLU()], [frozen act fake-quant])`.
+    Returns the float layer with a palettized weight, or `nn.Sequential(palettized, [nn.ReLU()], [frozen act fake-quant])`.
     """
     fq = getattr(mod, "weight_fake_quant", None)
     if not isinstance(fq, IDKMFakeQuantize):
         raise ValueError(f"{type(mod).__name__} has weight fake-quant {type(fq).__name__}, not IDKMFakeQuantize; "
                          "convert it with torch.ao's own mapping, or give it an idkm_qconfig")
     clusterer = fq.clusterer
+    if mod.training:
+        warnings.warn(f"{clusterer.name}: converted in train mode; the converted layer computes what eval mode "
+                      "computes (call model.eval() before convert)", stacklevel=2)
     if not clusterer.active():
         warnings.warn(f"{clusterer.name}: clustering was not active during training (fake quant disabled or "
                       f"step {int(clusterer.step)} < start_step {clusterer.config.start_step}); palettizing with "

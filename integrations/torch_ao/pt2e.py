@@ -8,8 +8,8 @@
 
 `IDKMQuantizer` annotates the weight input of every linear / conv1d / conv2d / embedding node
 with an `IDKMFakeQuantize` (config resolved per layer by its module path, as in eager mode).
-`convert_pt2e_palettized` replaces each of those fake-quant calls by a `PalettizedWeight`
-submodule (packed uint8 codes + LUT buffers, dequantized in the graph) and then runs torchao's
+`convert_pt2e_palettized` replaces each of those fake-quant calls by a palettized weight (a `PalettizedTensor`
+Parameter of the graph module: packed uint8 codes + LUT, decoded where the graph uses it) and then runs torchao's
 own `convert_pt2e` for everything else (activation fake-quants, if the quantizer was composed
 with one that quantizes activations).
 """
@@ -20,7 +20,6 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from idkm_plugin.nn import PalettizedWeight
 
 from idkm_plugin.layers import (ConfigLike, as_model_config, check_type_names, checked_config, layer_kinds,
                                 report_unmatched)
@@ -30,7 +29,7 @@ from .fake_quantize import IDKMFakeQuantize
 from torchao.quantization.pt2e.observer import _with_args  # noqa: E402
 from torchao.quantization.pt2e.quantizer import QuantizationAnnotation, QuantizationSpec, Quantizer  # noqa: E402
 
-__all__ = ["IDKMQuantizer", "PalettizedWeight", "convert_pt2e_palettized", "pt2e_eval", "pt2e_train"]
+__all__ = ["IDKMQuantizer", "convert_pt2e_palettized", "pt2e_eval", "pt2e_train"]
 
 
 
@@ -209,7 +208,8 @@ def pt2e_train(model: fx.GraphModule) -> fx.GraphModule:
 
 @torch.no_grad()
 def convert_pt2e_palettized(model: fx.GraphModule, **convert_kwargs: Any) -> fx.GraphModule:
-    """Replace every IDKM fake-quant call by a `PalettizedWeight` (codes + LUT), then `convert_pt2e`.
+    """Replace every IDKM fake-quant call by its palettized weight (a `PalettizedTensor` Parameter of the graph
+    module, read by get_attr), then `convert_pt2e`.
 
     The codes are the hard nearest-centroid assignment of exactly the tensor the fake-quant sees
     in the graph (for a conv followed by BatchNorm, the BN-scaled weight of torchao's QAT conv-bn
@@ -227,13 +227,9 @@ def convert_pt2e_palettized(model: fx.GraphModule, **convert_kwargs: Any) -> fx.
         if not isinstance(fq, IDKMFakeQuantize):
             continue
         weight = _evaluate(model, node.args[0], cache)
-        codes, lut = fq.clusterer.codes_and_lut(weight)
-        pal = PalettizedWeight(codes, lut, fq.config.bits, tuple(weight.shape), weight.dtype)
-        pal.set_scales(**fq.clusterer.scales(weight))
-        pal.set_mask(fq.clusterer.pruning_mask())
         target = _free_name(model, fq.clusterer.name.replace(".", "_") + "_palettized_weight")
-        model.add_submodule(target, pal)
-        node.target, node.args = target, ()
+        model.register_parameter(target, fq.clusterer.export_parameter(weight))
+        node.op, node.target, node.args = "get_attr", target, ()
     model.graph.eliminate_dead_code()
     _delete_unused_attrs(model, {n.target for n in cache if n.op == "get_attr"})
     model.delete_all_unused_submodules()

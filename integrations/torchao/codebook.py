@@ -9,13 +9,15 @@ Its constraints, which decide when the conversion is possible:
   of the weight shape, so `dim` must be 1;
 - codes are stored one per uint8, so `bits` must be 1..8;
 - one LUT per tensor or per group of output rows (our "per_tensor" / "per_grouped_channel").
-It stores one uint8 per weight (no bit packing), so it is larger than `PalettizedLinear`.
+It stores one uint8 per weight (no bit packing), so it is larger than our packed `PalettizedTensor`.
 """
 from __future__ import annotations
 
 import torch
 
-from idkm_plugin.nn import PalettizedLinear
+from torch import nn
+
+from idkm_plugin.nn import PalettizedTensor
 
 from ._import import import_torchao
 
@@ -30,8 +32,8 @@ def _codebook_tensor_class():
     return CodebookQuantizedTensor
 
 
-def to_codebook_tensor(layer: PalettizedLinear) -> torch.Tensor:
-    """EXPERIMENTAL. The weight [out, in] of `layer` as a `CodebookQuantizedTensor`.
+def to_codebook_tensor(layer: nn.Linear) -> torch.Tensor:
+    """EXPERIMENTAL. The palettized weight [out, in] of a converted `layer` as a `CodebookQuantizedTensor`.
 
     codes: uint8 [out, in]; codebook: [luts, 1, 2**bits, 1] in the LUT dtype; block_size
     [out / luts, in]. `F.linear(x, tensor, bias)` equals `layer(x)` exactly, and
@@ -39,10 +41,12 @@ def to_codebook_tensor(layer: PalettizedLinear) -> torch.Tensor:
 
     Raises ValueError when the layer violates the constraints above.
     """
-    if not isinstance(layer, PalettizedLinear):
-        raise ValueError(f"to_codebook_tensor expects a PalettizedLinear, got {type(layer).__name__}")
-    if layer.dim != 1:
-        raise ValueError(f"to_codebook_tensor: cluster dim={layer.dim} is not allowed; CodebookQuantizedTensor "
+    if not isinstance(layer, nn.Linear) or not isinstance(layer.weight, PalettizedTensor):
+        raise ValueError(f"to_codebook_tensor expects a converted nn.Linear (palettized weight), got "
+                         f"{type(layer).__name__} with a {type(getattr(layer, 'weight', None)).__name__} weight")
+    layer = layer.weight
+    if layer.cluster_dim != 1:
+        raise ValueError(f"to_codebook_tensor: cluster dim={layer.cluster_dim} is not allowed; CodebookQuantizedTensor "
                          "supports scalar codebooks only (dim=1)")
     if not 1 <= layer.bits <= 8:
         raise ValueError(f"to_codebook_tensor: bits={layer.bits} is not allowed; CodebookQuantizedTensor "

@@ -64,9 +64,9 @@ def test_bits_per_weight_counts_the_tied_weight_once():
     model = tiny_llama()
     mc = ModelConfig.llm(bits=4)
     bpw, nbytes, weights = llm_qat.bits_per_weight(model, mc)
-    from idkm_plugin import layers
+    from idkm_plugin import plan
 
-    plan = layers.plan(model, mc) if hasattr(layers, "plan") else mc.plan(model)
+    plan = plan(model, mc)
     head = next(r for r in plan.rows if r.name == "lm_head")
     assert weights == sum(r.weights for r in plan.rows) - head.weights
     assert nbytes == plan.nbytes - head.nbytes

@@ -7,6 +7,8 @@ import sys
 import pytest
 import torch
 
+import idkm_plugin
+
 pytest.importorskip("torchao")
 transformers = pytest.importorskip("transformers")
 
@@ -200,7 +202,7 @@ def test_real_minilm_yaml_budgets(name, budget):
         train = md.split(md.stdlib_sentences(), 512)[0]
         split, _ = md.apply_frequency_split(model, tokenizer, train, frequency_split, 64)
         split_bits = 8 * split.frequent_ids.numel() * split.frequent_ids.element_size()
-    plan = mp.plan(model)
+    plan = idkm_plugin.plan(model, mp)
     kinds = (torch.nn.Linear, torch.nn.Embedding)
     clustered = {n + ".weight" for n, m in model.named_modules() if isinstance(m, kinds)}
     other_bits = split_bits + sum(32 * p.numel() for n, p in model.named_parameters() if n not in clustered)

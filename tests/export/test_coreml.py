@@ -1,4 +1,4 @@
-"""Core ML: one constexpr_lut_to_dense per palettized layer, decompressing to exactly dequantize_weight()."""
+"""Core ML: one constexpr_lut_to_dense per palettized weight, decompressing to exactly its dequantize()."""
 import os
 
 import pytest
@@ -9,7 +9,8 @@ ct = pytest.importorskip("coremltools", reason="coremltools is not installed (ex
 
 from idkm_plugin import ClusterConfig  # noqa: E402
 from idkm_plugin.export import size_report, to_coreml  # noqa: E402
-from idkm_plugin.nn import PalettizedLinear, PalettizedModule, PalettizedWeight  # noqa: E402
+from idkm_plugin.nn import PaletteSpec, PalettizedTensor, palettized_parameters  # noqa: E402
+from qat_helpers import palettized_linear  # noqa: E402
 from palettized_models import AllKinds, palettize, trained_bn  # noqa: E402
 
 MIXED = {"embed": ClusterConfig(bits=1, dim=2), "conv1": ClusterConfig(bits=3),
@@ -27,7 +28,8 @@ def lut_ops(mlmodel):
 
 
 def palettized(model):
-    return {name: m for name, m in model.named_modules() if isinstance(m, PalettizedModule)}
+    """layer name -> its palettized weight."""
+    return {name.removesuffix(".weight"): w for name, w in palettized_parameters(model).items()}
 
 
 @pytest.mark.parametrize("configs", [MIXED, GROUPED], ids=["mixed bits, d>1", "grouped LUTs, 6/7 bits"])
@@ -40,7 +42,7 @@ def test_float32_decompressed_weights_equal_dequantize_weight(configs):
     for name, layer in layers.items():
         weight = torch.from_numpy(ops[f"{name.replace('.', '_')}_weight"].materialized_val_inference())
         assert weight.dtype == layer.lut.dtype  # float32 LUTs stay float32; a float16 LUT stays float16
-        assert torch.equal(weight.to(layer.weight_dtype), layer.dequantize_weight()), name
+        assert torch.equal(weight.to(layer.weight_dtype), layer.dequantize()), name
 
 
 def test_default_precision_gives_the_float16_rounding():
@@ -48,7 +50,7 @@ def test_default_precision_gives_the_float16_rounding():
     ops = lut_ops(to_coreml(model, model.example_inputs()))
     for name, layer in palettized(model).items():
         weight = torch.from_numpy(ops[f"{name}_weight"].materialized_val_inference())
-        assert weight.dtype == torch.float16 and torch.equal(weight, layer.dequantize_weight().half()), name
+        assert weight.dtype == torch.float16 and torch.equal(weight, layer.dequantize().half()), name
 
 
 def test_mlpackage_is_the_packed_size_plus_the_rest(tmp_path):
@@ -71,13 +73,13 @@ def test_pruned_layers_decompress_exactly(bits):
     for name, layer in palettized(model).items():
         assert layer.mask is not None
         weight = torch.from_numpy(ops[f"{name}_weight"].materialized_val_inference())
-        assert torch.equal(weight, layer.dequantize_weight()), name
+        assert torch.equal(weight, layer.dequantize()), name
         assert int((weight == 0).sum()) >= 0.6 * weight.numel() - 1
 
 
 def test_what_core_ml_cannot_express_is_refused():
     torch.manual_seed(0)
-    wide = nn.Sequential(PalettizedLinear(8, 4, torch.randint(0, 1024, (1, 32)), torch.randn(1, 1024, 1), 10))
+    wide = nn.Sequential(palettized_linear(8, 4, torch.randint(0, 1024, (1, 32)), torch.randn(1, 1024, 1), 10))
     with pytest.raises(ValueError, match=r"layer '0': Core ML palettizes with at most 8 bits; this layer has bits=10"):
         to_coreml(wide, (torch.randn(1, 8),))
     pruned8 = palettize(nn.Sequential(nn.Linear(8, 4)), {"0": ClusterConfig(bits=8, sparsity=0.5)})
@@ -88,13 +90,14 @@ def test_what_core_ml_cannot_express_is_refused():
         to_coreml(crossing, (torch.randn(1, 2, 5, 5),))
 
 
-def test_palettized_weight_is_refused():
+def test_palettized_weight_outside_a_layer_is_refused():
     class Holder(nn.Module):
         def __init__(self):
             super().__init__()
-            self.w = PalettizedWeight(torch.randint(0, 4, (1, 8)), torch.randn(1, 4, 1), 2, (2, 4), torch.float32)
+            weight = PalettizedTensor.build(torch.randint(0, 4, (1, 8)), torch.randn(1, 4, 1), PaletteSpec(2, 1, (2, 4)))
+            self.w = nn.Parameter(weight, requires_grad=False)
 
         def forward(self, x):
-            return nn.functional.linear(x, self.w())
-    with pytest.raises(ValueError, match=r"layer 'w': a PalettizedWeight \(PT2E graph\) cannot be converted"):
+            return nn.functional.linear(x, self.w)
+    with pytest.raises(ValueError, match=r"'w': a palettized weight outside a layer \(a PT2E graph\) cannot be conv"):
         to_coreml(Holder(), (torch.randn(1, 4),))

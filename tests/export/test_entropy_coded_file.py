@@ -11,35 +11,46 @@ from idkm_plugin.clusterer import WeightClusterer
 from idkm_plugin.export import load_palettized, save_palettized, size_report
 from idkm_plugin.export.safetensors_format import read_safetensors, write_safetensors
 from idkm_plugin.layers import palettize_module
-from idkm_plugin.nn import PalettizedEmbedding, PalettizedLinear, PalettizedModule, PalettizedWeight
+from idkm_plugin.nn import PaletteSpec, PalettizedTensor, palettized_parameters
+from qat_helpers import palettized, palettized_linear
 from palettized_models import CONFIGS, AllKinds, palettize, trained_bn
+
+
+def _rebuilt(layer, **changes):
+    """`layer` with its palettized weight rebuilt with `changes` (codes, lut, channel_scale, lut_scale, mask)."""
+    w = layer.weight
+    inner = {"codes": w.codes, "lut": w.lut, "channel_scale": w.channel_scale, "lut_scale": w.lut_scale,
+             "mask": w.mask, **changes}
+    layer.weight = nn.Parameter(PalettizedTensor.build(spec=w.spec, **inner), requires_grad=False)
+    return layer
 
 
 def _prune(model, sparsity, seed=0):
     """Give every palettized layer a random mask keeping 1 - sparsity of its vectors."""
     generator = torch.Generator().manual_seed(seed)
-    for module in model.modules():
-        if isinstance(module, PalettizedModule):
-            module.set_mask(torch.rand(module.num_codes, generator=generator) >= sparsity)
+    for name, weight in palettized_parameters(model).items():
+        _rebuilt(model.get_submodule(name.rpartition(".")[0]),
+                 mask=torch.rand(weight.num_codes, generator=generator) >= sparsity)
     return model
 
 
 def _layers(path):
-    return json.loads(read_safetensors(path)[1]["idkm_plugin.layers"])
+    return json.loads(read_safetensors(path)[1]["idkm_plugin.weights"])
 
 
 def _assert_same_model(loaded, saved, inputs):
     assert torch.equal(loaded(*inputs), saved(*inputs))
-    for name, module in saved.named_modules():
-        if isinstance(module, PalettizedModule):
-            other = loaded.get_submodule(name)
-            assert type(other) is type(module), name
-            for attr in ("codes", "lut", "mask", "channel_scale", "lut_scale", "bias"):
-                mine, theirs = getattr(module, attr), getattr(other, attr)
-                assert (mine is None) == (theirs is None), (name, attr)
-                if mine is not None:
-                    assert mine.dtype == theirs.dtype and torch.equal(mine, theirs), (name, attr)
-            assert torch.equal(other.dequantize_weight(), module.dequantize_weight()), name
+    theirs = palettized_parameters(loaded)
+    assert set(theirs) == set(palettized_parameters(saved))
+    for name, weight in palettized_parameters(saved).items():
+        other = theirs[name]
+        assert other.spec == weight.spec, name
+        for attr in ("codes", "lut", "mask", "channel_scale", "lut_scale"):
+            mine, their = getattr(weight, attr), getattr(other, attr)
+            assert (mine is None) == (their is None), (name, attr)
+            if mine is not None:
+                assert mine.dtype == their.dtype and torch.equal(mine, their), (name, attr)
+        assert torch.equal(other.dequantize(), weight.dequantize()), name
 
 
 @pytest.mark.parametrize("sparsity", [None, 0.3, 0.97])
@@ -68,19 +79,20 @@ def test_pruned_layers_use_both_layouts(tmp_path):
         clusterer(model[i].weight)
         model[i] = palettize_module(model[i], clusterer)
     generator = torch.Generator().manual_seed(0)
-    model[0].set_mask(torch.rand(128 * 64, generator=generator) >= 0.3)
-    model[1].set_mask(torch.rand(64 * 128, generator=generator) >= 0.98)
+    _rebuilt(model[0], mask=torch.rand(128 * 64, generator=generator) >= 0.3)
+    _rebuilt(model[1], mask=torch.rand(64 * 128, generator=generator) >= 0.98)
     path = tmp_path / "m.safetensors"
     save_palettized(model, path, codec="huffman")
     layers = _layers(path)
-    assert layers["0"]["layout"] == "huffman_reserved"
-    assert layers["1"]["layout"] == "huffman_sparse" and layers["1"]["index_bits"] in range(1, 9)
+    assert layers["0.weight"]["layout"] == "huffman_reserved"
+    assert layers["1.weight"]["layout"] == "huffman_sparse" and layers["1.weight"]["index_bits"] in range(1, 9)
     loaded = load_palettized(path, nn.Sequential(nn.Linear(64, 128), nn.Linear(128, 64)))
     _assert_same_model(loaded, model, (torch.randn(3, 64),))
     report = size_report(model, file=path)
     assert [s.layout for s in report.layers] == ["huffman_reserved", "huffman_sparse"]
     tensors, _ = read_safetensors(path)
-    assert [s.entropy_bytes for s in report.layers] == [tensors["0.huffman"].numel(), tensors["1.huffman"].numel()]
+    assert [s.entropy_bytes for s in report.layers] == [tensors["0.weight.huffman"].numel(),
+                                                          tensors["1.weight.huffman"].numel()]
     sparse = report.layers[1]  # a random mask and near-uniform codes: little to gain over fixed width
     assert sparse.entropy_bytes < 1.05 * sparse.sparse_bytes and sparse.sparse_bytes < sparse.code_bytes / 10
 
@@ -90,7 +102,7 @@ def test_pruned_layers_from_clustering_with_sparsity(tmp_path):
     config = {"embed": ClusterConfig(bits=2, sparsity=0.5), "conv1": ClusterConfig(bits=3, sparsity=0.8),
               "conv2": ClusterConfig(bits=4, dim=3), "fc": ClusterConfig(bits=4, sparsity=0.9)}
     saved = palettize(trained_bn(AllKinds()), config)
-    assert saved.fc.mask is not None and saved.conv2.mask is None
+    assert saved.fc.weight.mask is not None and saved.conv2.weight.mask is None
     path = tmp_path / "m.safetensors"
     save_palettized(saved, path, codec="huffman")
     _assert_same_model(load_palettized(path, AllKinds()).eval(), saved, saved.example_inputs())
@@ -98,13 +110,11 @@ def test_pruned_layers_from_clustering_with_sparsity(tmp_path):
 
 def _scaled(model):
     """Per-channel scales on every layer, and an int8 LUT with its scales on the Linear."""
-    for module in model.modules():
-        if isinstance(module, PalettizedModule):
-            module.set_scales(channel_scale=torch.rand(module.weight_shape[0]) + 0.5)
-    fc = model.fc
-    lut = torch.randint(-127, 128, fc.lut.shape, dtype=torch.int8)
-    model.fc = PalettizedLinear(fc.in_features, fc.out_features, fc.codes, lut, fc.bits, fc.bias)
-    model.fc.set_scales(torch.rand(fc.out_features) + 0.5, torch.rand(fc.groups_lut) * 0.01)
+    for name, weight in palettized_parameters(model).items():
+        _rebuilt(model.get_submodule(name.rpartition(".")[0]), channel_scale=torch.rand(weight.weight_shape[0]) + 0.5)
+    fc = model.fc.weight
+    _rebuilt(model.fc, lut=torch.randint(-127, 128, fc.lut.shape, dtype=torch.int8),
+             lut_scale=torch.rand(fc.groups_lut) * 0.01)
     return model
 
 
@@ -114,7 +124,7 @@ def test_scales_and_int8_lut_round_trip(tmp_path):
     path = tmp_path / "m.safetensors"
     save_palettized(saved, path, codec="huffman")
     loaded = load_palettized(path, AllKinds()).eval()
-    assert loaded.fc.lut.dtype == torch.int8
+    assert loaded.fc.weight.lut.dtype == torch.int8
     _assert_same_model(loaded, saved, saved.example_inputs())
 
 
@@ -135,20 +145,16 @@ def test_tied_layers_are_encoded_once_and_tied_again(tmp_path, pruned):
     probs = torch.tensor([0.7, 0.2, 0.05, 0.05])
     codes, lut = torch.multinomial(probs, 1024, replacement=True).view(1, -1), torch.randn(1, 4, 1)
     model = TiedLM()
-    model.embed = PalettizedEmbedding(64, 16, codes, lut, 2)
-    model.head = PalettizedLinear(16, 64, codes, lut, 2)
-    if pruned:
-        model.embed.set_mask(codes != 0)
-        model.head.mask = model.embed.mask
-    model.head.codes, model.head.lut = model.embed.codes, model.embed.lut
+    palettized(model.embed, codes, lut, 2, mask=(codes != 0) if pruned else None)
+    model.head.weight = model.embed.weight
     path = tmp_path / "tied.safetensors"
     save_palettized(model, path, codec="huffman")
     tensors, _ = read_safetensors(path)
-    assert set(tensors) == {"embed.huffman", "embed.lut"}
-    assert "layout" not in _layers(path)["head"]
+    assert set(tensors) == {"embed.weight.huffman", "embed.weight.lut"}
+    assert set(_layers(path)) == {"embed.weight"}
     loaded = load_palettized(path, TiedLM())
-    assert loaded.head.codes is loaded.embed.codes and loaded.head.lut is loaded.embed.lut
-    assert (loaded.head.mask is loaded.embed.mask) if pruned else loaded.head.mask is None
+    assert loaded.head.weight is loaded.embed.weight
+    assert (loaded.head.weight.mask is not None) == pruned
     _assert_same_model(loaded, model, (torch.randint(0, 64, (2, 5)),))
 
 
@@ -164,7 +170,7 @@ def test_gpt2_conv1d_round_trips(tmp_path):
         clusterer = WeightClusterer(cfg)
         clusterer(model[i].weight.t() if i == 0 else model[i].weight)
         model[i] = palettize_module(model[i], clusterer)
-    assert type(model[0]).__name__ == "PalettizedConv1D"
+    assert type(model[0]) is pytorch_utils.Conv1D and model[0].weight.spec.transposed
     path = tmp_path / "gpt.safetensors"
     save_palettized(model.eval(), path, codec="huffman")
     _assert_same_model(load_palettized(path, skeleton()).eval(), model, (torch.randn(2, 3, 16),))
@@ -177,14 +183,14 @@ def test_palettized_weight_round_trips(tmp_path):
             self.w = weight
 
         def forward(self, x):
-            return x @ self.w().t()
+            return x @ self.w.t()
 
     torch.manual_seed(0)
     codes = torch.multinomial(torch.tensor([0.9, 0.05, 0.03, 0.02]), 400, replacement=True).view(1, -1)
-    model = Holder(PalettizedWeight(codes, torch.randn(1, 4, 1), 2, (20, 20), torch.float32))
+    weight = PalettizedTensor.build(codes, torch.randn(1, 4, 1), PaletteSpec(2, 1, (20, 20)))
+    model = Holder(nn.Parameter(weight, requires_grad=False))
     save_palettized(model, tmp_path / "w.safetensors", codec="huffman")
-    skeleton = Holder(PalettizedWeight(torch.zeros(1, 400, dtype=torch.long), torch.zeros(1, 4, 1), 2, (20, 20),
-                                       torch.float32))
+    skeleton = Holder(nn.Parameter(torch.zeros(20, 20)))
     assert _layers(tmp_path / "w.safetensors")["w"]["layout"] == "huffman"
     _assert_same_model(load_palettized(tmp_path / "w.safetensors", skeleton), model, (torch.randn(3, 20),))
 
@@ -193,7 +199,7 @@ def _skewed_linear(bits=4, out=256, inp=256):
     torch.manual_seed(0)
     probs = torch.tensor([0.5 ** i for i in range(1 << bits)])
     codes = torch.multinomial(probs, out * inp, replacement=True).view(1, -1)
-    return nn.Sequential(PalettizedLinear(inp, out, codes, torch.randn(1, 1 << bits, 1), bits, torch.randn(out)))
+    return nn.Sequential(palettized_linear(inp, out, codes, torch.randn(1, 1 << bits, 1), bits, torch.randn(out)))
 
 
 def test_huffman_file_is_smaller_on_skewed_codes(tmp_path):
@@ -211,10 +217,10 @@ def test_huffman_file_is_smaller_on_skewed_codes(tmp_path):
 
 def test_uniform_codes_stay_packed(tmp_path):
     torch.manual_seed(0)
-    model = nn.Sequential(PalettizedLinear(16, 8, torch.randint(0, 4, (1, 128)), torch.randn(1, 4, 1), 2))
+    model = nn.Sequential(palettized_linear(16, 8, torch.randint(0, 4, (1, 128)), torch.randn(1, 4, 1), 2))
     save_palettized(model, tmp_path / "m.safetensors", codec="huffman")
     tensors, _ = read_safetensors(tmp_path / "m.safetensors")
-    assert "0.codes" in tensors and "layout" not in _layers(tmp_path / "m.safetensors")["0"]
+    assert "0.weight.codes" in tensors and "layout" not in _layers(tmp_path / "m.safetensors")["0.weight"]
 
 
 def test_unknown_codec_is_refused(tmp_path):
@@ -256,7 +262,7 @@ def test_truncated_or_extended_files_are_refused(tmp_path, codec):
         with pytest.raises(ValueError, match="m.safetensors"):
             load_palettized(path, AllKinds())
     path.write_bytes(data + b"\0")
-    with pytest.raises(ValueError, match="longer than its header says"):
+    with pytest.raises(ValueError, match="m.safetensors: corrupted file: not a valid safetensors file"):
         load_palettized(path, AllKinds())
 
 
@@ -281,16 +287,15 @@ def test_checksums_are_required(tmp_path):
 
 
 def test_format_1_files_without_checksums_still_load(tmp_path):
-    model = _skewed_linear()
-    path = tmp_path / "m.safetensors"
-    save_palettized(model, path)
-    tensors, metadata = read_safetensors(path)
+    data = os.path.join(os.path.dirname(__file__), "data")
+    tensors, metadata = read_safetensors(os.path.join(data, "legacy_v2_all_kinds.safetensors"))
     del metadata["idkm_plugin.crc32"], metadata["idkm_plugin.codec"]
     metadata["idkm_plugin.format"] = "idkm_plugin.palettized/1"
+    path = tmp_path / "m.safetensors"
     write_safetensors(path, tensors, metadata)
-    loaded = load_palettized(path, nn.Sequential(nn.Linear(256, 256)))
-    x = torch.randn(2, 256)
-    assert torch.equal(loaded(x), model(x))
+    expected, _ = read_safetensors(os.path.join(data, "legacy_v2_expected.safetensors"))
+    loaded = load_palettized(path, AllKinds()).eval()
+    assert torch.equal(loaded(expected["ids"], expected["image"]), expected["all_kinds_out"])
 
 
 def test_the_safetensors_library_reads_a_huffman_file(tmp_path):
@@ -309,9 +314,9 @@ def test_every_bit_width_round_trips(tmp_path, bits, pruned):
     torch.manual_seed(bits)
     probs = torch.rand(1 << bits) ** 4  # skewed, so the Huffman layouts win
     codes = torch.multinomial(probs, 48 * 40, replacement=True).view(1, -1)
-    model = nn.Sequential(PalettizedLinear(40, 48, codes, torch.randn(1, 1 << bits, 1), bits, torch.randn(48)))
-    if pruned:
-        model[0].set_mask(torch.rand(48 * 40) > 0.5)
+    mask = torch.rand(48 * 40) > 0.5 if pruned else None
+    model = nn.Sequential(palettized_linear(40, 48, codes, torch.randn(1, 1 << bits, 1), bits, torch.randn(48),
+                                            mask=mask))
     save_palettized(model, tmp_path / "m.safetensors", codec="huffman")
     loaded = load_palettized(tmp_path / "m.safetensors", nn.Sequential(nn.Linear(40, 48)))
     _assert_same_model(loaded, model, (torch.randn(3, 40),))

@@ -12,7 +12,7 @@ from executorch.runtime import Runtime  # noqa: E402
 from idkm_plugin import ClusterConfig  # noqa: E402
 from idkm_plugin.export import size_report, to_executorch  # noqa: E402
 from idkm_plugin.export.executorch_export import export_program  # noqa: E402
-from idkm_plugin.nn import PalettizedModule  # noqa: E402
+from idkm_plugin.nn import palettized_parameters  # noqa: E402
 from palettized_models import CONFIGS, AllKinds, palettize, trained_bn  # noqa: E402
 
 
@@ -43,10 +43,10 @@ def test_program_constants_are_the_packed_codes_and_luts():
     model = palettize(AllKinds(), CONFIGS["d>1, float16 LUT"])
     program = export_program(model, model.example_inputs())
     constants = {**program.state_dict, **program.constants}
-    codes = {name: module.codes for name, module in model.named_modules() if isinstance(module, PalettizedModule)}
-    for name, packed in codes.items():
-        assert torch.equal(constants[f"{name}.codes"], packed)
-    weight_shapes = {tuple(m.weight_shape) for m in model.modules() if isinstance(m, PalettizedModule)}
+    weights = palettized_parameters(model)
+    for name, weight in weights.items():
+        assert torch.equal(constants[f"model.{name}_codes"], weight.codes)
+    weight_shapes = {tuple(w.shape) for w in weights.values()}
     float_constants = [t for t in constants.values() if t.is_floating_point()]
     assert not any(tuple(t.shape) in weight_shapes for t in float_constants)
 
@@ -85,8 +85,9 @@ def test_dense_convolutions_keep_linears_packed_and_match(tmp_path):
     inputs = model.example_inputs()
     program = export_program(model, inputs, dense_convolutions=True)
     constants = {**program.state_dict, **program.constants}
-    assert "fc.codes" in constants and "embed.codes" in constants
-    assert "conv1.codes" not in constants and torch.equal(constants["conv2.weight"], model.conv2.dequantize_weight())
+    assert "model.fc.weight_codes" in constants and "model.embed.weight_codes" in constants
+    assert "model.conv1.weight_codes" not in constants
+    assert torch.equal(constants["model.conv2.weight"], model.conv2.weight.dequantize())
     to_executorch(model, inputs, tmp_path / "m.pte", dense_convolutions=True)
     with torch.no_grad():
         ref = model(*inputs)

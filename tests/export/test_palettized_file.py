@@ -8,7 +8,8 @@ from torch import nn
 
 from idkm_plugin.export import load_palettized, save_palettized, size_report
 from idkm_plugin.export.safetensors_format import read_safetensors
-from idkm_plugin.nn import PalettizedModule, PalettizedWeight
+from idkm_plugin.nn import PalettizedTensor, palettized_parameters
+from qat_helpers import palettized, palettized_linear
 from palettized_models import CONFIGS, AllKinds, palettize, trained_bn
 
 
@@ -21,12 +22,12 @@ def test_save_load_outputs_are_identical(tmp_path, case):
     loaded = load_palettized(path, AllKinds()).eval()
     inputs = saved.example_inputs()
     assert torch.equal(loaded(*inputs), saved(*inputs))
-    for name, module in saved.named_modules():
-        if isinstance(module, PalettizedModule):
-            other = loaded.get_submodule(name)
-            assert type(other) is type(module)
-            assert torch.equal(other.dequantize_weight(), module.dequantize_weight())
-            assert other.lut.dtype == module.lut.dtype
+    theirs = palettized_parameters(loaded)
+    assert set(theirs) == set(palettized_parameters(saved)) == {f"{n}.weight" for n in CONFIGS[case]}
+    for name, weight in palettized_parameters(saved).items():
+        assert theirs[name].spec == weight.spec
+        assert torch.equal(theirs[name].dequantize(), weight.dequantize())
+        assert theirs[name].lut.dtype == weight.lut.dtype
 
 
 @pytest.mark.parametrize("bits", [1, 2, 3, 4, 8, 16])
@@ -34,12 +35,10 @@ def test_every_bit_width_round_trips(tmp_path, bits):
     torch.manual_seed(bits)
     codes = torch.randint(0, 1 << bits, (1, 24 * 9))
     lut = torch.randn(1, 1 << bits, 1)
-    model = nn.Sequential(nn.Linear(9, 24))
-    from idkm_plugin.nn import PalettizedLinear
-    model[0] = PalettizedLinear(9, 24, codes, lut, bits, torch.randn(24))
+    model = nn.Sequential(palettized_linear(9, 24, codes, lut, bits, torch.randn(24)))
     save_palettized(model, tmp_path / "m.safetensors")
     loaded = load_palettized(tmp_path / "m.safetensors", nn.Sequential(nn.Linear(9, 24)))
-    assert torch.equal(loaded[0].unpacked_codes(), codes)
+    assert type(loaded[0]) is nn.Linear and torch.equal(loaded[0].weight.unpacked_codes(), codes)
     x = torch.randn(3, 9)
     assert torch.equal(loaded(x), model(x))
 
@@ -60,30 +59,33 @@ def test_metadata_describes_every_layer(tmp_path):
     model = palettize(AllKinds(), CONFIGS["grouped LUTs"])
     save_palettized(model, tmp_path / "m.safetensors")
     _, metadata = read_safetensors(tmp_path / "m.safetensors")
-    layers = json.loads(metadata["idkm_plugin.layers"])
-    assert set(layers) == {"embed", "conv1", "conv2", "fc"}
-    # compact: dim 1, float32 dtypes and the weight_shape the hyperparameters hold are left out
-    assert layers["conv2"] == {
-        "kind": "PalettizedConv2d", "bits": 4, "lut_groups": 4,
-        "hyperparameters": {"weight_shape": [8, 2, 3, 3], "stride": [2, 2], "padding": [1, 1], "dilation": [1, 1],
-                            "groups": 2, "padding_mode": "reflect"}}
-    assert layers["embed"] == {"kind": "PalettizedEmbedding", "bits": 2, "weight_shape": [40, 12], "lut_groups": 5,
-                               "hyperparameters": {"num_embeddings": 40, "embedding_dim": 12, "padding_idx": 0}}
+    weights = json.loads(metadata["idkm_plugin.weights"])
+    assert set(weights) == {"embed.weight", "conv1.weight", "conv2.weight", "fc.weight"}
+    # compact: dim 1 and float32 are left out
+    assert weights["conv2.weight"] == {"kind": "Conv2d", "bits": 4, "shape": [8, 2, 3, 3], "lut_groups": 4}
+    assert weights["embed.weight"] == {"kind": "Embedding", "bits": 2, "shape": [40, 12], "lut_groups": 5}
     float16 = palettize(AllKinds(), CONFIGS["d>1, float16 LUT"])
     save_palettized(float16, tmp_path / "f16.safetensors")
-    layers = json.loads(read_safetensors(tmp_path / "f16.safetensors")[1]["idkm_plugin.layers"])
-    assert layers["embed"]["lut_dtype"] == "float16" and layers["embed"]["dim"] == 4
+    tensors, metadata = read_safetensors(tmp_path / "f16.safetensors")
+    assert json.loads(metadata["idkm_plugin.weights"])["embed.weight"]["dim"] == 4
+    assert tensors["embed.weight.lut"].dtype == torch.float16
 
 
 def test_the_safetensors_library_reads_the_file(tmp_path):
     safetensors_torch = pytest.importorskip("safetensors.torch")
+    from safetensors import safe_open
+
     model = palettize(trained_bn(AllKinds()), CONFIGS["d>1, float16 LUT"])
     save_palettized(model, tmp_path / "m.safetensors")
     theirs = safetensors_torch.load_file(str(tmp_path / "m.safetensors"))
-    ours = model.state_dict()
+    weights = palettized_parameters(model)
+    ours = {k: v for k, v in model.state_dict().items() if k not in weights}
+    ours.update({f"{name}.{k}": t for name, w in weights.items() for k, t in w.inner_tensors().items()})
     assert set(theirs) == set(ours)
     for key, value in ours.items():
         assert theirs[key].dtype == value.dtype and torch.equal(theirs[key], value), key
+    with safe_open(str(tmp_path / "m.safetensors"), "pt") as f:
+        assert json.loads(f.metadata()["idkm_plugin.weights"])["fc.weight"]["bits"] == 7
 
 
 def test_our_reader_reads_the_safetensors_library_file(tmp_path):
@@ -122,19 +124,16 @@ def test_mismatched_skeleton_names_the_layer(tmp_path):
     save_palettized(palettize(AllKinds(), CONFIGS["bits 1..8 mixed"]), path)
     wrong_shape = AllKinds()
     wrong_shape.fc = nn.Linear(144, 11)
-    with pytest.raises(ValueError, match=r"layer 'fc'.*out_features: file 10 vs model 11"):
+    with pytest.raises(ValueError, match=r"layer 'fc': the file's weight has shape \[10, 240\] but the model's "
+                                         r"Linear has \[11, 144\]"):
         load_palettized(path, wrong_shape)
-    wrong_stride = AllKinds()
-    wrong_stride.conv2 = nn.Conv2d(4, 8, 3, stride=1, padding=1, groups=2, padding_mode="reflect")
-    with pytest.raises(ValueError, match=r"layer 'conv2'.*stride: file \[2, 2\] vs model \[1, 1\]"):
-        load_palettized(path, wrong_stride)
     wrong_kind = AllKinds()
     wrong_kind.conv1 = nn.Linear(12, 16)
-    with pytest.raises(ValueError, match=r"layer 'conv1': the file holds a PalettizedConv1d but the model has a Lin"):
+    with pytest.raises(ValueError, match=r"layer 'conv1': the file holds a palettized Conv1d but the model has a Lin"):
         load_palettized(path, wrong_kind)
     missing = AllKinds()
     del missing.embed
-    with pytest.raises(ValueError, match=r"layer 'embed'.*no such module"):
+    with pytest.raises(ValueError, match=r"weight 'embed.weight'.*no such parameter"):
         load_palettized(path, missing)
     extra = AllKinds()
     extra.head = nn.Linear(2, 2)
@@ -155,29 +154,31 @@ def test_float_model_is_refused_on_save(tmp_path):
 
 
 class WeightHolder(nn.Module):
-    """A PT2E-style graph stand-in: a PalettizedWeight submodule read by a functional linear."""
+    """A PT2E-style graph stand-in: a palettized Parameter of the module read by a functional linear."""
 
     def __init__(self, weight):
         super().__init__()
         self.fc_weight = weight
 
     def forward(self, x):
-        return nn.functional.linear(x, self.fc_weight())
+        return nn.functional.linear(x, self.fc_weight)
 
 
 def test_palettized_weight_round_trips_into_a_graph_with_one(tmp_path):
+    from idkm_plugin.nn import PaletteSpec
+
     torch.manual_seed(0)
-    weight = PalettizedWeight(torch.randint(0, 8, (1, 20)), torch.randn(1, 8, 1), 3, (4, 5), torch.float32)
-    model = WeightHolder(weight)
+    spec = PaletteSpec(3, 1, (4, 5))
+    weight = PalettizedTensor.build(torch.randint(0, 8, (1, 20)), torch.randn(1, 8, 1), spec)
+    model = WeightHolder(nn.Parameter(weight, requires_grad=False))
     save_palettized(model, tmp_path / "w.safetensors")
-    skeleton = WeightHolder(PalettizedWeight(torch.zeros(1, 20, dtype=torch.long), torch.zeros(1, 8, 1), 3, (4, 5),
-                                             torch.float32))
+    skeleton = WeightHolder(nn.Parameter(torch.zeros(4, 5)))
     loaded = load_palettized(tmp_path / "w.safetensors", skeleton)
     x = torch.randn(2, 5)
-    assert torch.equal(loaded(x), model(x))
-    float_skeleton = WeightHolder(nn.Linear(5, 4))
-    with pytest.raises(ValueError, match=r"layer 'fc_weight': the file holds a PalettizedWeight"):
-        load_palettized(tmp_path / "w.safetensors", float_skeleton)
+    assert torch.equal(loaded(x), model(x)) and isinstance(loaded.fc_weight, PalettizedTensor)
+    with pytest.raises(ValueError, match=r"layer '': the file's fc_weight has shape \[4, 5\] but the model's "
+                                         r"WeightHolder has \[5, 4\]"):
+        load_palettized(tmp_path / "w.safetensors", WeightHolder(nn.Parameter(torch.zeros(5, 4))))
 
 
 def test_failed_write_leaves_the_old_file(tmp_path, monkeypatch):
@@ -187,9 +188,9 @@ def test_failed_write_leaves_the_old_file(tmp_path, monkeypatch):
     before = path.read_bytes()
     import idkm_plugin.export.safetensors_format as fmt
 
-    def broken(tensor):
+    def broken(tensors, metadata):
         raise OSError("disk full")
-    monkeypatch.setattr(fmt, "_tensor_bytes", broken)
+    monkeypatch.setattr(fmt, "_serialize", broken)
     with pytest.raises(OSError, match="disk full"):
         save_palettized(model, path)
     assert path.read_bytes() == before
@@ -210,19 +211,48 @@ class TiedLM(nn.Module):
 
 
 def test_tied_layers_are_stored_once_and_tied_again(tmp_path):
-    from idkm_plugin.nn import PalettizedEmbedding, PalettizedLinear
-
     torch.manual_seed(0)
     codes, lut = torch.randint(0, 4, (1, 256)), torch.randn(1, 4, 1)
     model = TiedLM()
-    model.embed = PalettizedEmbedding(32, 8, codes, lut, 2)
-    model.head = PalettizedLinear(8, 32, codes, lut, 2)
-    model.head.codes, model.head.lut = model.embed.codes, model.embed.lut  # tied: one tensor each
+    palettized(model.embed, codes, lut, 2)
+    model.head.weight = model.embed.weight  # tied: one palettized Parameter
     size = save_palettized(model, tmp_path / "tied.safetensors")
-    tensors, _ = read_safetensors(tmp_path / "tied.safetensors")
-    assert set(tensors) == {"embed.codes", "embed.lut"}  # the head's entries are aliases
+    tensors, metadata = read_safetensors(tmp_path / "tied.safetensors")
+    assert set(tensors) == {"embed.weight.codes", "embed.weight.lut"}
+    assert json.loads(metadata["idkm_plugin.aliases"]) == {"head.weight": "embed.weight"}
     assert size < 64 + 64 + 16 + 1024  # the 64 code bytes once, plus the header
     loaded = load_palettized(tmp_path / "tied.safetensors", TiedLM())
-    assert loaded.head.codes is loaded.embed.codes and loaded.head.lut is loaded.embed.lut
+    assert loaded.head.weight is loaded.embed.weight and isinstance(loaded.head.weight, PalettizedTensor)
     ids = torch.randint(0, 32, (2, 5))
     assert torch.equal(loaded(ids), model(ids))
+
+
+LEGACY = os.path.join(os.path.dirname(__file__), "data")
+
+
+@pytest.mark.parametrize("codec", ["", "_huffman"])
+def test_files_of_the_previous_format_load(codec):
+    """Files written by format /2 (one Palettized* module class per layer; tests/export/data, made by the code
+    before PalettizedTensor) load into the float skeleton and compute what the saved model computed."""
+    from safetensors.torch import load_file
+
+    expected = load_file(os.path.join(LEGACY, "legacy_v2_expected.safetensors"))
+    loaded = load_palettized(os.path.join(LEGACY, f"legacy_v2_all_kinds{codec}.safetensors"), AllKinds()).eval()
+    assert {type(m).__name__ for m in loaded.children()} == {"Embedding", "Conv1d", "Conv2d", "BatchNorm2d", "Linear"}
+    assert loaded.conv1.weight.mask is not None and loaded.conv2.weight.channel_scale is not None
+    assert loaded.embed.weight.lut.dtype == torch.int8 and loaded.fc.weight.lut.dtype == torch.float16
+    assert torch.equal(loaded(expected["ids"], expected["image"]), expected["all_kinds_out"])
+    tied = load_palettized(os.path.join(LEGACY, "legacy_v2_tied.safetensors"), LegacyTied())
+    assert tied.head.weight is tied.embed.weight
+    assert torch.equal(tied(expected["tied_ids"]), expected["tied_out"])
+
+
+class LegacyTied(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(16, 8)
+        self.head = nn.Linear(8, 16, bias=False)
+        self.head.weight = self.embed.weight
+
+    def forward(self, ids):
+        return self.head(self.embed(ids))

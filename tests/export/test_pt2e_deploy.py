@@ -1,4 +1,5 @@
-"""A PT2E-converted graph (PalettizedWeight submodules) saves, reloads into the graph, and runs as a .pte."""
+"""A PT2E-converted graph (palettized weight Parameters read by get_attr) saves, reloads into the graph, and runs as
+a .pte."""
 import copy
 import logging
 
@@ -12,7 +13,7 @@ from torchao.quantization.pt2e.quantize_pt2e import prepare_qat_pt2e  # noqa: E4
 from idkm_plugin import ClusterConfig  # noqa: E402
 from idkm_plugin.export import load_palettized, save_palettized  # noqa: E402
 from idkm_plugin.integrations.torch_ao import IDKMQuantizer, convert_pt2e_palettized  # noqa: E402
-from idkm_plugin.nn import PalettizedWeight  # noqa: E402
+from idkm_plugin.nn import PalettizedTensor, palettized_parameters  # noqa: E402
 
 
 class Net(torch.nn.Module):
@@ -36,13 +37,12 @@ def deployed():
 
 def test_graph_with_palettized_weights_round_trips(tmp_path, deployed):
     graph, x = deployed
-    assert any(isinstance(m, PalettizedWeight) for m in graph.modules())
+    assert len(palettized_parameters(graph)) == 2
     save_palettized(graph, tmp_path / "graph.safetensors")
     skeleton = copy.deepcopy(graph)
-    for module in skeleton.modules():
-        if isinstance(module, PalettizedWeight):
-            with torch.no_grad():
-                module.lut.zero_()
+    for weight in palettized_parameters(skeleton).values():
+        with torch.no_grad():
+            weight.lut.zero_()
     loaded = load_palettized(tmp_path / "graph.safetensors", skeleton)
     assert torch.equal(loaded(x), graph(x))
 

@@ -9,7 +9,7 @@ from torchao.quantization import quantize_  # noqa: E402
 
 from idkm_plugin import ClusterConfig, ModelConfig  # noqa: E402
 from idkm_plugin.integrations.torchao import IDKMQATConfig, clusterable, fqn_to_config  # noqa: E402
-from idkm_plugin.nn import PalettizedEmbedding, PalettizedLinear  # noqa: E402
+from idkm_plugin.nn import PalettizedTensor, palettized_parameters  # noqa: E402
 
 
 def tiny_llama(dtype=torch.float32):
@@ -45,11 +45,14 @@ def test_tied_embedding_and_lm_head_one_lut_stored_once(dtype):
     expected = model(input_ids=ids).logits
     _convert(model)
     emb, head = model.model.embed_tokens, model.lm_head
-    assert isinstance(emb, PalettizedEmbedding) and isinstance(head, PalettizedLinear)
-    assert head.codes is emb.codes and head.lut is emb.lut  # the tie kept: stored once
+    assert type(emb) is torch.nn.Embedding and type(head) is torch.nn.Linear
+    assert isinstance(emb.weight, PalettizedTensor) and head.weight is emb.weight  # the tie kept: stored once
     assert torch.equal(model(input_ids=ids).logits, expected)
+    weights = palettized_parameters(model)  # a shared Parameter once, under its first name
+    assert "model.embed_tokens.weight" in weights and "lm_head.weight" not in weights
     state = model.state_dict()
-    assert state["lm_head.codes"].untyped_storage().data_ptr() == state["model.embed_tokens.codes"].untyped_storage().data_ptr()
+    assert state["lm_head.weight"].codes.untyped_storage().data_ptr() == \
+        state["model.embed_tokens.weight"].codes.untyped_storage().data_ptr()
 
 
 def test_tied_layers_with_different_configs_are_refused():
@@ -121,11 +124,16 @@ def test_hf_models_convert_exactly_to_eval_qat(arch, flow):
     expected = model(input_ids=ids).logits
     deployed = convert(model)
     assert torch.equal(deployed(input_ids=ids).logits, expected)
-    palettized = [m for m in deployed.modules() if type(m).__name__.startswith("Palettized")]
+    palettized = [m for m in deployed.modules() if isinstance(getattr(m, "weight", None), PalettizedTensor)]
     assert len(palettized) >= 6
+    float_types = (torch.nn.Linear, torch.nn.Embedding, transformers.pytorch_utils.Conv1D)
+    assert all(type(m) in float_types for m in palettized)  # every converted layer keeps its float class
     if arch == "gpt2":
-        assert type(deployed.transformer.h[0].attn.c_attn).__name__ == "PalettizedConv1D"
+        conv = deployed.transformer.h[0].attn.c_attn
+        assert type(conv).__name__ == "Conv1D" and isinstance(conv.weight, PalettizedTensor)
+        assert conv.weight.shape == (16, 48) and conv.weight.spec.transposed  # stored [in, out] as HF keeps it
     if arch in ("gpt2", "llama"):  # the tie is kept through both flows
         head = deployed.lm_head
         emb = deployed.transformer.wte if arch == "gpt2" else deployed.model.embed_tokens
-        assert head.codes is emb.codes and head.lut is emb.lut
+        assert isinstance(emb.weight, PalettizedTensor) and isinstance(head.weight, PalettizedTensor)
+        assert head.weight.codes is emb.weight.codes and head.weight.lut is emb.weight.lut

@@ -15,7 +15,7 @@ from idkm_plugin import ClusterConfig, ModelConfig  # noqa: E402
 from idkm_plugin.integrations.brevitas import (ActQuantPalettized, ClusterWeightQuantProxy,  # noqa: E402
                                                DKMWeightQuant, IDKMWeightQuant, JFBWeightQuant, palettize,
                                                quantize_model, weight_quant_kwargs)
-from idkm_plugin.nn import PalettizedConv2d, PalettizedEmbedding, PalettizedLinear, PalettizedModule  # noqa: E402
+from idkm_plugin.nn import PalettizedTensor  # noqa: E402
 
 QUANTS = {"dkm": DKMWeightQuant, "idkm": IDKMWeightQuant, "idkm_jfb": JFBWeightQuant}
 
@@ -46,10 +46,10 @@ def test_mnist_train_and_palettize(method):
     with torch.no_grad():
         expected = model(x_test)
     deployed = palettize(model)
-    for index, cls in ((0, PalettizedConv2d), (3, PalettizedLinear)):
+    for index, cls in ((0, nn.Conv2d), (3, nn.Linear)):
         assert isinstance(deployed[index], ActQuantPalettized)  # keeps Brevitas' trained int8 input quantizer
         layer = deployed[index].layer
-        assert isinstance(layer, cls) and layer.bits == 2
+        assert type(layer) is cls and isinstance(layer.weight, PalettizedTensor) and layer.weight.bits == 2
         assert_at_most_k_vectors(layer)
     with torch.no_grad():
         got = deployed(x_test)
@@ -94,8 +94,9 @@ def test_overrides_change_the_trained_lut(quant):
         opt.step()
     assert not torch.equal(clusterer.centroids, initial)  # the LUT is trained with the weights
     deployed = palettize(layer.eval())
-    assert isinstance(deployed, PalettizedConv2d) and (deployed.bits, deployed.dim) == (3, 2)
-    assert torch.equal(deployed.lut, clusterer.lut())  # the trained LUT is the deployed one
+    assert type(deployed) is nn.Conv2d and isinstance(deployed.weight, PalettizedTensor)
+    assert (deployed.weight.bits, deployed.weight.cluster_dim) == (3, 2)
+    assert torch.equal(deployed.weight.lut, clusterer.lut())  # the trained LUT is the deployed one
     assert_at_most_k_vectors(deployed)
 
 
@@ -147,7 +148,8 @@ def test_palettize_plain_layers_and_embedding():
     model.eval()
     expected = model(ids)
     deployed = palettize(model)
-    assert isinstance(deployed[0], PalettizedEmbedding) and isinstance(deployed[2], PalettizedLinear)
+    assert type(deployed[0]) is nn.Embedding and type(deployed[2]) is nn.Linear
+    assert isinstance(deployed[0].weight, PalettizedTensor) and isinstance(deployed[2].weight, PalettizedTensor)
     assert torch.equal(deployed(ids), expected)
 
 
@@ -196,7 +198,7 @@ def test_quantize_model_applies_model_config_through_layer_map():
     expected = model(x)
     deployed = palettize(model)
     assert torch.equal(deployed(x), expected)
-    assert isinstance(deployed.head, ActQuantPalettized) and deployed.head.layer.dim == 2
+    assert isinstance(deployed.head, ActQuantPalettized) and deployed.head.layer.weight.cluster_dim == 2
 
 
 def test_quantize_model_unclusterable_layer():

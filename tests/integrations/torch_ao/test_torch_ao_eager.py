@@ -9,15 +9,14 @@ from torch import nn
 tq = pytest.importorskip("torch.ao.quantization")
 
 from mnist_data import mnist  # noqa: E402
-from qat_helpers import train  # noqa: E402
+from qat_helpers import converted_layers, train  # noqa: E402
 from torch_ao_models import MnistNet, fused  # noqa: E402
 
 from idkm_plugin import ClusterConfig, ModelConfig  # noqa: E402
 from idkm_plugin.integrations.torch_ao.convert import FrozenActivationFakeQuant  # noqa: E402
 from idkm_plugin.integrations.torch_ao import (IDKMFakeQuantize, assign_qconfigs, idkm_qconfig,  # noqa: E402
                                                palettize_mapping, qat_module_mapping)
-from idkm_plugin.nn import (PalettizedConv1d, PalettizedConv2d, PalettizedEmbedding, PalettizedLinear,  # noqa: E402
-                            PalettizedModule)
+from idkm_plugin.nn import PalettizedTensor  # noqa: E402
 
 FAST = dict(max_iter=10)
 
@@ -33,12 +32,8 @@ def convert(qat: nn.Module) -> nn.Module:
     return tq.convert(qat.eval(), mapping=palettize_mapping())
 
 
-def palettized_layers(model: nn.Module) -> dict[str, PalettizedModule]:
-    return {n: m for n, m in model.named_modules() if isinstance(m, PalettizedModule)}
-
-
-def distinct_vectors_per_lut(layer: PalettizedModule) -> int:
-    w = layer.dequantize_weight().reshape(layer.groups_lut, -1, layer.dim)
+def distinct_vectors_per_lut(layer: nn.Module) -> int:
+    w = layer.weight.dequantize().reshape(layer.weight.groups_lut, -1, layer.weight.cluster_dim)
     return max(torch.unique(g, dim=0).shape[0] for g in w)
 
 
@@ -52,12 +47,12 @@ def test_trains_on_mnist_and_converts(method):
     xt = mnist("test", 256)[0]
     ref = qat.eval()(xt)
     deployed = convert(qat)
-    kinds = {n: type(m) for n, m in palettized_layers(deployed).items()}
-    assert kinds == {"conv.0": PalettizedConv2d, "dw": PalettizedConv2d, "conv1d": PalettizedConv1d,
-                     "emb": PalettizedEmbedding, "fc": PalettizedLinear}
+    kinds = {n: type(m) for n, m in converted_layers(deployed).items()}
+    assert kinds == {"conv.0": nn.Conv2d, "dw": nn.Conv2d, "conv1d": nn.Conv1d, "emb": nn.Embedding,
+                     "fc": nn.Linear}
     assert isinstance(deployed.conv[1], nn.ReLU) and isinstance(deployed.bn, nn.Identity)
-    for layer in palettized_layers(deployed).values():
-        assert layer.bits == 2 and distinct_vectors_per_lut(layer) <= 4
+    for layer in converted_layers(deployed).values():
+        assert layer.weight.bits == 2 and distinct_vectors_per_lut(layer) <= 4
     assert not any(isinstance(p, nn.Parameter) and p.requires_grad for p in deployed.parameters())
     # BatchNorm folded into conv's weight and bias reorders float32 arithmetic: rounding only.
     torch.testing.assert_close(deployed(xt), ref, rtol=1e-5, atol=1e-5)
@@ -71,8 +66,8 @@ def test_converted_equals_eval_qat_exactly_without_bn():
     ref = qat.eval()(xt)
     deployed = convert(qat)
     assert torch.equal(deployed(xt), ref)
-    for name, layer in palettized_layers(deployed).items():
-        assert (layer.bits, layer.dim) == (3, 2), name
+    for name, layer in converted_layers(deployed).items():
+        assert (layer.weight.bits, layer.weight.cluster_dim) == (3, 2), name
         assert distinct_vectors_per_lut(layer) <= 8
 
 
@@ -154,7 +149,8 @@ def test_activation_fake_quant_is_kept_frozen_after_convert():
     x = torch.randn(8, 16)
     ref = qat.eval()(x)
     deployed = convert(qat)
-    assert isinstance(deployed[1][0], PalettizedLinear) and isinstance(deployed[1][1], FrozenActivationFakeQuant)
+    assert type(deployed[1][0]) is nn.Linear and isinstance(deployed[1][0].weight, PalettizedTensor)
+    assert isinstance(deployed[1][1], FrozenActivationFakeQuant)
     assert torch.equal(deployed(x), ref)
 
 

@@ -12,7 +12,7 @@ from torch_ao_models import MnistNet  # noqa: E402
 
 from idkm_plugin import ClusterConfig, ModelConfig  # noqa: E402
 from idkm_plugin.integrations.torch_ao import IDKMFakeQuantize, convert_fx_palettized, qconfig_mapping  # noqa: E402
-from idkm_plugin.nn import PalettizedModule  # noqa: E402
+from idkm_plugin.nn import palettized_parameters  # noqa: E402
 
 MP = ModelConfig(default=ClusterConfig(method="idkm_jfb", bits=2, max_iter=10),
                  by_name={"fc": ClusterConfig(method="dkm", bits=3, dim=2, max_iter=5), "emb": None})
@@ -28,7 +28,7 @@ def prepared_fx(bn: bool, activation=None):
 
 
 def palettized(gm):
-    return {n: (m.bits, m.dim) for n, m in gm.named_modules() if isinstance(m, PalettizedModule)}
+    return {n.removesuffix(".weight"): (w.bits, w.cluster_dim) for n, w in palettized_parameters(gm).items()}
 
 
 @pytest.mark.parametrize("bn", [False, True])
@@ -41,7 +41,8 @@ def test_fx_converted_equals_eval_qat(bn):
     deployed = convert_fx_palettized(qat)
     conv = "conv.0" if bn else "conv"  # FX fuses conv+bn+relu (ConvBnReLU2d) -> Sequential(conv, ReLU)
     assert palettized(deployed) == {conv: (2, 1), "dw": (2, 1), "conv1d": (2, 1), "fc": (3, 2)}
-    assert type(deployed.emb) is nn.Embedding
+    assert type(deployed.emb) is nn.Embedding and type(deployed.emb.weight) is nn.Parameter
+    assert type(deployed.fc) is nn.Linear and type(deployed.get_submodule(conv)) is nn.Conv2d
     assert not any(isinstance(m, IDKMFakeQuantize) for m in deployed.modules())
     if bn:
         torch.testing.assert_close(deployed(xt), ref, rtol=1e-5, atol=1e-5)  # BN folding: rounding only

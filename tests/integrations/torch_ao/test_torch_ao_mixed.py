@@ -12,7 +12,7 @@ from torch_ao_models import MnistNet, fused  # noqa: E402
 from idkm_plugin import ClusterConfig, ModelConfig  # noqa: E402
 from idkm_plugin.export import size_report  # noqa: E402
 from idkm_plugin.integrations.torch_ao import assign_qconfigs, palettize_mapping, qat_module_mapping  # noqa: E402
-from idkm_plugin.nn import PalettizedModule  # noqa: E402
+from idkm_plugin.nn import PalettizedTensor, palettized_parameters  # noqa: E402
 
 YAML = """
 default: {method: idkm, bits: 4, max_iter: 10}
@@ -41,20 +41,22 @@ def test_mixed_precision_bits_and_dims_read_back(tmp_path):
     x, y = mnist("train", 320)
     train(qat, x, y, steps=3)
     deployed = tq.convert(qat.eval(), mapping=palettize_mapping())
-    got = {n: (m.bits, m.dim) for n, m in deployed.named_modules() if isinstance(m, PalettizedModule)}
+    weights = {n.removesuffix(".weight"): w for n, w in palettized_parameters(deployed).items()}
+    got = {n: (w.bits, w.cluster_dim) for n, w in weights.items()}
     # conv (72 weights) < 100: small-layer rule gives 8 bits, whose 1 KiB LUT is more than its float32 bytes, so
     # it stays float; dw matches the regex before by_type; emb is None
     assert got == {"dw": (3, 3), "conv1d": (3, 3), "fc": (2, 4)}
-    assert type(deployed.emb) is nn.Embedding
+    assert type(deployed.emb) is nn.Embedding and type(deployed.emb.weight) is nn.Parameter
 
     report = size_report(deployed)
     assert {layer.name: (layer.bits, layer.dim) for layer in report.layers} == got
     for layer in report.layers:
-        module = deployed.get_submodule(layer.name)
-        assert layer.code_bytes == module.codes.numel() == -(-module.num_codes * module.bits // 8)
-        assert layer.lut_bytes == module.lut.numel() * module.lut.element_size()
-    stored = sum(t.numel() * t.element_size() for t in deployed.state_dict().values() if t.is_floating_point()
-                 or t.dtype == torch.uint8)
+        weight = weights[layer.name]
+        assert layer.code_bytes == weight.codes.numel() == -(-weight.num_codes * weight.bits // 8)
+        assert layer.lut_bytes == weight.lut.numel() * weight.lut.element_size()
+    stored = sum(weight.nbytes_stored for weight in weights.values())
+    stored += sum(t.numel() * t.element_size() for t in deployed.state_dict().values()
+                  if not isinstance(t, PalettizedTensor) and (t.is_floating_point() or t.dtype == torch.uint8))
     assert report.total_bytes == stored
 
 

@@ -13,8 +13,9 @@ from qat_helpers import train  # noqa: E402
 from torch_ao_models import MnistNet  # noqa: E402
 
 from idkm_plugin import ClusterConfig, ModelConfig  # noqa: E402
-from idkm_plugin.integrations.torch_ao import (IDKMFakeQuantize, IDKMQuantizer, PalettizedWeight,  # noqa: E402
+from idkm_plugin.integrations.torch_ao import (IDKMFakeQuantize, IDKMQuantizer,  # noqa: E402
                                                convert_pt2e_palettized, pt2e_eval)
+from idkm_plugin.nn import palettized_parameters  # noqa: E402
 
 MP = ModelConfig(default=ClusterConfig(method="idkm", bits=2, max_iter=10),
                  by_name={"fc": ClusterConfig(bits=3, dim=2, max_iter=10), "emb": None})
@@ -33,18 +34,18 @@ def test_pt2e_converted_keeps_codes_and_lut_and_equals_eval_qat(bn):
     xt = mnist("test", 64)[0]
     ref = pt2e_eval(qat)(xt)
     deployed = convert_pt2e_palettized(qat)
-    weights = {n: m for n, m in deployed.named_modules() if isinstance(m, PalettizedWeight)}
+    weights = palettized_parameters(deployed)
     assert sorted(weights) == ["conv1d_palettized_weight", "conv_palettized_weight", "dw_palettized_weight",
                                "fc_palettized_weight"]
     assert weights["fc_palettized_weight"].lut.shape == (1, 8, 2)
     for w in weights.values():
         assert w.codes.dtype == torch.uint8
-        dense = w().reshape(w.lut.shape[0], -1, w.lut.shape[2])
+        dense = w.dequantize().reshape(w.lut.shape[0], -1, w.lut.shape[2])
         assert torch.unique(dense[0], dim=0).shape[0] <= w.lut.shape[1]
     names = {n for n, _ in deployed.named_parameters()}
     assert not names & {"conv.weight", "dw.weight", "conv1d.weight", "fc.weight"}  # no float copy kept
     assert "emb.weight" in names  # None in the ModelConfig: left float
-    calls = [n for n in deployed.graph.nodes if n.op == "call_module" and n.target in weights]
-    assert len(calls) == 4  # the LUT lookup runs in the graph
+    reads = [n for n in deployed.graph.nodes if n.op == "get_attr" and n.target in weights]
+    assert len(reads) == 4  # the palettized weights are what the graph reads
     # BN stays a separate op after the conv in torchao's QAT pattern, so no reordering: exact.
     assert torch.equal(deployed(xt), ref)

@@ -1,4 +1,4 @@
-"""EXPERIMENTAL: a PalettizedLinear's LUT as torchao's prototype CodebookQuantizedTensor."""
+"""EXPERIMENTAL: a converted nn.Linear's palettized weight as torchao's prototype CodebookQuantizedTensor."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -33,8 +33,8 @@ def test_codebook_tensor_matches_palettized_linear(cfg):
     weight = codebook.to_codebook_tensor(layer)
     assert type(weight).__name__ == "CodebookQuantizedTensor"
     assert weight.shape == (8, 12) and weight.codes.dtype == torch.uint8
-    assert weight.codebook.shape == (layer.groups_lut, 1, 1 << cfg.bits, 1)
-    assert torch.equal(weight.dequantize(), layer.dequantize_weight())
+    assert weight.codebook.shape == (layer.weight.groups_lut, 1, 1 << cfg.bits, 1)
+    assert torch.equal(weight.dequantize(), layer.weight.dequantize())
     x = torch.randn(5, 12)
     assert torch.equal(F.linear(x, weight, layer.bias), layer(x))
     deployed = nn.Linear(12, 8)
@@ -50,5 +50,5 @@ def test_codebook_tensor_constraints():
         codebook.to_codebook_tensor(palettized_linear(ClusterConfig(bits=9), out_features=32, in_features=32))
     with pytest.raises(ValueError, match="per-channel scales"):
         codebook.to_codebook_tensor(palettized_linear(ClusterConfig(bits=2, per_channel_scale=True)))
-    with pytest.raises(ValueError, match="expects a PalettizedLinear"):
+    with pytest.raises(ValueError, match=r"expects a converted nn.Linear \(palettized weight\)"):
         codebook.to_codebook_tensor(nn.Linear(2, 2))

@@ -18,8 +18,7 @@ from idkm_plugin.export import size_report  # noqa: E402
 from idkm_plugin.integrations.torchao import (IDKMFakeQuantConv1d, IDKMFakeQuantConv2d,  # noqa: E402
                                               IDKMFakeQuantEmbedding, IDKMFakeQuantLinear, IDKMQATConfig,
                                               clusterable, fqn_to_config)
-from idkm_plugin.nn import (PalettizedConv1d, PalettizedConv2d, PalettizedEmbedding, PalettizedLinear,  # noqa: E402
-                            PalettizedModule)
+from idkm_plugin.nn import PalettizedTensor  # noqa: E402
 
 
 class TinyNet(nn.Module):
@@ -60,9 +59,9 @@ def test_mnist_prepare_train_convert(method):
     with torch.no_grad():
         expected = model(x_test)
     quantize_(model, IDKMQATConfig(step="convert"), filter_fn=clusterable)
-    assert isinstance(model.features[0], PalettizedConv2d) and isinstance(model.classifier, PalettizedLinear)
+    assert type(model.features[0]) is nn.Conv2d and type(model.classifier) is nn.Linear
     for layer in (model.features[0], model.classifier):
-        assert layer.bits == 2
+        assert isinstance(layer.weight, PalettizedTensor) and layer.weight.bits == 2
         assert_at_most_k_vectors(layer)
     with torch.no_grad():
         got = model(x_test)
@@ -103,10 +102,9 @@ def test_prepare_swaps_every_supported_layer_and_shares_parameters():
     with torch.no_grad():
         expected = model(ids, img)
     quantize_(model, IDKMQATConfig(step="convert"), filter_fn=clusterable)
-    converted = {"emb": PalettizedEmbedding, "conv1": PalettizedConv1d, "conv2": PalettizedConv2d,
-                 "fc": PalettizedLinear}
+    converted = {"emb": nn.Embedding, "conv1": nn.Conv1d, "conv2": nn.Conv2d, "fc": nn.Linear}
     for name, cls in converted.items():
-        assert type(getattr(model, name)) is cls
+        assert type(getattr(model, name)) is cls and isinstance(getattr(model, name).weight, PalettizedTensor)
     assert torch.equal(model(ids, img), expected)
 
 
@@ -217,11 +215,18 @@ def test_converted_model_exports_with_codes_and_lut():
     assert torch.equal(program.module()(x), model(x))
     state = program.state_dict
     for layer in ("features.0", "classifier"):
-        assert state[f"{layer}.codes"].dtype == torch.uint8
-        assert state[f"{layer}.lut"].shape == (1, 8, 1)
-        assert f"{layer}.weight" not in state
+        weight = state[f"{layer}.weight"]  # the program's parameter is the palettized weight itself
+        assert isinstance(weight, PalettizedTensor)
+        assert weight.codes.dtype == torch.uint8
+        assert weight.lut.shape == (1, 8, 1)
     # nothing dense of the weights' size is stored: 676*10 float weights would be 27 kB
-    assert max(t.numel() * t.element_size() for t in state.values()) < 676 * 10 * 4 / 8
+    stored = [u for t in state.values() for u in (t.inner_tensors().values() if isinstance(t, PalettizedTensor)
+                                                  else (t,))]
+    assert max(t.numel() * t.element_size() for t in stored) < 676 * 10 * 4 / 8
+    # the graph reads the codes and the LUT (and decodes them), not a dense weight
+    inner = [n.args[1] for n in program.graph.nodes
+             if n.op == "call_function" and "access_subclass_inner_tensor" in str(n.target)]
+    assert inner.count("codes") == 2 and inner.count("lut") == 2
 
 
 def test_config_validation():
