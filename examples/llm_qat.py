@@ -175,7 +175,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--lr", type=float, default=1e-5, help="Adam learning rate (cosine decay)")
-    p.add_argument("--calib-batches", type=int, default=8, help="batches of the Fisher information (0: plain k-means)")
+    p.add_argument("--calib-batches", type=int, default=32,
+                   help="calibration batches of the Fisher information (0: plain k-means only)")
+    p.add_argument("--calib-batch", type=int, default=1,
+                   help="sequences per calibration batch (1: per-sequence squared gradients, the better estimate)")
     p.add_argument("--kmeans-iters", type=int, default=30, help="Lloyd iterations of the post-training k-means")
     p.add_argument("--skip-kmeans", action="store_true", help="skip the plain k-means PTQ row")
     p.add_argument("--eval-tokens", type=int, default=2048, help="held-out tokens (windows of --seq-len)")
@@ -260,7 +263,7 @@ def main(argv=None, model=None, tokenizer=None, texts: Optional[list[str]] = Non
     if args.calib_batches:
         start = time.perf_counter()
         g = torch.Generator().manual_seed(args.seed)
-        calib = [windows(stream, args.batch, args.seq_len, g) for _ in range(args.calib_batches)]
+        calib = [windows(stream, args.calib_batch, args.seq_len, g) for _ in range(args.calib_batches)]
         fisher = ptq.fisher_information(teacher, calib, lm_loss)
         print(f"Fisher information from {args.calib_batches} batches: {time.perf_counter() - start:.0f} s")
     for bits in args.bits:  # post-training rows for every width

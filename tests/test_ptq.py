@@ -96,11 +96,11 @@ class Tiny(nn.Module):
         super().__init__()
         self.embed = nn.Embedding(vocab, hidden)
         self.fc = nn.Linear(hidden, hidden)
-        self.head = nn.Linear(hidden, vocab, bias=False)
-        self.head.weight = self.embed.weight  # tied
+        self.lm_head = nn.Linear(hidden, vocab, bias=False)
+        self.lm_head.weight = self.embed.weight  # tied
 
     def forward(self, ids):
-        return self.head(torch.tanh(self.fc(self.embed(ids))))
+        return self.lm_head(torch.tanh(self.fc(self.embed(ids))))
 
 
 def loss_fn(model, ids):
@@ -152,7 +152,7 @@ def test_ptq_converted_equals_torchao_eval_qat_from_init_luts():
 
     torch.manual_seed(0)
     model = Tiny()
-    mc = ModelConfig.llm(bits=3).with_overrides(group_size=4)
+    mc = ModelConfig.llm(bits=3)
     fisher = ptq.fisher_information(model, batches(), loss_fn)
     deployed = ptq.palettize(model, mc, fisher=fisher)
     qat = copy.deepcopy(model)
@@ -162,7 +162,7 @@ def test_ptq_converted_equals_torchao_eval_qat_from_init_luts():
     with torch.no_grad():
         assert torch.equal(deployed(ids), qat.eval()(ids))
     # the tied weight: one LUT for both layers
-    assert torch.equal(qat.embed.weight_clusterer.centroids, qat.head.weight_clusterer.centroids)
+    assert torch.equal(qat.embed.weight_clusterer.centroids, qat.lm_head.weight_clusterer.centroids)
 
 
 def test_ptq_converted_equals_the_clusterer_eval_weight_with_scales_and_pruning():
@@ -216,11 +216,27 @@ def test_llm_recipe_rejects_bits_outside_2_to_8(bits):
 
 
 @pytest.mark.parametrize("bits", range(2, 9))
-def test_llm_recipe_stays_within_a_quarter_bit_on_smollm2_shapes(bits):
-    shapes = [(576, 576), (192, 576), (1536, 576), (576, 1536), (49152, 576)]  # q, k/v, gate/up, down, embedding
-    cfg = ModelConfig.llm(bits).default
-    for shape in shapes:
-        assert 8 * cfg.palettized_nbytes(shape) / (shape[0] * shape[1]) <= bits + 0.25
+def test_llm_recipe_stays_within_a_quarter_bit_on_smollm2(bits):
+    mc = ModelConfig.llm(bits)
+    decoder = [(576, 576), (192, 576), (192, 576), (576, 576), (1536, 576), (1536, 576), (576, 1536)]
+    embedding = (49152, 576)  # tied with lm_head: stored and counted once
+    weights = 30 * sum(o * i for o, i in decoder) + embedding[0] * embedding[1]
+    nbytes = 30 * sum(mc.default.palettized_nbytes(s) for s in decoder)
+    nbytes += mc.by_type["Embedding"].palettized_nbytes(embedding)
+    assert bits + 0.2 < 8 * nbytes / weights <= bits + 0.25
+
+
+def test_llm_recipe_resolves_the_tied_embedding_and_head_to_one_config():
+    transformers = pytest.importorskip("transformers")
+    config = transformers.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+    model = transformers.LlamaForCausalLM(config)
+    mc = ModelConfig.llm(4)
+    head, embed = mc.resolve("lm_head", model.lm_head), mc.resolve("model.embed_tokens", model.model.embed_tokens)
+    assert head == embed and head.bits == 5 and head.per_channel_scale
+    assert mc.resolve("model.layers.0.mlp.down_proj", model.model.layers[0].mlp.down_proj).bits == 4
+    deployed = ptq.palettize(model, mc, iters=5)
+    assert deployed.lm_head.weight is deployed.model.embed_tokens.weight  # still one (palettized) Parameter
 
 
 def test_with_overrides_sets_every_entry_and_names_unknown_fields():
