@@ -1,6 +1,6 @@
 """SmolLM2-135M-Instruct palettized: post-training (k-means, sensitivity-weighted) and QAT by distillation.
 
-    make llm                                                     # installs the model, runs the 4-bit recipe
+    make llm                                  # installs the model; PTQ at 4, 3, 2 bits; the 4-bit model saved
     python examples/llm_qat.py --bits 4 --steps 0                # post-training only (k-means and sensitivity)
     python examples/llm_qat.py --bits 4 --steps 100 --method idkm_jfb
 
