@@ -32,9 +32,8 @@ from torch import nn
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "examples"))
 from mnist_common import evaluate, finetune, load_mnist, load_pretrained_cnn  # noqa: E402
-from ptq import ptq_kmeans  # noqa: E402
 
-from idkm_plugin import ClusterConfig, ModelConfig  # noqa: E402
+from idkm_plugin import ClusterConfig, ModelConfig, ptq  # noqa: E402
 from idkm_plugin.export import size_report  # noqa: E402
 from idkm_plugin.profiling import SavedTensorBytes  # noqa: E402
 
@@ -101,7 +100,7 @@ def run_one(method: str, bits: int, dim: int, data, args) -> dict:
     row = {"config": f"{bits}/{dim}", "method": method, "bits": bits, "dim": dim, "step_ms": None,
            "held_MiB": None, "steps": 0}
     if method in ("float", "ptq"):
-        final = model if method == "float" else ptq_kmeans(model, model_config(bits, dim))
+        final = model if method == "float" else ptq.palettize(model, model_config(bits, dim))
         rep = size_report(final)
         size, f32 = rep.total_bytes, rep.float32_bytes
     else:

@@ -58,10 +58,9 @@ from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from distillation import without_dropout  # noqa: E402
-from ptq import lloyd  # noqa: E402
 
 import idkm_plugin  # noqa: E402
-from idkm_plugin import ModelConfig  # noqa: E402
+from idkm_plugin import ModelConfig, ptq  # noqa: E402
 from idkm_plugin.export import load_palettized, save_palettized, size_report  # noqa: E402
 from idkm_plugin.split_embedding import split_embedding  # noqa: E402
 
@@ -250,16 +249,10 @@ def load_model_config(path: str, method: Optional[str] = None,
                                         or set(frequency_split) != {"name", "frequent_tokens"}):
         raise ValueError(f"{path}: frequency_split must be {{name: <embedding>, frequent_tokens: N}}; "
                          f"got {frequency_split!r}")
-    uniquify = "off" if method == "dkm" else None
-    for key, value in (("method", method), ("max_iter", max_iter), ("uniquify", uniquify)):
-        if value is None:
-            continue
-        entries = [raw.setdefault("default", {}), raw.get("small_layer")]
-        entries += list((raw.get("by_name") or {}).values()) + list((raw.get("by_type") or {}).values())
-        for entry in entries:
-            if isinstance(entry, dict):
-                entry[key] = value
-    return ModelConfig.from_dict(raw), frequency_split
+    overrides = {key: value for key, value in (("method", method), ("max_iter", max_iter)) if value is not None}
+    if method == "dkm":
+        overrides["uniquify"] = "off"
+    return ModelConfig.from_dict(raw).with_overrides(**overrides), frequency_split
 
 
 def token_counts(tokenizer, sentences: list[str], max_length: int, vocab: int) -> torch.Tensor:
@@ -282,23 +275,6 @@ def clusterers(model: nn.Module) -> list:
     from idkm_plugin.clusterer import WeightClusterer
 
     return [(name, m) for name, m in model.named_modules() if isinstance(m, WeightClusterer)]
-
-
-@torch.no_grad()
-def kmeans_init(model: nn.Module, iters: int = 30) -> None:
-    """Set every clusterer's LUT by hard k-means (Lloyd, from its configured init) on its channel-normalised
-    weight: post-training k-means, and the start of training."""
-    owners = {}
-    for name, module in model.named_modules():
-        clusterer = getattr(module, "weight_clusterer", None)
-        if clusterer is not None and id(module.weight) not in owners:
-            owners[id(module.weight)] = (module.weight, clusterer)
-    for weight, c in owners.values():
-        c.initialize(weight)
-        w = weight.detach().to(c.centroids.dtype)
-        if c.config.per_channel_scale:
-            w = w / c.channel_scale(w).view(-1, *([1] * (w.dim() - 1)))
-        c.centroids.copy_(lloyd(c.vectors(w), c.centroids, iters))
 
 
 def peak_rss_mib() -> float:
@@ -418,10 +394,10 @@ def main(argv=None, model=None, tokenizer=None, sentences: Optional[list[str]] =
     quantize_(qat, fqn_to_config(mp, qat), filter_fn=None)
     t_test = embed_all(teacher, tokenizer, test_s, args.max_length)
     start = time.perf_counter()
-    kmeans_init(qat, args.kmeans_iters)
+    ptq.init_luts(qat, iters=args.kmeans_iters)  # post-training k-means: the floor, and the start of training
     kmeans_s = time.perf_counter() - start
-    ptq = embedding_metrics(embed_all(qat.eval(), tokenizer, test_s, args.max_length), t_test)
-    print(f"post-training k-means ({kmeans_s:.0f} s): " + ", ".join(f"{k} {v:.4f}" for k, v in ptq.items()))
+    ptq_metrics = embedding_metrics(embed_all(qat.eval(), tokenizer, test_s, args.max_length), t_test)
+    print(f"post-training k-means ({kmeans_s:.0f} s): " + ", ".join(f"{k} {v:.4f}" for k, v in ptq_metrics.items()))
 
     times = train(qat, teacher, tokenizer, train_s, args) if steps else []
     qat.eval()
@@ -449,7 +425,7 @@ def main(argv=None, model=None, tokenizer=None, sentences: Optional[list[str]] =
         "steps": len(times), "batch": args.batch, "lr": args.lr, "hidden_weight": args.hidden_weight,
         "dropout": args.dropout,
         "threads": torch.get_num_threads(),
-        **final, "ptq": ptq, "license_text": other_metrics, "license_sentences": len(other),
+        **final, "ptq": ptq_metrics, "license_text": other_metrics, "license_sentences": len(other),
         "bits_per_weight": report.bits_per_weight, "model_bytes": report.total_bytes,
         "float32_bytes": report.float32_bytes, "file_bytes": file_bytes, "huffman_file_bytes": huffman_bytes,
         "huffman_file_bits_per_weight": 8 * huffman_bytes / (report.float32_bytes // 4),

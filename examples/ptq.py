@@ -1,51 +1,62 @@
-"""Post-training k-means palettization (Deep Compression style): no fine-tuning.
+"""Post-training palettization of the pretrained MNIST CNN: k-means, and sensitivity-weighted k-means.
 
-Each clusterable layer's weight is clustered with hard k-means (Lloyd's iterations from the
-configured init, linear by default as in Deep Compression) and replaced by its palettized module.
+    python examples/ptq.py --bits 2
+    python examples/ptq.py --bits-config examples/mnist_mixed_1bit.yaml --calib-batches 8
+
+No fine-tuning: `idkm_plugin.ptq.palettize` clusters every layer the ModelConfig selects with hard k-means
+(Deep Compression) and converts it; with calibration batches the k-means is weighted by the diagonal Fisher
+information of the loss (`ptq.fisher_information`, as SqueezeLLM and coremltools' SKMPalettizer).
 """
 from __future__ import annotations
 
-import copy
-from typing import Optional
+import argparse
+import os
+import sys
 
 import torch
-from torch import nn
+import torch.nn.functional as F
 
-from idkm_plugin import ModelConfig
-from idkm_plugin.clusterer import WeightClusterer
-from idkm_plugin.core import hard_assign
-from idkm_plugin.layers import palettize_module, resolve_layers
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from mnist_common import evaluate, load_mnist, load_pretrained_cnn  # noqa: E402
 
-@torch.no_grad()
-def lloyd(x: torch.Tensor, c: torch.Tensor, iters: int = 50) -> torch.Tensor:
-    """Hard k-means. x [g, m, d], c [g, k, d] initial centroids -> centroids [g, k, d] (empty clusters kept)."""
-    c = c.clone()
-    for _ in range(iters):
-        codes = hard_assign(x, c)  # [g, m]
-        sums = torch.zeros_like(c).scatter_add_(1, codes.unsqueeze(-1).expand_as(x), x)
-        counts = torch.zeros(c.shape[:2], dtype=x.dtype, device=x.device).scatter_add_(
-            1, codes, torch.ones_like(codes, dtype=x.dtype))
-        new = torch.where(counts.unsqueeze(-1) > 0, sums / counts.clamp_min(1).unsqueeze(-1), c)
-        if torch.equal(new, c):
-            break
-        c = new
-    return c
+from idkm_plugin import ClusterConfig, ModelConfig, ptq  # noqa: E402
+from idkm_plugin.export import size_report  # noqa: E402
 
 
-@torch.no_grad()
-def ptq_kmeans(model: nn.Module, model_config: ModelConfig, init: Optional[str] = "linear",
-               iters: int = 50) -> nn.Module:
-    """A palettized copy of `model`: every layer the ModelConfig clusters gets k-means codes + LUT."""
-    model = copy.deepcopy(model).eval()
-    for name, module, cfg in list(resolve_layers(model, model_config, flow="post-training k-means")):
-        if cfg is None:
-            continue
-        clusterer = WeightClusterer(cfg if init is None else cfg.replace(init=init), name=name).eval()
-        clusterer.initialize(module.weight)
-        # Lloyd on what the LUT encodes: the weight divided by its channel scales when the config has them
-        x = clusterer.vectors(clusterer._normalized(module.weight.detach())).to(clusterer.centroids.dtype)
-        clusterer.centroids = lloyd(x, clusterer.centroids, iters)
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, palettize_module(module, clusterer))
-    return model
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--bits", type=int, default=2, help="bits per code of every layer (without --bits-config)")
+    p.add_argument("--bits-config", default=None, help="a YAML ModelConfig")
+    p.add_argument("--calib-batches", type=int, default=8, help="batches of the Fisher information")
+    p.add_argument("--calib-batch-size", type=int, default=64)
+    p.add_argument("--test-subset", type=int, default=10_000)
+    p.add_argument("--iters", type=int, default=50, help="Lloyd iterations")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    torch.manual_seed(0)
+    model = load_pretrained_cnn()
+    mc = ModelConfig.from_yaml(args.bits_config) if args.bits_config else ModelConfig(default=ClusterConfig(bits=args.bits))
+    x_test, y_test = load_mnist("test", args.test_subset)
+    x_cal, y_cal = load_mnist("train", args.calib_batches * args.calib_batch_size)
+    calib = list(zip(x_cal.split(args.calib_batch_size), y_cal.split(args.calib_batch_size)))
+
+    def loss_fn(m, batch):
+        return F.cross_entropy(m(batch[0]), batch[1])
+
+    result = {"float": evaluate(model, x_test, y_test)}
+    kmeans = ptq.palettize(model, mc, iters=args.iters)
+    result["kmeans"] = evaluate(kmeans, x_test, y_test)
+    fisher = ptq.fisher_information(model, calib, loss_fn)
+    result["sensitivity"] = evaluate(ptq.palettize(model, mc, fisher=fisher, iters=args.iters), x_test, y_test)
+    result["bits_per_weight"] = size_report(kmeans).bits_per_weight
+    print(f"top-1 on {len(y_test)} test images: float {result['float']:.2f}%, k-means {result['kmeans']:.2f}%, "
+          f"sensitivity-weighted k-means ({args.calib_batches} x {args.calib_batch_size} calibration images) "
+          f"{result['sensitivity']:.2f}%; {result['bits_per_weight']:.3f} bits per weight")
+    return result
+
+
+if __name__ == "__main__":
+    main()
