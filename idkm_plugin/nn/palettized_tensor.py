@@ -266,8 +266,13 @@ class PalettizedTensor(torch.Tensor):
     @staticmethod
     def __tensor_unflatten__(inner: dict, context, outer_size, outer_stride) -> "PalettizedTensor":
         spec, cache_weight = context
-        return PalettizedTensor(inner["codes"], inner["lut"], spec, inner.get("channel_scale"),
-                                inner.get("lut_scale"), inner.get("mask"), cache_weight)
+        return PalettizedTensor._from_inner(inner, spec, cache_weight)
+
+    @staticmethod
+    def _from_inner(inner: dict, spec: PaletteSpec, cache_weight: bool) -> "PalettizedTensor":
+        """From `inner_tensors()`' dict, unchecked (the tensors already passed `build`)."""
+        return PalettizedTensor(inner["codes"], inner["lut"], spec, inner.get("channel_scale"), inner.get("lut_scale"),
+                                inner.get("mask"), cache_weight)
 
     def __reduce_ex__(self, protocol):
         return _rebuild, (self.spec.to_metadata(), self.cache_weight, self.inner_tensors())
@@ -275,8 +280,7 @@ class PalettizedTensor(torch.Tensor):
     def _map_inner(self, fn: Callable[[torch.Tensor], torch.Tensor], spec: Optional[PaletteSpec] = None
                    ) -> "PalettizedTensor":
         inner = {name: fn(t) for name, t in self.inner_tensors().items()}
-        return PalettizedTensor(inner["codes"], inner["lut"], spec or self.spec, inner.get("channel_scale"),
-                                inner.get("lut_scale"), inner.get("mask"), self.cache_weight)
+        return PalettizedTensor._from_inner(inner, spec or self.spec, self.cache_weight)
 
     @classmethod
     def __torch_function__(cls, func, types, args=(), kwargs=None):
@@ -326,8 +330,7 @@ def _packed_mask(mask: torch.Tensor, count: int) -> tuple[torch.Tensor, torch.Te
 
 
 def _rebuild(meta: dict, cache_weight: bool, inner: dict) -> PalettizedTensor:
-    return PalettizedTensor(inner["codes"], inner["lut"], PaletteSpec.from_metadata(meta),
-                            inner.get("channel_scale"), inner.get("lut_scale"), inner.get("mask"), cache_weight)
+    return PalettizedTensor._from_inner(inner, PaletteSpec.from_metadata(meta), cache_weight)
 
 
 torch.serialization.add_safe_globals([_rebuild])  # torch.load(weights_only=True) of a state_dict with one
@@ -395,8 +398,7 @@ for _func in (F.embedding, F.conv1d, F.conv2d, _aten.embedding.default, _aten.co
 
 # ---- aten ops on the subclass itself ------------------------------------------------------------------------------
 def _shallow(self: PalettizedTensor, *args, **kwargs) -> PalettizedTensor:
-    new = PalettizedTensor(self.codes, self.lut, self.spec, self.channel_scale, self.lut_scale, self.mask,
-                           self.cache_weight)
+    new = PalettizedTensor._from_inner(self.inner_tensors(), self.spec, self.cache_weight)
     new._cache = self._cache
     return new
 
