@@ -61,3 +61,16 @@ def palettized_linear(in_features: int, out_features: int, codes: torch.Tensor, 
     if bias is not None:
         layer.bias = nn.Parameter(bias.detach().clone(), requires_grad=False)
     return palettized(layer, codes, lut, bits, **kwargs)
+
+
+class TiedLM(nn.Module):
+    """Embedding and output head sharing one weight (as GPT-2 / BERT / SmolLM tie them)."""
+
+    def __init__(self, vocab: int = 32, dim: int = 8) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, dim)
+        self.head = nn.Linear(dim, vocab, bias=False)
+        self.head.weight = self.embed.weight
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.head(self.embed(ids))

@@ -16,7 +16,7 @@ from idkm_plugin.export.safetensors_format import read_safetensors, write_safete
 from idkm_plugin.layers import palettize_module
 from idkm_plugin.nn import PaletteSpec, PalettizedTensor, palettized_parameters
 from idkm_plugin.nn.packing import pack_codes
-from qat_helpers import palettized, palettized_linear
+from qat_helpers import TiedLM, palettized, palettized_linear
 from palettized_models import CONFIGS, AllKinds, palettize, trained_bn
 
 
@@ -132,23 +132,12 @@ def test_scales_and_int8_lut_round_trip(tmp_path):
     _assert_same_model(loaded, saved, saved.example_inputs())
 
 
-class TiedLM(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.embed = nn.Embedding(64, 16)
-        self.head = nn.Linear(16, 64, bias=False)
-        self.head.weight = self.embed.weight
-
-    def forward(self, ids):
-        return self.head(self.embed(ids))
-
-
 @pytest.mark.parametrize("pruned", [False, True])
 def test_tied_layers_are_encoded_once_and_tied_again(tmp_path, pruned):
     torch.manual_seed(0)
     probs = torch.tensor([0.7, 0.2, 0.05, 0.05])
     codes, lut = torch.multinomial(probs, 1024, replacement=True).view(1, -1), torch.randn(1, 4, 1)
-    model = TiedLM()
+    model = TiedLM(64, 16)
     palettized(model.embed, codes, lut, 2, mask=(codes != 0) if pruned else None)
     model.head.weight = model.embed.weight
     path = tmp_path / "tied.safetensors"
@@ -156,7 +145,7 @@ def test_tied_layers_are_encoded_once_and_tied_again(tmp_path, pruned):
     tensors, _ = read_safetensors(path)
     assert set(tensors) == {"embed.weight.huffman", "embed.weight.lut"}
     assert set(_layers(path)) == {"embed.weight"}
-    loaded = load_palettized(path, TiedLM())
+    loaded = load_palettized(path, TiedLM(64, 16))
     assert loaded.head.weight is loaded.embed.weight
     assert (loaded.head.weight.mask is not None) == pruned
     _assert_same_model(loaded, model, (torch.randint(0, 64, (2, 5)),))

@@ -9,7 +9,7 @@ from torch import nn
 from idkm_plugin.export import load_palettized, save_palettized, size_report
 from idkm_plugin.export.safetensors_format import read_safetensors
 from idkm_plugin.nn import PalettizedTensor, palettized_parameters
-from qat_helpers import palettized, palettized_linear
+from qat_helpers import TiedLM, palettized, palettized_linear
 from palettized_models import CONFIGS, AllKinds, palettize, trained_bn
 
 
@@ -195,19 +195,6 @@ def test_failed_write_leaves_the_old_file(tmp_path, monkeypatch):
         save_palettized(model, path)
     assert path.read_bytes() == before
     assert os.listdir(tmp_path) == ["m.safetensors"]
-
-
-class TiedLM(nn.Module):
-    """Embedding and output head sharing one weight (as GPT-2 / BERT tie them)."""
-
-    def __init__(self, vocab=32):
-        super().__init__()
-        self.embed = nn.Embedding(vocab, 8)
-        self.head = nn.Linear(8, vocab, bias=False)
-        self.head.weight = self.embed.weight
-
-    def forward(self, ids):
-        return self.head(self.embed(ids))
 
 
 def test_tied_layers_are_stored_once_and_tied_again(tmp_path):

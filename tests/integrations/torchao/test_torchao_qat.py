@@ -10,7 +10,7 @@ from torch import nn
 pytest.importorskip("torchao")
 
 from mnist_data import mnist  # noqa: E402
-from qat_helpers import assert_at_most_k_vectors, train  # noqa: E402
+from qat_helpers import TiedLM, assert_at_most_k_vectors, train  # noqa: E402
 from torchao.quantization import FqnToConfig, quantize_  # noqa: E402
 
 from idkm_plugin import ClusterConfig, ModelConfig  # noqa: E402
@@ -275,17 +275,6 @@ def test_convert_warns_for_a_never_prepared_layer_and_for_train_mode():
     with pytest.warns(UserWarning, match=r"classifier is in train mode"):
         quantize_(model, IDKMQATConfig(step="convert"), filter_fn=clusterable)
     assert isinstance(model.classifier.weight, PalettizedTensor)
-
-
-class TiedLM(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.embed = nn.Embedding(32, 8)
-        self.head = nn.Linear(8, 32, bias=False)
-        self.head.weight = self.embed.weight
-
-    def forward(self, ids):
-        return self.head(self.embed(ids))
 
 
 def test_converting_the_head_converts_its_tied_embedding_too():
