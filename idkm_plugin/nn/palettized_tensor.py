@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch.utils._pytree import tree_map
 
 from .dequantize import apply_packed_mask, dequantize_packed
+from .lut_linear import lut_linear, prefers_lut_kernel
 from .packing import pack_codes, packed_nbytes, unpack_codes
 from .portable_dequantize import apply_packed_mask_portable, dequantize_portable
 
@@ -359,8 +360,6 @@ def palettized_parameters(module: torch.nn.Module) -> dict[str, PalettizedTensor
 def _linear(input, weight, bias=None):
     if isinstance(weight, PalettizedTensor) and not isinstance(input, PalettizedTensor):
         if _lut_kernel_applies(input, weight):
-            from .lut_linear import lut_linear
-
             w = weight
             return lut_linear(input, w.codes, w.lut, w.bits, w.shape[0], w.shape[1], channel_scale=w.channel_scale,
                               lut_scale=w.lut_scale, mask=w.mask, bias=bias)
@@ -370,14 +369,10 @@ def _linear(input, weight, bias=None):
 
 def _lut_kernel_applies(x: torch.Tensor, weight: PalettizedTensor) -> bool:
     """The LUT kernel runs F.linear where it wins: no dense cache, eager CPU, and a batch small enough
-    (`prefers_lut_kernel`); otherwise the weight is decoded."""
-    if weight.cache_weight or weight.spec.transposed or torch.compiler.is_compiling() or torch.jit.is_tracing():
+    (`prefers_lut_kernel`: CPU, the op built, not compiling); otherwise the weight is decoded."""
+    if weight.cache_weight or weight.spec.transposed or torch.jit.is_tracing():
         return False
-    if x.device.type != "cpu" or (x.requires_grad and torch.is_grad_enabled()):
-        return False
-    try:
-        from .lut_linear import prefers_lut_kernel
-    except ImportError:
+    if x.requires_grad and torch.is_grad_enabled():
         return False
     return prefers_lut_kernel(x, weight.shape[0], weight.shape[1], weight.bits, weight.cluster_dim, weight.groups_lut)
 
