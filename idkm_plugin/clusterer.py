@@ -7,7 +7,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .config import ChannelScale, ClusterConfig
+from .config import ChannelScale, ClusterConfig, Method
 from .core import SolveStats, compute_dtype, from_vectors, hard_assign, init_centroids, lookup, soft_kmeans
 from .core.frozen import frozen_soft_assign
 from .core.init import init_centroids_masked
@@ -64,6 +64,9 @@ class WeightClusterer(nn.Module):
     therefore get zero gradient); eval codes of pruned vectors are 0.
     With `config.per_channel_scale`, each output channel is divided by its scale (`channel_scale`) before
     the clustering and multiplied back after, in every mode (differentiably in training).
+    With an importance (`set_importance`, e.g. the Fisher information `idkm_plugin.ptq.init_luts` sets), the
+    training clustering is weighted by it (the objective of sensitivity-weighted k-means), so QAT keeps
+    optimising what post-training palettization optimised.
 
     Adapters only set `enabled` / `lut_frozen` and call it; it is the one door to the math.
     """
@@ -78,6 +81,8 @@ class WeightClusterer(nn.Module):
         self.register_buffer("centroids", torch.empty(0))
         self.register_buffer("step", torch.zeros((), dtype=torch.long))
         self.register_buffer("mask", torch.empty(0, dtype=torch.bool))
+        # [weight shape] or None: how much each weight matters (see set_importance); moves with .to(), not saved
+        self.register_buffer("importance", None, persistent=False)
         self._eval_cache: Optional[tuple] = None  # (key, eval output): see _eval_key
         # ((id, version) of the weight, clustered output) of this step until backward: a tied weight is clustered once
         self._memo: Optional[tuple] = None
@@ -151,7 +156,7 @@ class WeightClusterer(nn.Module):
             out = from_vectors(x_hat, weight.shape)
             return out if scale is None else (out * _per_channel(scale, out)).to(weight.dtype)
         stats = SolveStats()
-        x_hat, c = self._soft_kmeans(x, stats)
+        x_hat, c = self._soft_kmeans(x, stats, self._training_row_weights(weight, scale))
         self.last_stats = stats
         self.check_finite(c, "new LUT")  # never store non-finite centroids
         with torch.no_grad():
@@ -204,8 +209,10 @@ class WeightClusterer(nn.Module):
         on lookup), storage pointer, layout and version counter; no tensor value is read."""
         return _tensor_key(weight), _tensor_key(self.centroids), _tensor_key(self.mask), self.config
 
-    def _soft_kmeans(self, x: torch.Tensor, stats: SolveStats) -> tuple[torch.Tensor, torch.Tensor]:
-        """x [groups, m, d] -> (A(C*, x) C* [groups, m, d], C* [groups, k, d]) from the current centroids.
+    def _soft_kmeans(self, x: torch.Tensor, stats: SolveStats, row_weights: Optional[torch.Tensor] = None
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [groups, m, d] -> (A(C*, x) C* [groups, m, d], C* [groups, k, d]) from the current centroids,
+        weighted by row_weights [groups, m] if given (never with pruning: set_importance refuses it).
 
         Pruned: each group's surviving vectors are clustered on their own (pruned rows of the output are 0,
         a group without survivors keeps its centroids); `stats` then holds the last group's solve."""
@@ -215,7 +222,7 @@ class WeightClusterer(nn.Module):
             return soft_kmeans(rows, centroids, tau=cfg.tau, method=cfg.method, max_iter=cfg.max_iter,
                                tol=cfg.tol, chunk_size=cfg.chunk_size, uniquify=cfg.uniquify,
                                adjoint_max_iter=cfg.adjoint_max_iter, adjoint_tol=cfg.adjoint_tol,
-                               solver=cfg.solver, stats=stats)
+                               solver=cfg.solver, stats=stats, weights=row_weights)
 
         if not self.pruned:
             return solve(x, self.centroids)
@@ -341,6 +348,41 @@ class WeightClusterer(nn.Module):
             self.centroids = init_centroids_masked(x, self.mask, self.config.k, self.config.init, self.config.seed)
         else:
             self.centroids = init_centroids(x, self.config.k, self.config.init, self.config.seed)
+
+    def set_importance(self, importance: Optional[torch.Tensor]) -> "WeightClusterer":
+        """Weight the training clustering by `importance` [weight shape] (>= 0, e.g. the diagonal Fisher
+        information); None removes it. Not saved in the state dict (set it again after loading a checkpoint)."""
+        if importance is not None:
+            if self.config.method is Method.DKM or self.config.sparsity > 0:
+                raise ValueError(f"{self.name}: an importance is not allowed with method={self.config.method.value!r}"
+                                 f" / sparsity={self.config.sparsity}; it needs method 'idkm' or 'idkm_jfb' and no "
+                                 "pruning")
+            if not bool(torch.isfinite(importance).all()) or bool((importance < 0).any()):
+                raise ValueError(f"{self.name}: the importance must be finite and >= 0")
+            importance = importance.detach().to(torch.float32)
+        self.importance = importance
+        return self
+
+    def row_weights(self, importance: torch.Tensor, scale: Optional[torch.Tensor]) -> torch.Tensor:
+        """Per-vector weights [groups, m] (mean 1 per group) from a per-weight importance [weight shape].
+
+        The clustering sees the normalised weight w / s, whose error costs s**2 times as much in the layer's
+        weight, hence importance * s**2 (s: channel scales [out], or None); a d-vector weighs the sum of its
+        entries."""
+        f = importance.to(compute_dtype(importance.dtype))
+        if scale is not None:
+            f = f * _per_channel(scale.detach().to(f.dtype), f).square()
+        w = self.vectors(f).sum(-1)
+        mean = w.mean(1, keepdim=True)
+        return torch.where(mean > 0, w / torch.where(mean > 0, mean, torch.ones_like(mean)), torch.ones_like(w))
+
+    def _training_row_weights(self, weight: torch.Tensor, scale: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+        if self.importance is None:
+            return None
+        if self.importance.shape != weight.shape:
+            raise ValueError(f"{self.name}: the importance has shape {list(self.importance.shape)}, the weight "
+                             f"{list(weight.shape)}")
+        return self.row_weights(self.importance.to(weight.device), scale)
 
     def channel_scale(self, weight: torch.Tensor) -> torch.Tensor:
         """Per-output-channel scale [out] (float32; float64 for float64 weights) of a weight [out, ...]:

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from .clusterer import WeightClusterer
-from .config import ModelConfig
+from .config import Method, ModelConfig
 from .core.prune import magnitude_mask, num_pruned
 from .core.soft_step import compute_dtype
 from .core.weighted_kmeans import weighted_kmeans, weighted_quantile_init
@@ -91,10 +91,7 @@ def cluster_weight(clusterer: WeightClusterer, weight: torch.Tensor, fisher: Opt
         if fisher.shape != weight.shape:
             raise ValueError(f"{clusterer.name}: the Fisher information has shape {list(fisher.shape)}, the weight "
                              f"{list(weight.shape)}")
-        f = fisher.detach().to(x.dtype)
-        if scale is not None:
-            f = f * _per_row(scale, f).square()
-        weights = clusterer.vectors(f).sum(-1)
+        weights = clusterer.row_weights(fisher.detach().to(x.dtype), scale)
     if cfg.sparsity > 0:
         mask = magnitude_mask(x, num_pruned(cfg.sparsity, g * m))
         clusterer.mask = mask
@@ -138,10 +135,15 @@ def palettize(model: nn.Module, model_config: ConfigLike, fisher: Optional[Fishe
 
 
 @torch.no_grad()
-def init_luts(model: nn.Module, fisher: Optional[Fisher] = None, iters: int = 50) -> nn.Module:
+def init_luts(model: nn.Module, fisher: Optional[Fisher] = None, iters: int = 50, weighted_qat: bool = True
+              ) -> nn.Module:
     """Set the LUT of every `WeightClusterer` in a QAT-prepared `model` (any flow) to the post-training
     (Fisher-weighted) k-means LUT of its layer's weight, so training starts at the `palettize` result.
 
+    With `fisher` and `weighted_qat`, each clusterer also keeps its layer's Fisher information
+    (`WeightClusterer.set_importance`; idkm / idkm_jfb layers without pruning), so the training clustering is
+    weighted as the post-training one was: without it, the first training step moves every LUT to the
+    unweighted soft k-means fixed point, which is plain k-means' quality.
     A tied weight is clustered once; every clusterer of it gets the same centroids. Returns `model`.
     (A layer with `sparsity` > 0 gets its mask now; its schedule may re-initialise the LUT when pruning starts.)
     """
@@ -154,9 +156,12 @@ def init_luts(model: nn.Module, fisher: Optional[Fisher] = None, iters: int = 50
             continue
         weight = kind.clustered_weight(module)
         first = done.get(id(module.weight))
+        f = _fisher_of(fisher, names, module, weight)
+        cfg = clusterer.config
+        if f is not None and weighted_qat and cfg.method is not Method.DKM and cfg.sparsity == 0:
+            clusterer.set_importance(f)
         if first is None:
-            done[id(module.weight)] = cluster_weight(clusterer, weight, _fisher_of(fisher, names, module, weight),
-                                                     iters)
+            done[id(module.weight)] = cluster_weight(clusterer, weight, f, iters)
         else:
             if first.config != clusterer.config:
                 raise ValueError(f"{first.name} and {clusterer.name} share one (tied) weight but have different "

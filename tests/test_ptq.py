@@ -143,6 +143,39 @@ def test_fisher_weighting_lowers_the_fisher_weighted_error(skewed):
     assert errors["fisher"] < (0.97 if skewed else 1.0) * errors["plain"]
 
 
+def test_weighted_qat_keeps_the_sensitivity_weighted_lut():
+    """A training step's soft k-means, weighted by the Fisher information (init_luts' default), stays near the
+    sensitivity PTQ LUT; unweighted, it drifts to plain k-means' Fisher-weighted error."""
+    torch.manual_seed(0)
+    weight = nn.Parameter(torch.randn(16, 64))
+    fisher = torch.exp(3 * torch.randn(weight.shape, generator=torch.Generator().manual_seed(3)))
+    cfg = ClusterConfig(method="idkm_jfb", bits=2, per_channel_scale="max_abs", tau=2e-3)
+    x = (weight / weight.detach().abs().amax(1, keepdim=True)).detach().reshape(1, -1, 1).double()
+    f = (fisher * weight.detach().abs().amax(1, keepdim=True).square()).reshape(1, -1).double()
+
+    def error(clusterer):
+        return float(weighted_error(x, f, clusterer.centroids.double()).sum())
+
+    ptq_error = error(ptq.cluster_weight(WeightClusterer(cfg), weight, fisher))
+    errors = {}
+    for weighted in (False, True):
+        clusterer = ptq.cluster_weight(WeightClusterer(cfg), weight, fisher)
+        clusterer.set_importance(fisher if weighted else None)
+        clusterer.train()(weight).sum().backward()  # one training forward: the LUT moves to the soft fixed point
+        errors[weighted] = error(clusterer)
+    assert errors[True] < 1.05 * ptq_error
+    assert errors[False] > 1.5 * ptq_error
+
+
+def test_importance_is_refused_with_pruning_or_dkm():
+    w = torch.ones(4, 4)
+    for cfg in (ClusterConfig(method="dkm"), ClusterConfig(sparsity=0.5)):
+        with pytest.raises(ValueError, match="importance is not allowed"):
+            WeightClusterer(cfg, name="fc.weight").set_importance(w)
+    with pytest.raises(ValueError, match=">= 0"):
+        WeightClusterer(ClusterConfig()).set_importance(-w)
+
+
 # ---- PTQ-converted == the flows' eval mode from the same LUTs ---------------------------------------------------
 def test_ptq_converted_equals_torchao_eval_qat_from_init_luts():
     pytest.importorskip("torchao")

@@ -64,13 +64,19 @@ class _Saved(NamedTuple):
     tau: torch.Tensor  # [g, 1, 1]
     a: Optional[torch.Tensor]  # [g, k, r] attention at C*, only with chunk_size=0
     jac: Optional[torch.Tensor]  # [g, kd, kd] float64 dF/dC at C*, idkm with k*d <= EXPLICIT_JACOBIAN_MAX
+    w: Optional[torch.Tensor] = None  # [g, m] per-occurrence weights of a weighted, uniquified clustering
 
 
-def _rows_to_cluster(x: torch.Tensor, mode: Uniquify, cdtype: torch.dtype):
-    """(rows [g, r, d] in cdtype, counts [g, r] or None, inverse [g, m] or None)."""
+def _rows_to_cluster(x: torch.Tensor, mode: Uniquify, cdtype: torch.dtype, weights: Optional[torch.Tensor] = None):
+    """(rows [g, r, d] in cdtype, row weights [g, r] or None, inverse [g, m] or None).
+
+    A distinct row's weight is its count, or with `weights` [g, m] the sum of its occurrences' weights."""
+    w = None if weights is None else weights.detach().to(cdtype)
     if mode is Uniquify.OFF:
-        return x.detach().to(cdtype), None, None
+        return x.detach().to(cdtype), w, None
     rows, n, inv = (grid_rows if mode is Uniquify.GRID else uniquify_rows)(x.detach(), cdtype)
+    if w is not None:
+        n = torch.zeros_like(n).scatter_add_(1, inv.long(), w)
     return rows.to(cdtype), n, inv
 
 
@@ -167,7 +173,11 @@ def _fused_output(x: torch.Tensor, n: Optional[torch.Tensor], c0: torch.Tensor, 
 
 
 class ImplicitSoftKMeans(torch.autograd.Function):
-    """(x [g, m, d], c0 [g, k, d], tau [g, 1, 1]) -> (x_hat [g, m, d] in x's dtype, C* [g, k, d]).
+    """(x [g, m, d], c0 [g, k, d], tau [g, 1, 1], weights [g, m] or None) -> (x_hat [g, m, d] in x's dtype,
+    C* [g, k, d]).
+
+    `weights` make the clustering a weighted one (C*_j = sum_i w_i a_ij x_i / sum_i w_i a_ij, e.g. Fisher
+    sensitivities); they get no gradient.
 
     If Anderson converges (residual <= tol) to a fixed point that plain iteration could not reach (spectral radius of
     dF/dC above 1: a saddle of the clustering energy, not a minimum), the solve is redone with plain
@@ -175,9 +185,9 @@ class ImplicitSoftKMeans(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, c0, tau, opts: SolveOptions, stats: SolveStats):
+    def forward(ctx, x, c0, tau, opts: SolveOptions, stats: SolveStats, weights: Optional[torch.Tensor] = None):
         cdtype = compute_dtype(x.dtype)
-        rows_x, n, inv = _rows_to_cluster(x, opts.uniquify, cdtype)
+        rows_x, n, inv = _rows_to_cluster(x, opts.uniquify, cdtype, weights)
         g, r, d = rows_x.shape
         k = c0.shape[1]
         rows = chunk_rows(None if opts.chunk_size == 0 else opts.chunk_size, g, r, k, d)
@@ -190,9 +200,10 @@ class ImplicitSoftKMeans(torch.autograd.Function):
             c, (x_hat, mass, f, jac, a) = _solve(rows_x, n, c0, tau, rows, opts, Solver.PICARD, stats)
         if inv is not None:
             x_hat = gather_rows(x_hat, inv)
-        tensors = [rows_x, c, mass, f, tau] + [t for t in (n, inv, a, jac) if t is not None]
+        w = None if weights is None or inv is None else weights.detach().to(cdtype)  # per occurrence
+        tensors = [rows_x, c, mass, f, tau] + [t for t in (n, inv, a, jac, w) if t is not None]
         ctx.save_for_backward(*tensors)
-        ctx.layout = (n is not None, inv is not None, a is not None, jac is not None)
+        ctx.layout = (n is not None, inv is not None, a is not None, jac is not None, w is not None)
         ctx.opts, ctx.stats, ctx.rows, ctx.x_dtype = opts, stats, rows, x.dtype
         ctx.mark_non_differentiable(c)
         return x_hat.to(x.dtype), c
@@ -220,19 +231,20 @@ class ImplicitSoftKMeans(torch.autograd.Function):
             dx = _input_grad(saved, grad_rows, u_bar, rows)
         else:
             dx = _input_grad_uniquified(saved, grad, u_bar, rows)
-        return dx.to(ctx.x_dtype), None, None, None, None
+        return dx.to(ctx.x_dtype), None, None, None, None, None
 
 
 def _unpack(ctx) -> _Saved:
     tensors = list(ctx.saved_tensors)
     x, c, mass, f, tau = tensors[:5]
     rest = iter(tensors[5:])
-    has_n, has_inv, has_a, has_jac = ctx.layout
+    has_n, has_inv, has_a, has_jac, has_w = ctx.layout
     n = next(rest) if has_n else None
     inv = next(rest) if has_inv else None
     a = next(rest) if has_a else None
     jac = next(rest) if has_jac else None
-    return _Saved(x, n, inv, c, mass, f, tau, a, jac)
+    w = next(rest) if has_w else None
+    return _Saved(x, n, inv, c, mass, f, tau, a, jac, w)
 
 
 def _chunks(saved: _Saved, rows: int):
@@ -292,8 +304,10 @@ def _input_grad(saved: _Saved, grad_rows: torch.Tensor, u_bar: torch.Tensor, row
     """dX = (dO/dX)^T G + (dF/dX)^T u, row by row. [g, m, d]."""
     dx = torch.empty_like(saved.x)
     for s, a in _chunks(saved, rows):
-        b = torch.bmm(saved.c, grad_rows[:, s].transpose(1, 2)) + _fixed_point_b(saved.x[:, s], None, u_bar, saved.f)
-        dx[:, s] = _grad_x(_logit_vjp(a, b), saved.c, saved.tau) + torch.bmm(a.transpose(1, 2), u_bar)
+        n = None if saved.n is None else saved.n[:, s]  # row weights (no uniquification: one row, one weight)
+        b = torch.bmm(saved.c, grad_rows[:, s].transpose(1, 2)) + _fixed_point_b(saved.x[:, s], n, u_bar, saved.f)
+        pull = torch.bmm(a.transpose(1, 2), u_bar)
+        dx[:, s] = _grad_x(_logit_vjp(a, b), saved.c, saved.tau) + (pull if n is None else pull * n.unsqueeze(-1))
     return dx
 
 
@@ -301,7 +315,7 @@ def _input_grad_uniquified(saved: _Saved, grad: torch.Tensor, u_bar: torch.Tenso
     """dX_i = J(x_i) G_i + q(x_i), with J and q computed once per distinct row. [g, m, d].
 
     J(x) = 2/tau sum_j A_j (c_j - x~)(c_j - x~)^T is the output Jacobian (symmetric),
-    q(x) the fixed-point term for one occurrence of x.
+    q(x) the fixed-point term for one occurrence of x (times the occurrence's weight in a weighted clustering).
     """
     g, r, d = saved.x.shape
     jac = torch.empty(g, r, d, d, dtype=saved.x.dtype, device=saved.x.device)
@@ -317,13 +331,16 @@ def _input_grad_uniquified(saved: _Saved, grad: torch.Tensor, u_bar: torch.Tenso
             jac[:, s] = two_over_tau.unsqueeze(-1) * torch.einsum("gkr,gkrd,gkre->grde", a, delta, delta)
         e = _logit_vjp(a, _fixed_point_b(saved.x[:, s], None, u_bar, saved.f))
         q[:, s] = _grad_x(e, saved.c, saved.tau) + torch.bmm(a.transpose(1, 2), u_bar)
+    q_rows = gather_rows(q, saved.inv)
+    if saved.w is not None:
+        q_rows = q_rows * saved.w.unsqueeze(-1)
     if d == 1:
-        return torch.addcmul(gather_rows(q, saved.inv), gather_rows(jac.view(g, r, 1), saved.inv), grad)
+        return torch.addcmul(q_rows, gather_rows(jac.view(g, r, 1), saved.inv), grad)
     jac_rows = gather_rows(jac.flatten(2), saved.inv).unflatten(2, (d, d))  # [g, m, d, d]
-    return torch.einsum("gmde,gme->gmd", jac_rows, grad) + gather_rows(q, saved.inv)
+    return torch.einsum("gmde,gme->gmd", jac_rows, grad) + q_rows
 
 
 def implicit_soft_kmeans(x: torch.Tensor, c0: torch.Tensor, tau: torch.Tensor, opts: SolveOptions,
-                         stats: SolveStats) -> tuple[torch.Tensor, torch.Tensor]:
-    """Plain-function form of ImplicitSoftKMeans (x [g, m, d], c0 [g, k, d], tau [g, 1, 1])."""
-    return ImplicitSoftKMeans.apply(x, c0, tau, opts, stats)
+                         stats: SolveStats, weights: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Plain-function form of ImplicitSoftKMeans (x [g, m, d], c0 [g, k, d], tau [g, 1, 1], weights [g, m])."""
+    return ImplicitSoftKMeans.apply(x, c0, tau, opts, stats, weights)

@@ -64,7 +64,8 @@ def soft_kmeans(x: torch.Tensor, init_centroids: torch.Tensor, *, tau: float | t
                 method: Method | str = Method.IDKM, max_iter: int = 30, tol: float = 1e-5,
                 chunk_size: Optional[int] = None, uniquify: Uniquify | str = Uniquify.AUTO,
                 adjoint_max_iter: int = 100, adjoint_tol: float = 1e-4,
-                solver: Solver | str = Solver.ANDERSON, stats: Optional[SolveStats] = None) -> tuple[torch.Tensor, torch.Tensor]:
+                solver: Solver | str = Solver.ANDERSON, stats: Optional[SolveStats] = None,
+                weights: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Differentiable soft k-means of the rows of x.
 
     Args:
@@ -80,6 +81,8 @@ def soft_kmeans(x: torch.Tensor, init_centroids: torch.Tensor, *, tau: float | t
         adjoint_max_iter, adjoint_tol: GMRES of the idkm adjoint (JFB fallback if unconverged).
         solver: "anderson" (default) or "picard", the fixed-point solver of idkm / idkm_jfb.
         stats: a SolveStats filled with iteration counts and residuals.
+        weights: [m] or [g, m] non-negative weight of each row (idkm / idkm_jfb), e.g. Fisher sensitivities:
+            C*_j = sum_i w_i a_ij x_i / sum_i w_i a_ij; no gradient flows to them. None: all 1.
 
     Returns:
         x_hat: the soft-clustered x = A(C*, x) C*, same shape and dtype as x.
@@ -92,6 +95,7 @@ def soft_kmeans(x: torch.Tensor, init_centroids: torch.Tensor, *, tau: float | t
     _check_shapes(x3, c3)
     if tau is not None and not bool(torch.all((torch.as_tensor(tau) > 0) & torch.isfinite(torch.as_tensor(tau)))):
         raise ValueError(f"soft_kmeans: tau={tau!r} is not allowed; expected a finite positive temperature or None")
+    w3 = None if weights is None else _checked_weights(weights, x3, method, squeeze)
     stats = SolveStats() if stats is None else stats
     cdtype = compute_dtype(x.dtype)
     tau3 = as_tau(tau, x3.detach().to(cdtype), c3.shape[1])
@@ -104,8 +108,21 @@ def soft_kmeans(x: torch.Tensor, init_centroids: torch.Tensor, *, tau: float | t
     else:
         opts = SolveOptions(max_iter, tol, chunk_size, mode, method is Method.IDKM_JFB, adjoint_max_iter,
                             adjoint_tol, Solver(solver))
-        x_hat, c = implicit_soft_kmeans(x3, c3, tau3, opts, stats)
+        x_hat, c = implicit_soft_kmeans(x3, c3, tau3, opts, stats, w3)
     return (x_hat[0], c[0]) if squeeze else (x_hat, c)
+
+
+def _checked_weights(weights: torch.Tensor, x3: torch.Tensor, method: Method, squeeze: bool) -> torch.Tensor:
+    """Row weights as [g, m], after checking them against x3 [g, m, d]."""
+    if method is Method.DKM:
+        raise ValueError("soft_kmeans: weights are not allowed with method='dkm'; use 'idkm' or 'idkm_jfb'")
+    w3 = weights.unsqueeze(0) if squeeze else weights
+    if tuple(w3.shape) != tuple(x3.shape[:2]):
+        raise ValueError(f"soft_kmeans: weights {list(weights.shape)} do not match x {list(x3.shape)}; expected one "
+                         "weight per row, [m] or [g, m]")
+    if not bool(torch.isfinite(w3).all()) or bool((w3 < 0).any()) or not bool((w3.sum(1) > 0).all()):
+        raise ValueError("soft_kmeans: weights must be finite and >= 0, with a positive sum in every group")
+    return w3
 
 
 def _check_shapes(x: torch.Tensor, c: torch.Tensor) -> None:
