@@ -12,9 +12,9 @@ Hessian-weighted k-means would for an embedding; `rows=N` fits one LUT per N row
 by its RMS (a float16 per-row scale, +16/384 bits per weight) before clustering; `split=N:d2,k2` clusters the
 rows of the N tokens most frequent in the training sentences with d2,k2 and the other rows with d,k (what
 `frequency_split` does in training; the sorted frequent ids counted at 16 bits each). Metrics are those of
-examples/minilm_distill.py (`idkm_plugin.workloads.minilm`: mean / 5th-percentile cosine of the sentence embeddings, Spearman of the pairwise
-similarities) on the first `--test-sentences` of its held-out split, and on as many sentences of the license
-texts it scores as another domain (when present).
+examples/minilm_distill.py (`idkm_plugin.workloads.minilm.embedding_metrics`: mean / 5th-percentile cosine of the
+sentence embeddings, Spearman of the pairwise similarities) on the first `--test-sentences` of its held-out split,
+and on as many sentences of the license texts it scores as another domain (when present).
 """
 from __future__ import annotations
 
