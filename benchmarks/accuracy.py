@@ -22,20 +22,18 @@ import copy
 import json
 import math
 import os
-import sys
 import time
 import warnings
 
 import torch
 from torch import nn
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "examples"))
-from mnist_common import evaluate, finetune, load_mnist, load_pretrained_cnn  # noqa: E402
+from idkm_plugin import ClusterConfig, ModelConfig, ptq
+from idkm_plugin.export import size_report
+from idkm_plugin.profiling import SavedTensorBytes
+from idkm_plugin.workloads.mnist import evaluate, finetune, load_mnist, load_pretrained_cnn
 
-from idkm_plugin import ClusterConfig, ModelConfig, ptq  # noqa: E402
-from idkm_plugin.export import size_report  # noqa: E402
-from idkm_plugin.profiling import SavedTensorBytes  # noqa: E402
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 ALL_CONFIGS = "1/1,2/1,4/4,8/8,4/1"
 ALL_METHODS = "float,ptq,uniform,dkm_t3,dkm_t30,idkm_t30,idkm_jfb_t30"

@@ -2,6 +2,7 @@
 
     python benchmarks/deep_compression.py                        # both LeNets, every row (~30 min, 2 cores)
     python benchmarks/deep_compression.py --nets lenet300 --methods idkm --epochs 1   # a quick look
+    python benchmarks/deep_compression.py --quick     # a smoke run (MNIST subsets, a few steps), writes nothing
 
 For LeNet-300-100 and LeNet-5 (Caffe layout), trained from scratch and cached (benchmarks/lenet.py):
   float            the baseline (test error on the 10k MNIST test images);
@@ -23,7 +24,6 @@ import argparse
 import copy
 import json
 import os
-import sys
 import tempfile
 import time
 import warnings
@@ -32,17 +32,16 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.join(HERE, "..", "examples"))
-sys.path.insert(0, HERE)
-from lenet import NETS, float_model, train  # noqa: E402
-from mnist_common import evaluate, load_mnist  # noqa: E402
+from lenet import NETS, QUICK_IMAGES, float_model, train  # benchmarks/lenet.py, beside this script
 
-from idkm_plugin import ClusterConfig, ModelConfig  # noqa: E402
-from idkm_plugin.atomic import atomic_write_text  # noqa: E402
-from idkm_plugin.core.prune import magnitude_mask, num_pruned  # noqa: E402
-from idkm_plugin.export import load_palettized, save_palettized  # noqa: E402
-from idkm_plugin.nn import PalettizedConv2d, PalettizedLinear  # noqa: E402
+from idkm_plugin import ClusterConfig, ModelConfig
+from idkm_plugin.atomic import atomic_write_text
+from idkm_plugin.core.prune import magnitude_mask, num_pruned
+from idkm_plugin.export import load_palettized, save_palettized
+from idkm_plugin.nn import PaletteSpec, PalettizedTensor
+from idkm_plugin.workloads.mnist import evaluate, load_mnist
+
+HERE = os.path.dirname(os.path.abspath(__file__))
 
 # Deep Compression's Table (LeNet rows): per layer (fraction of weights pruned, bits per code)
 DC_RECIPE = {
@@ -57,6 +56,8 @@ OURS = {
     "lenet300": {"fc1": (0.95, 3), "fc2": (0.9, 3), "fc3": (0.7, 4)},
     "lenet5": {"conv1": (0.3, 4), "conv2": (0.85, 3), "fc1": (0.97, 3), "fc2": (0.8, 3)},
 }
+QUICK_EPOCHS, QUICK_TEST = 0.5, 1000  # --quick: 8 steps of batch 128 per run, test images
+
 METHODS = {"dkm": {"method": "dkm", "max_iter": 3}, "idkm": {"method": "idkm"}, "idkm_jfb": {"method": "idkm_jfb"}}
 
 
@@ -141,15 +142,14 @@ class SharedWeights(nn.Module):
 
 
 def palettized_from_codes(model: nn.Module, codes: dict, luts: dict, masks: dict, bits: dict) -> nn.Module:
-    """`model` with each weighted layer replaced by its palettized form (codes, LUT [1, k, 1], mask)."""
+    """A copy of `model` whose weighted layers' weights are palettized: codes [numel] (row-major, one per weight),
+    LUT [k] (one per layer, d = 1), mask [weight shape] (pruned weights decode to 0)."""
     out = copy.deepcopy(model)
-    for name, layer in weighted_layers(model).items():
-        cls = PalettizedLinear if isinstance(layer, nn.Linear) else PalettizedConv2d
-        lut = luts[name].detach().view(1, -1, 1)
-        pal = cls.from_float(layer, codes[name].view(1, -1) * masks[name].view(1, -1), lut, bits[name])
-        pal.set_mask(masks[name].view(1, -1))
-        parent, _, child = name.rpartition(".")
-        setattr(out.get_submodule(parent) if parent else out, child, pal)
+    for name, layer in weighted_layers(out).items():
+        spec = PaletteSpec(bits[name], 1, tuple(layer.weight.shape))
+        weight = PalettizedTensor.build(codes[name], luts[name].detach().view(1, -1, 1), spec,
+                                        mask=masks[name].flatten())
+        layer.weight = nn.Parameter(weight, requires_grad=False)
     return out.eval()
 
 
@@ -223,7 +223,7 @@ def parse_layers(text: str) -> dict[str, tuple[float, int]]:
 
 
 def run_net(name: str, args, data: dict) -> list[dict]:
-    base = float_model(name, args.seed)
+    base = float_model(name, args.seed, quick=args.quick)
     fbytes = float_bytes(base)
     probe = data["test"][0][:256]
     rows = [row(name, "float", base, data, fbytes, fbytes)]
@@ -308,6 +308,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--merge", action="store_true",
                    help="only merge the deep_compression_*.json under --out into deep_compression.md / .png")
     p.add_argument("--tag", default="", help="suffix of the output files' names")
+    p.add_argument("--quick", action="store_true",
+                   help=f"smoke run: float nets from one epoch of {QUICK_IMAGES} images, --epochs {QUICK_EPOCHS:g} "
+                        f"on them, {QUICK_TEST} test images; writes nothing")
     return p.parse_args(argv)
 
 
@@ -347,8 +350,14 @@ def main(argv=None) -> list[dict]:
     warnings.filterwarnings("ignore", category=DeprecationWarning)  # torch.ao.quantization's notice
     if args.threads:
         torch.set_num_threads(args.threads)
-    data = {"train": load_mnist("train"), "test": load_mnist("test")}
+    if args.quick:
+        args.epochs = QUICK_EPOCHS
+    data = {"train": load_mnist("train", QUICK_IMAGES if args.quick else None),
+            "test": load_mnist("test", QUICK_TEST if args.quick else None)}
     rows = [r for net in args.nets for r in run_net(net, args, data)]
+    if args.quick:
+        print(markdown(rows))
+        return rows
     os.makedirs(args.out, exist_ok=True)
     meta = {"epochs": args.epochs, "lr": args.lr, "seed": args.seed, "ours": OURS, "dc_recipe": DC_RECIPE}
     stem = os.path.join(args.out, f"deep_compression_{'_'.join(args.nets)}{args.tag}")

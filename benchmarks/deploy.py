@@ -23,7 +23,6 @@ import argparse
 import json
 import os
 import statistics
-import sys
 import tempfile
 import time
 from typing import Callable
@@ -32,18 +31,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from idkm_plugin import ModelConfig, native
+from idkm_plugin.atomic import atomic_write_text
+from idkm_plugin.clusterer import WeightClusterer
+from idkm_plugin.conversion import palettize_module
+from idkm_plugin.export import save_palettized, size_report
+from idkm_plugin.nn import PaletteSpec, PalettizedTensor, palettized_parameters
+from idkm_plugin.nn.lut_linear import lut_linear_reference
+from idkm_plugin.workloads.mnist import disk_bytes, load_pretrained_cnn
+
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.join(HERE, "..", "examples"))
-
-from idkm_plugin.clusterer import WeightClusterer  # noqa: E402
-from idkm_plugin.export import save_palettized, size_report  # noqa: E402
-from idkm_plugin.atomic import atomic_write_text  # noqa: E402
-from idkm_plugin import native  # noqa: E402
-from idkm_plugin.conversion import palettize_module  # noqa: E402
-from idkm_plugin.nn import PaletteSpec, PalettizedTensor, palettized_parameters  # noqa: E402
-from idkm_plugin.nn.lut_linear import lut_linear_reference  # noqa: E402
-
 RESULTS = os.path.join(HERE, "results")
+DEMO_CONFIG = os.path.join(HERE, "..", "examples", "mnist_mixed_1bit.yaml")  # the demo's YAML (make demo)
 LINEAR_CASES = [(1, 1), (2, 1), (3, 1), (4, 1), (8, 1), (4, 4)]  # (bits, dim)
 
 
@@ -377,12 +376,9 @@ def llm_markdown(r: dict, rounds: int) -> list[str]:
 
 def demo_cnn() -> tuple[nn.Module, nn.Module]:
     """(float MNISTNet, its palettization with the demo's YAML config)."""
-    from mnist_common import load_pretrained_cnn
-    from mnist_qat import DEFAULT_CONFIG, load_model_config
-
     float_model = load_pretrained_cnn()
     palettized = load_pretrained_cnn()
-    config = load_model_config(DEFAULT_CONFIG)
+    config = ModelConfig.from_yaml(DEMO_CONFIG)
     for name, module in list(palettized.named_modules()):
         cfg = config.resolve(name, module) if isinstance(module, (nn.Linear, nn.Conv2d)) else None
         if cfg is None:
@@ -392,12 +388,6 @@ def demo_cnn() -> tuple[nn.Module, nn.Module]:
         parent, _, attr = name.rpartition(".")
         setattr(palettized.get_submodule(parent), attr, palettize_module(module, clusterer))
     return float_model, palettized.eval()
-
-
-def disk_bytes(path: str) -> int:
-    if os.path.isdir(path):
-        return sum(os.path.getsize(os.path.join(root, f)) for root, _, files in os.walk(path) for f in files)
-    return os.path.getsize(path)
 
 
 def executorch_rows(float_model: nn.Module, palettized: nn.Module, x: torch.Tensor, folder: str,

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mnist_common import evaluate, load_mnist
+from idkm_plugin.workloads.mnist import evaluate, load_mnist
 
 CACHE = os.path.join(os.path.expanduser("~"), ".cache", "idkm_plugin", "lenet")
 
@@ -82,14 +82,19 @@ def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, epochs: float, 
 
 
 FLOAT_EPOCHS = {"lenet300": 20, "lenet5": 8}
+QUICK_IMAGES = 2048  # a smoke run's float model: one epoch of this many training images, not cached
 
 
-def float_model(name: str, seed: int = 0) -> nn.Module:
-    """The float `name` network trained from scratch on the 50k MNIST training images (cached)."""
-    epochs = FLOAT_EPOCHS[name]
-    path = os.path.join(CACHE, f"{name}-seed{seed}-e{epochs:g}.pt")
+def float_model(name: str, seed: int = 0, quick: bool = False) -> nn.Module:
+    """The float `name` network trained from scratch on the 50k MNIST training images (cached); `quick`: one
+    epoch of the first QUICK_IMAGES, not cached (for a smoke run)."""
     torch.manual_seed(seed)
     model = NETS[name]()
+    if quick:
+        train(model, *load_mnist("train", QUICK_IMAGES), epochs=1, lr=1e-3, seed=seed, desc=f"{name} float (quick)")
+        return model.eval()
+    epochs = FLOAT_EPOCHS[name]
+    path = os.path.join(CACHE, f"{name}-seed{seed}-e{epochs:g}.pt")
     if os.path.exists(path):
         model.load_state_dict(torch.load(path, weights_only=True))
         return model.eval()

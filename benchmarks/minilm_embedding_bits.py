@@ -12,9 +12,9 @@ Hessian-weighted k-means would for an embedding; `rows=N` fits one LUT per N row
 by its RMS (a float16 per-row scale, +16/384 bits per weight) before clustering; `split=N:d2,k2` clusters the
 rows of the N tokens most frequent in the training sentences with d2,k2 and the other rows with d,k (what
 `frequency_split` does in training; the sorted frequent ids counted at 16 bits each). Metrics are those of
-examples/minilm_distill.py (mean / 5th-percentile cosine of the sentence embeddings, Spearman of the pairwise
-similarities) on the first `--test-sentences` of its held-out split, and on as many sentences of the license
-texts it scores as another domain (when present).
+examples/minilm_distill.py (`idkm_plugin.workloads.minilm.embedding_metrics`: mean / 5th-percentile cosine of the
+sentence embeddings, Spearman of the pairwise similarities) on the first `--test-sentences` of its held-out split,
+and on as many sentences of the license texts it scores as another domain (when present).
 """
 from __future__ import annotations
 
@@ -23,16 +23,14 @@ import copy
 import json
 import math
 import os
-import sys
 import time
 
 import torch
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.join(HERE, "..", "examples"))
-import minilm_distill as md  # noqa: E402
+from idkm_plugin.split_embedding import most_frequent
+from idkm_plugin.workloads import minilm, text
 
-from idkm_plugin.split_embedding import most_frequent  # noqa: E402
+HERE = os.path.dirname(os.path.abspath(__file__))
 
 DEFAULT_SETTINGS = ["1,2", "2,4", "3,8", "4,16", "6,64", "8,256", "4,16,freq", "4,16,rows=256", "4,16,rms",
                     "4,8", "8,64", "4,32", "2,8", "1,4", "4,8,split=4096:1,4"]
@@ -99,14 +97,14 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--out", default=os.path.join(HERE, "results", "minilm_embedding_bits.json"))
     args = p.parse_args(argv)
     torch.set_num_threads(1)
-    model, tokenizer = md.load_minilm()
-    train, test = md.split(md.stdlib_sentences(), 512)
+    model, tokenizer = minilm.load_minilm()
+    train, test = text.split(text.stdlib_sentences(), 512)
     test = test[:args.test_sentences]
-    other = md.split(md.license_sentences(), args.test_sentences)[1]
-    teacher = md.embed_all(model, tokenizer, test, args.max_length)
-    other_teacher = md.embed_all(model, tokenizer, other, args.max_length) if other else None
+    other = text.split(text.license_sentences(), args.test_sentences)[1]
+    teacher = minilm.embed_all(model, tokenizer, test, args.max_length)
+    other_teacher = minilm.embed_all(model, tokenizer, other, args.max_length) if other else None
     w = model.embeddings.word_embeddings.weight.detach().clone()
-    counts = md.token_counts(tokenizer, train, args.max_length, len(w)).float()
+    counts = minilm.token_counts(tokenizer, train, args.max_length, len(w)).float()
     rows = []
     print("| setting | bits per weight | relative error | mean cos | 5th pct cos | Spearman | license texts: mean cos "
           "| Spearman |\n|---|---:|---:|---:|---:|---:|---:|---:|")
@@ -115,9 +113,9 @@ def main(argv=None) -> list[dict]:
         q, bits = quantize(w, setting, counts, args.iters)
         student = copy.deepcopy(model)
         student.embeddings.word_embeddings.weight.data.copy_(q)
-        metrics = md.embedding_metrics(md.embed_all(student, tokenizer, test, args.max_length), teacher)
-        other_metrics = md.embedding_metrics(md.embed_all(student, tokenizer, other, args.max_length),
-                                             other_teacher) if other else None
+        metrics = minilm.embedding_metrics(minilm.embed_all(student, tokenizer, test, args.max_length), teacher)
+        other_metrics = minilm.embedding_metrics(minilm.embed_all(student, tokenizer, other, args.max_length),
+                                                 other_teacher) if other else None
         row = {"setting": setting, "bits_per_weight": bits, "relative_error": float((q - w).norm() / w.norm()),
                **metrics, "license_text": other_metrics, "seconds": time.perf_counter() - start}
         rows.append(row)

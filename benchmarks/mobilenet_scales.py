@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import time
 import warnings
 
@@ -27,9 +26,7 @@ from torch import nn
 from idkm_plugin import ClusterConfig, ModelConfig, plan
 from idkm_plugin.clusterer import WeightClusterer
 from idkm_plugin.layers import resolve_layers
-
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "examples"))
-from mobilenet_common import crops, pretrained  # noqa: E402
+from idkm_plugin.workloads.mobilenet import crops, pretrained
 
 SETTINGS = {
     "per-tensor LUT": {},

@@ -24,19 +24,19 @@ import argparse
 import copy
 import json
 import os
-import sys
 import time
 
 import torch
 from torch import nn
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.join(HERE, "..", "examples"))
-from memory import fmt_bytes, table  # noqa: E402
-from minilm_distill import embed, load_minilm, split, stdlib_sentences, tokenize  # noqa: E402
+from memory import fmt_bytes, table  # benchmarks/memory.py, beside this script
 
-from idkm_plugin import ClusterConfig, ModelConfig  # noqa: E402
-from idkm_plugin.profiling import SavedTensorBytes  # noqa: E402
+from idkm_plugin import ClusterConfig, ModelConfig
+from idkm_plugin.profiling import SavedTensorBytes
+from idkm_plugin.workloads.minilm import embed, load_minilm, tokenize
+from idkm_plugin.workloads.text import split, stdlib_sentences
+
+HERE = os.path.dirname(os.path.abspath(__file__))
 
 RESULTS = os.path.join(HERE, "results")
 LAYER = "encoder.layer.0.intermediate.dense"

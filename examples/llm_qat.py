@@ -37,13 +37,12 @@ from torch import nn
 import idkm_plugin
 from idkm_plugin import ModelConfig, ptq
 from idkm_plugin.atomic import atomic_write_text
+from idkm_plugin.workloads.text import LICENSE_DIR, stdlib_files
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_MODEL_DIR = os.path.join(HERE, "..", "outputs", "llm", "smollm2")
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 HELD_OUT = "textwrap.py"
-LICENSE_DIR = "/usr/share/common-licenses"
-SKIP_DIRS = {"site-packages", "dist-packages", "test", "tests", "idlelib", "lib2to3", "turtledemo", "__pycache__"}
 PROMPT = "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n"
 
 
@@ -51,11 +50,7 @@ PROMPT = "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n
 def training_texts(max_chars: int, seed: int = 0, stdlib: Optional[str] = None) -> list[str]:
     """Python standard-library sources (the held-out textwrap.py, tests and site-packages excluded) in a seeded
     order, and Debian's license texts when present, up to `max_chars` characters in all."""
-    root = stdlib or sysconfig.get_paths()["stdlib"]
-    files = []
-    for folder, dirs, names in os.walk(root):
-        dirs[:] = sorted(d for d in dirs if d not in SKIP_DIRS and not d.startswith("."))
-        files += [os.path.join(folder, n) for n in sorted(names) if n.endswith(".py") and n != HELD_OUT]
+    files = [path for path in stdlib_files(stdlib) if os.path.basename(path) != HELD_OUT]
     if os.path.isdir(LICENSE_DIR):
         files += [os.path.join(LICENSE_DIR, n) for n in sorted(os.listdir(LICENSE_DIR))]
     random.Random(seed).shuffle(files)

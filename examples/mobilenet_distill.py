@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import os
-import sys
 import time
 import warnings
 
@@ -26,12 +24,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from distillation import without_dropout  # noqa: E402
-from mobilenet_common import crops, logits_and_features, pretrained  # noqa: E402
-
-from idkm_plugin import ClusterConfig, ModelConfig, plan  # noqa: E402
-from idkm_plugin.export import size_report  # noqa: E402
+from idkm_plugin import ClusterConfig, ModelConfig, plan
+from idkm_plugin.export import size_report
+from idkm_plugin.workloads.distillation import without_dropout
+from idkm_plugin.workloads.mobilenet import crops, logits_and_features, pretrained
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -10,17 +10,13 @@ information of the loss (`ptq.fisher_information`, as SqueezeLLM and coremltools
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from mnist_common import evaluate, load_mnist, load_pretrained_cnn  # noqa: E402
-
-from idkm_plugin import ClusterConfig, ModelConfig, ptq  # noqa: E402
-from idkm_plugin.export import size_report  # noqa: E402
+from idkm_plugin import ClusterConfig, ModelConfig, ptq
+from idkm_plugin.export import size_report
+from idkm_plugin.workloads.mnist import evaluate, load_mnist, load_pretrained_cnn
 
 
 def parse_args(argv=None) -> argparse.Namespace:

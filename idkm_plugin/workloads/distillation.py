@@ -1,4 +1,4 @@
-"""Shared by the distillation examples (minilm_distill.py, mobilenet_distill.py)."""
+"""What a distilled student shares with its teacher (examples/minilm_distill.py, examples/mobilenet_distill.py)."""
 from __future__ import annotations
 
 from torch import nn
