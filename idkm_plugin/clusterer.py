@@ -40,6 +40,12 @@ def _registered_owner(weight: torch.Tensor) -> Optional["WeightClusterer"]:
     return None if ref is None else ref()
 
 
+# idkm / idkm_jfb: map evaluations of a cold solve (fresh or externally set centroids), in units of max_iter. A cold
+# start is far from the fixed point (grouped LUTs of SmolLM2: 136-197 evaluations to tol); solving it once lets
+# every later warm-started step take one evaluation, where max_iter-capped cold solves kept restarting for steps.
+COLD_START_BUDGET = 10
+
+
 class WeightClusterer(nn.Module):
     """Clusters one weight tensor: soft (differentiable) in training, hard in eval.
 
@@ -86,12 +92,16 @@ class WeightClusterer(nn.Module):
         self._eval_cache: Optional[tuple] = None  # (key, eval output): see _eval_key
         # ((id, version) of the weight, clustered output) of this step until backward: a tied weight is clustered once
         self._memo: Optional[tuple] = None
+        # the centroid tensor the last training solve wrote (a weak reference): centroids set since then (an init,
+        # init_luts) are a cold start, which gets COLD_START_BUDGET times max_iter evaluations
+        self._solved: Optional[weakref.ref] = None
 
     def __getstate__(self) -> dict:
         state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__
         state = dict(state)
         state["_eval_cache"] = None  # deepcopy / pickling never carry the cached decoded weight
         state["_memo"] = None  # nor a non-leaf tensor of the current step
+        state["_solved"] = None  # (a weak reference cannot be pickled; a copy's first solve counts as cold)
         return state
 
     @property
@@ -161,6 +171,7 @@ class WeightClusterer(nn.Module):
         self.check_finite(c, "new LUT")  # never store non-finite centroids
         with torch.no_grad():
             self.centroids.copy_(c)
+        self._solved = weakref.ref(self.centroids)
         out = from_vectors(x_hat, weight.shape)
         out = self._check_gradient(out if scale is None else (out * _per_channel(scale, out)).to(weight.dtype))
         if isinstance(weight, nn.Parameter) and out.requires_grad:
@@ -217,9 +228,11 @@ class WeightClusterer(nn.Module):
         Pruned: each group's surviving vectors are clustered on their own (pruned rows of the output are 0,
         a group without survivors keeps its centroids); `stats` then holds the last group's solve."""
         cfg = self.config
+        warm = self._solved is not None and self._solved() is self.centroids
+        max_iter = cfg.max_iter if warm or cfg.method is Method.DKM else COLD_START_BUDGET * cfg.max_iter
 
         def solve(rows: torch.Tensor, centroids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            return soft_kmeans(rows, centroids, tau=cfg.tau, method=cfg.method, max_iter=cfg.max_iter,
+            return soft_kmeans(rows, centroids, tau=cfg.tau, method=cfg.method, max_iter=max_iter,
                                tol=cfg.tol, chunk_size=cfg.chunk_size, uniquify=cfg.uniquify,
                                adjoint_max_iter=cfg.adjoint_max_iter, adjoint_tol=cfg.adjoint_tol,
                                solver=cfg.solver, stats=stats, weights=row_weights)
@@ -484,6 +497,8 @@ class WeightClusterer(nn.Module):
                                       unexpected_keys, error_msgs)
         if prefix + "mask" in missing_keys and not self.pruned:  # saved before pruning existed: nothing pruned
             missing_keys.remove(prefix + "mask")
+        # a checkpoint of a trained clusterer holds the fixed point of its last step: resume warm, as it would have
+        self._solved = weakref.ref(self.centroids) if int(self.step) > 0 and self.initialized else None
 
     @torch.no_grad()
     def export(self, weight: torch.Tensor, transposed: bool = False) -> PalettizedTensor:

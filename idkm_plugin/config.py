@@ -65,7 +65,8 @@ class ClusterConfig:
             from the weight: tau = 0.5 * Var(W) / k**(2/d), which reproduces DKM's tuned values for
             typical conv layers and keeps one setting valid across layers of different scale.
         max_iter: soft k-means iterations (t); for dkm, the number unrolled under autograd; for idkm /
-            idkm_jfb, at most this many evaluations of the soft k-means map by the solver.
+            idkm_jfb, at most this many evaluations of the soft k-means map by the solver per step (10x that for
+            the first, cold solve after the centroids were set).
         tol: stop when max |C_t+1 - C_t| <= tol * max |W|. The default 1e-4 is below a float16 LUT's precision
             (4.9e-4 of max |W|) and above the float32 rounding of the map's sums over 10^5..10^6 weights, where
             1e-5 stalls: warm-started steps then need one map evaluation instead of max_iter.

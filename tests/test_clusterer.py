@@ -3,22 +3,31 @@ import io
 import pytest
 import torch
 
-from idkm_plugin import ClusterConfig
-from idkm_plugin.clusterer import WeightClusterer
+from idkm_plugin import ClusterConfig, soft_kmeans
+from idkm_plugin.clusterer import COLD_START_BUDGET, WeightClusterer
 
 
 def test_lazy_init_then_warm_start_from_previous_step():
+    """The first (cold) solve gets COLD_START_BUDGET x max_iter evaluations, each later step max_iter from where the
+    last one ended: with plain iteration, 10 + 1 steps equal one run of 11."""
     w = torch.randn(16, 8, requires_grad=True)
-    clusterer = WeightClusterer(ClusterConfig(bits=2, max_iter=1, tol=0))
+    clusterer = WeightClusterer(ClusterConfig(bits=2, max_iter=1, tol=0, solver="picard"))
     assert not clusterer.initialized
     clusterer(w)
+    assert clusterer.last_stats.forward_evals == COLD_START_BUDGET
+    init = WeightClusterer(ClusterConfig(bits=2))
+    init.initialize(w)
     first = clusterer.centroids.clone()
     assert first.shape == (1, 4, 1)
     clusterer(w)  # one more iteration from where the last step ended
-    cont = WeightClusterer(ClusterConfig(bits=2, max_iter=2, tol=0))
-    cont(w)
-    torch.testing.assert_close(clusterer.centroids, cont.centroids)
+    assert clusterer.last_stats.forward_evals == 1
+    _, expected = soft_kmeans(w.detach().reshape(-1, 1), init.centroids[0], method="idkm", solver="picard",
+                              max_iter=COLD_START_BUDGET + 1, tol=0)
+    torch.testing.assert_close(clusterer.centroids[0], expected)
     assert not torch.equal(first, clusterer.centroids)
+    clusterer.centroids = first.clone()  # centroids set from outside (init_luts): cold again
+    clusterer(w)
+    assert clusterer.last_stats.forward_evals == COLD_START_BUDGET
 
 
 def test_eval_is_hard_assignment_with_at_most_k_values():
