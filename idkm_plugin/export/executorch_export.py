@@ -115,19 +115,25 @@ def export_program(model: nn.Module, example_inputs: Sequence[Any],
         return torch.export.export(without_weight_cache(model, dense_convolutions), tuple(example_inputs))
 
 
-def _partitioners() -> list:
+def _partitioners(convolutions: bool = True) -> list:
     """XNNPACK twice: first everything but convolutions, with linears whose weights the program
     decodes included (XNNPACK takes non-constant fully-connected weights when asked to), then the
     convolutions with the default settings (that option would also make conv biases non-constant,
-    which XNNPACK's depthwise convolutions and conv+BatchNorm fusion reject)."""
+    which XNNPACK's depthwise convolutions and conv+BatchNorm fusion reject). Without convolutions, the first
+    alone: each partitioner adds a pass over the whole graph (decompositions, partitioning), ~10% of an LLM's
+    lowering."""
     _require_executorch()
     from executorch.backends.xnnpack.partition.config import ALL_PARTITIONER_CONFIGS
     from executorch.backends.xnnpack.partition.config.gemm_configs import ConvolutionConfig
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
 
     no_convs = [config for config in ALL_PARTITIONER_CONFIGS if config is not ConvolutionConfig]
-    return [XnnpackPartitioner(configs=no_convs, force_non_static_weights_for_f32_linear=True),
-            XnnpackPartitioner()]
+    first = XnnpackPartitioner(configs=no_convs, force_non_static_weights_for_f32_linear=True)
+    return [first, XnnpackPartitioner()] if convolutions else [first]
+
+
+def _has_convolutions(model: nn.Module) -> bool:
+    return any(isinstance(module, nn.modules.conv._ConvNd) for module in model.modules())
 
 
 def to_executorch(model: nn.Module, example_inputs: Sequence[Any], path: str | os.PathLike,
@@ -150,11 +156,12 @@ def lower_to_pte(model: nn.Module, example_inputs: Sequence[Any], path: str | os
     """`to_executorch`'s stages: torch.export (weights decoded in the graph), edge + XNNPACK lowering,
     serialization, atomic write. Returns the file's size in bytes."""
     to_edge_transform_and_lower, _ = _require_executorch()
-    partitioners = _partitioners() if delegate else []
+    partitioners = _partitioners(_has_convolutions(model)) if delegate else []
     with stage("to_executorch: torch.export", progress):
         program = export_program(model, example_inputs, dense_convolutions)
         _drop_provenance(program)
-    with stage("to_executorch: edge dialect + XNNPACK lowering", progress), _quiet_export(), _shallow_provenance():
+    with stage("to_executorch: edge dialect + XNNPACK lowering", progress), _quiet_export(), _shallow_provenance(), \
+            _sort_only_when_needed():
         edge = to_edge_transform_and_lower(program, partitioner=partitioners)
     with stage("to_executorch: serialize", progress), _quiet_export(), _shallow_provenance():
         buffer = edge.to_executorch().buffer
@@ -191,6 +198,32 @@ def _shallow_provenance() -> Iterator[None]:
         yield
     finally:
         fx_traceback.NodeSource.__init__ = original
+
+
+@contextlib.contextmanager
+def _sort_only_when_needed() -> Iterator[None]:
+    """Within the block, ExecuTorch's `create_submodule_from_nodes` (one call per XNNPACK partition) re-sorts the
+    whole graph only when fusing the partition left it out of topological order. Its `legalize_graph` copies and
+    recompiles the whole graph for every partition (time: partitions x nodes, ~30% of an LLM's lowering) even
+    when the order is already valid, which is the usual case: the fused call sits where its last node was.
+    Restored on exit."""
+    from executorch.exir import lowered_backend_module
+
+    original = lowered_backend_module.legalize_graph
+
+    def legalize_if_needed(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+        seen: set = set()
+        for node in gm.graph.nodes:
+            if any(arg not in seen for arg in node.all_input_nodes):
+                return original(gm)
+            seen.add(node)
+        return gm
+
+    lowered_backend_module.legalize_graph = legalize_if_needed
+    try:
+        yield
+    finally:
+        lowered_backend_module.legalize_graph = original
 
 
 def load_pte_method(path: str | os.PathLike, method: str = "forward"):
