@@ -161,7 +161,7 @@ def lower_to_pte(model: nn.Module, example_inputs: Sequence[Any], path: str | os
         program = export_program(model, example_inputs, dense_convolutions)
         _drop_provenance(program)
     with stage("to_executorch: edge dialect + XNNPACK lowering", progress), _quiet_export(), _shallow_provenance(), \
-            _sort_only_when_needed():
+            _sort_in_place():
         edge = to_edge_transform_and_lower(program, partitioner=partitioners)
     with stage("to_executorch: serialize", progress), _quiet_export(), _shallow_provenance():
         buffer = edge.to_executorch().buffer
@@ -201,29 +201,49 @@ def _shallow_provenance() -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def _sort_only_when_needed() -> Iterator[None]:
-    """Within the block, ExecuTorch's `create_submodule_from_nodes` (one call per XNNPACK partition) re-sorts the
-    whole graph only when fusing the partition left it out of topological order. Its `legalize_graph` copies and
-    recompiles the whole graph for every partition (time: partitions x nodes, ~30% of an LLM's lowering) even
-    when the order is already valid, which is the usual case: the fused call sits where its last node was.
-    Restored on exit."""
+def _sort_in_place() -> Iterator[None]:
+    """Within the block, ExecuTorch's `create_submodule_from_nodes` (one call per XNNPACK partition) restores the
+    graph's topological order by moving the few nodes the fused partition left out of order, in place. Its
+    `legalize_graph` copies the whole graph into a new one (reordered) and recompiles it for every partition: time
+    partitions x nodes, ~30% of an LLM's lowering. Restored on exit."""
     from executorch.exir import lowered_backend_module
 
     original = lowered_backend_module.legalize_graph
 
-    def legalize_if_needed(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
-        seen: set = set()
-        for node in gm.graph.nodes:
-            if any(arg not in seen for arg in node.all_input_nodes):
-                return original(gm)
-            seen.add(node)
+    def sort_in_place(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+        if _stable_topological_sort(gm.graph):
+            gm.recompile()
         return gm
 
-    lowered_backend_module.legalize_graph = legalize_if_needed
+    lowered_backend_module.legalize_graph = sort_in_place
     try:
         yield
     finally:
         lowered_backend_module.legalize_graph = original
+
+
+def _stable_topological_sort(graph: torch.fx.Graph) -> bool:
+    """Reorder `graph` in place so that every node follows its inputs, moving only the nodes that precede one of
+    their inputs (each after the last of them); the others keep their order. Returns whether a node moved."""
+    pending = list(reversed(graph.nodes))  # popped in graph order
+    ready: set = set()
+    waiting: dict = {}  # input node -> the nodes waiting for it
+    cursor, moved = None, False
+    while pending:
+        node = pending.pop()
+        missing = [arg for arg in node.all_input_nodes if arg not in ready]
+        if missing:
+            waiting.setdefault(missing[-1], []).append(node)
+            continue
+        ready.add(node)
+        if cursor is not None and cursor.next is not node:
+            cursor.append(node)
+            moved = True
+        cursor = node
+        pending.extend(reversed(waiting.pop(node, ())))
+    if waiting:
+        raise RuntimeError(f"graph has a cycle through {list(waiting)}")
+    return moved
 
 
 def load_pte_method(path: str | os.PathLike, method: str = "forward"):
