@@ -120,8 +120,8 @@ def _partitioners(convolutions: bool = True) -> list:
     decodes included (XNNPACK takes non-constant fully-connected weights when asked to), then the
     convolutions with the default settings (that option would also make conv biases non-constant,
     which XNNPACK's depthwise convolutions and conv+BatchNorm fusion reject). Without convolutions, the first
-    alone: each partitioner adds a pass over the whole graph (decompositions, partitioning), ~10% of an LLM's
-    lowering."""
+    alone: each partitioner adds passes over the whole graph (decompositions, partitioning; measured on
+    SmolLM2-135M: the edge conversion 84 s with both, 36 s with one)."""
     _require_executorch()
     from executorch.backends.xnnpack.partition.config import ALL_PARTITIONER_CONFIGS
     from executorch.backends.xnnpack.partition.config.gemm_configs import ConvolutionConfig
@@ -204,8 +204,8 @@ def _shallow_provenance() -> Iterator[None]:
 def _sort_in_place() -> Iterator[None]:
     """Within the block, ExecuTorch's `create_submodule_from_nodes` (one call per XNNPACK partition) restores the
     graph's topological order by moving the few nodes the fused partition left out of order, in place. Its
-    `legalize_graph` copies the whole graph into a new one (reordered) and recompiles it for every partition: time
-    partitions x nodes, ~30% of an LLM's lowering. Restored on exit."""
+    `legalize_graph` copies the whole graph into a new one (reordered) for every partition: time partitions x
+    nodes (measured on SmolLM2-135M, 155 partitions: 75 s of a 233 s lowering; 24 s in place). Restored on exit."""
     from executorch.exir import lowered_backend_module
 
     original = lowered_backend_module.legalize_graph
