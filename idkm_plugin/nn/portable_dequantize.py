@@ -42,10 +42,31 @@ def dequantize_portable(packed: torch.Tensor, bits: int, count: int, lut: torch.
     """packed uint8, lut [groups, 2**bits, d] -> dense weight of `shape` (count * d values) in `dtype`,
     as `dequantize_packed`."""
     groups, k, d = lut.shape
+    per_byte = 8 // bits if 8 % bits == 0 else 0
+    if per_byte and (count // groups) % per_byte == 0:  # each group's codes fill whole bytes
+        return _dequantize_by_byte(packed, bits, groups, lut.to(dtype)).reshape(shape)
     codes = unpack_codes_portable(packed, bits, count)
     if groups > 1:
         codes = (codes.view(groups, -1) + torch.arange(groups).unsqueeze(1) * k).reshape(-1)
     return F.embedding(codes, lut.reshape(groups * k, d).to(dtype)).reshape(shape)
+
+
+def _dequantize_by_byte(packed: torch.Tensor, bits: int, groups: int, lut: torch.Tensor) -> torch.Tensor:
+    """packed uint8 [n] (groups of whole bytes), lut [groups, 2**bits, d] -> values [n, (8 // bits) * d]: one
+    `embedding` of each byte into a table [groups * 256, (8 // bits) * d] of every byte's decoded codes, built from
+    the LUT (a few KB). Decoding costs one int64 conversion and one gather per byte, not per code: the program
+    decodes every weight on each call, so this is most of its time."""
+    per_byte, k, d = 8 // bits, lut.shape[1], lut.shape[2]
+    byte = torch.arange(256).unsqueeze(1)
+    byte_codes = torch.remainder(torch.div(byte, torch.tensor([1 << s for s in range(0, 8, bits)]),
+                                           rounding_mode="floor"), k)  # [256, per_byte], constant
+    if groups > 1:
+        byte_codes = byte_codes + (torch.arange(groups) * k).view(groups, 1, 1)  # [groups, 256, per_byte]
+    table = F.embedding(byte_codes, lut.reshape(groups * k, d)).reshape(groups * 256, per_byte * d)
+    raw = packed.to(torch.int64)
+    if groups > 1:
+        raw = (raw.view(groups, -1) + (torch.arange(groups) * 256).unsqueeze(1)).reshape(-1)
+    return F.embedding(raw, table)
 
 
 def apply_packed_mask_portable(weight: torch.Tensor, packed_mask: torch.Tensor, count: int) -> torch.Tensor:

@@ -118,3 +118,25 @@ def test_dense_convolutions_of_the_demo_cnn_run_under_xnnpack(tmp_path):
     with torch.no_grad():
         ref = model(x)
     assert max_relative_error(run_pte(tmp_path / "cnn.pte", (x,)), ref) <= 1e-4
+
+
+def test_in_place_sort_moves_only_out_of_order_nodes():
+    """The per-partition re-sort the lowering uses: a node placed before its input moves after it (the graph then
+    computes what it did), an ordered graph is left as it is."""
+    from idkm_plugin.export.executorch_export import _stable_topological_sort
+
+    graph = torch.fx.Graph()
+    x = graph.placeholder("x")
+    a = graph.call_function(torch.neg, (x,))
+    b = graph.call_function(torch.relu, (a,))
+    c = graph.call_function(torch.exp, (x,))
+    graph.output(graph.call_function(torch.add, (b, c)))
+    a.prepend(b)  # b before its input a
+    names = [node.name for node in graph.nodes]
+    assert names.index("relu") < names.index("neg")
+    assert _stable_topological_sort(graph)
+    assert [node.name for node in graph.nodes] == ["x", "neg", "relu", "exp", "add", "output"]
+    assert not _stable_topological_sort(graph)
+    gm = torch.fx.GraphModule(nn.Module(), graph)
+    v = torch.randn(5)
+    torch.testing.assert_close(gm(v), torch.relu(-v) + torch.exp(v), rtol=0, atol=0)
