@@ -32,7 +32,8 @@ from .adjoint import (dense_matvec, jacobian_chunk, scale_jacobian, solve_adjoin
                       use_explicit_jacobian)
 from .enums import Solver, Uniquify
 from .fixed_point import solve_fixed_point
-from .kernel import attention_chunks, map_sums, map_sums_and_output
+from .kernel import (attention_chunks, contract_clusters, contract_rows, map_sums, map_sums_and_output,
+                     outer_rows)
 from .soft_step import chunk_rows, compute_dtype, empty_clusters, update_centroids
 from .stats import SolveStats
 from .uniquify import gather_rows, grid_rows, scatter_rows, uniquify_rows
@@ -96,7 +97,7 @@ def output_pass(x: torch.Tensor, n: Optional[torch.Tensor], c: torch.Tensor, tau
     sums = torch.zeros(g, k * d, k * d, dtype=torch.float64, device=c.device) if with_jacobian else None
     kept = []
     for s, a in attention_chunks(x, c, tau, rows):
-        x_hat[:, s] = torch.bmm(a.transpose(1, 2), c)
+        x_hat[:, s] = contract_clusters(a, c)
         if with_jacobian:
             sums += jacobian_chunk(a, x[:, s], None if n is None else n[:, s], c, f)
         if keep_attention:
@@ -264,17 +265,17 @@ def _logit_vjp(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 def _grad_c(e: torch.Tensor, x: torch.Tensor, c: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
     """Centroid gradient through the logits: 2/tau (E X - C rowsum(E)). [g, k, d]."""
-    return (2 / tau) * (torch.bmm(e, x) - c * e.sum(2, keepdim=True))
+    return (2 / tau) * (contract_rows(e, x) - c * e.sum(2, keepdim=True))
 
 
 def _grad_x(e: torch.Tensor, c: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
     """Row gradient through the logits: 2/tau E^T C. [g, r, d]."""
-    return (2 / tau) * torch.bmm(e.transpose(1, 2), c)
+    return (2 / tau) * contract_clusters(e, c)
 
 
 def _fixed_point_b(x: torch.Tensor, n: Optional[torch.Tensor], u_bar: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
     """B_ji = n_i ubar_j . (x_i - F_j) for the VJP of F. [g, k, r]."""
-    b = torch.bmm(u_bar, x.transpose(1, 2)) - (u_bar * f).sum(-1, keepdim=True)
+    b = outer_rows(u_bar, x) - (u_bar * f).sum(-1, keepdim=True)
     return b if n is None else b * n.unsqueeze(1)
 
 
@@ -284,8 +285,8 @@ def _output_vjp_c(saved: _Saved, grad_rows: torch.Tensor, rows: int) -> torch.Te
     v = torch.zeros_like(c)
     for s, a in _chunks(saved, rows):
         gr = grad_rows[:, s]
-        e = _logit_vjp(a, torch.bmm(c, gr.transpose(1, 2)))
-        v += _grad_c(e, saved.x[:, s], c, tau) + torch.bmm(a, gr)
+        e = _logit_vjp(a, outer_rows(c, gr))
+        v += _grad_c(e, saved.x[:, s], c, tau) + contract_rows(a, gr)
     return v
 
 
@@ -305,8 +306,8 @@ def _input_grad(saved: _Saved, grad_rows: torch.Tensor, u_bar: torch.Tensor, row
     dx = torch.empty_like(saved.x)
     for s, a in _chunks(saved, rows):
         n = None if saved.n is None else saved.n[:, s]  # row weights (no uniquification: one row, one weight)
-        b = torch.bmm(saved.c, grad_rows[:, s].transpose(1, 2)) + _fixed_point_b(saved.x[:, s], n, u_bar, saved.f)
-        pull = torch.bmm(a.transpose(1, 2), u_bar)
+        b = outer_rows(saved.c, grad_rows[:, s]) + _fixed_point_b(saved.x[:, s], n, u_bar, saved.f)
+        pull = contract_clusters(a, u_bar)
         dx[:, s] = _grad_x(_logit_vjp(a, b), saved.c, saved.tau) + (pull if n is None else pull * n.unsqueeze(-1))
     return dx
 
@@ -322,7 +323,7 @@ def _input_grad_uniquified(saved: _Saved, grad: torch.Tensor, u_bar: torch.Tenso
     q = torch.empty_like(saved.x)
     two_over_tau = 2 / saved.tau
     for s, a in _chunks(saved, rows):
-        x_hat = torch.bmm(a.transpose(1, 2), saved.c)  # [g, rows, d]
+        x_hat = contract_clusters(a, saved.c)  # [g, rows, d]
         if d == 1:
             spread = (saved.c - x_hat.transpose(1, 2)).square_().mul_(a).sum(1)  # [g, rows]
             jac[:, s] = (two_over_tau.view(g, 1) * spread).view(g, -1, 1, 1)
@@ -330,7 +331,7 @@ def _input_grad_uniquified(saved: _Saved, grad: torch.Tensor, u_bar: torch.Tenso
             delta = saved.c.unsqueeze(2) - x_hat.unsqueeze(1)  # [g, k, rows, d]
             jac[:, s] = two_over_tau.unsqueeze(-1) * torch.einsum("gkr,gkrd,gkre->grde", a, delta, delta)
         e = _logit_vjp(a, _fixed_point_b(saved.x[:, s], None, u_bar, saved.f))
-        q[:, s] = _grad_x(e, saved.c, saved.tau) + torch.bmm(a.transpose(1, 2), u_bar)
+        q[:, s] = _grad_x(e, saved.c, saved.tau) + contract_clusters(a, u_bar)
     q_rows = gather_rows(q, saved.inv)
     if saved.w is not None:
         q_rows = q_rows * saved.w.unsqueeze(-1)

@@ -14,6 +14,11 @@ Why this layout and these steps (profiled on one thread, 1M rows x 16 centroids,
   at 4 bits and ~2e-2 at 8 bits in float32; it is also the cheaper form (12 ms vs 17 ms per 1M rows);
 - the map needs only the unnormalised exp E and the row sums s: num = E (x / s), mass = E (1 / s),
   one [g, k, r] x [g, r, d + 1] product, so the attention is never normalised in place.
+- products of a [g, k, r] attention-shaped tensor with a thin [g, r, p] or [g, k, p] operand (p = d or
+  d + 1) put the thin operand first (contract_rows / contract_clusters): MKL's batched GEMM runs
+  [g, p, r] x [g, r, k] 2-8x faster than [g, k, r] x [g, r, p], and [g, p, k] x [g, k, r] 2-10x faster
+  than [g, r, k] x [g, k, p]; an outer product over p = 1 is a broadcast (30x faster than bmm at 3,072
+  groups of 168 rows). Measured on one thread at (g, r) = (1, 65536), (36, 4096), (3072, 168), k = 16.
 One map evaluation costs ~30 ms per 1M rows at k = 16 (the previous kernel: ~150 ms).
 Per-chunk products are float32 (float64 for float64 weights); chunk partial sums are accumulated in
 float64, which bounds the float32 error to one chunk's worth of rows.
@@ -49,6 +54,21 @@ def attention_t(x: torch.Tensor, c: torch.Tensor, tau: torch.Tensor) -> torch.Te
     return e.div_(e.sum(1, keepdim=True))
 
 
+def contract_rows(a: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """sum_i a[g, j, i] y[g, i, p]: a [g, k, r], y [g, r, p] (thin) -> [g, k, p] (= bmm(a, y))."""
+    return torch.bmm(y.transpose(1, 2).contiguous(), a.transpose(1, 2)).transpose(1, 2)
+
+
+def contract_clusters(a: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    """sum_j a[g, j, i] m[g, j, p]: a [g, k, r], m [g, k, p] (thin) -> [g, r, p] (= bmm(a^T, m))."""
+    return torch.bmm(m.transpose(1, 2), a).transpose(1, 2)
+
+
+def outer_rows(m: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """sum_p m[g, j, p] y[g, i, p]: m [g, k, p], y [g, r, p] -> [g, k, r] (= bmm(m, y^T); p = 1: a broadcast)."""
+    return m * y.transpose(1, 2) if m.shape[-1] == 1 else torch.bmm(m, y.transpose(1, 2))
+
+
 def map_sums(x: torch.Tensor, n: Optional[torch.Tensor], c: torch.Tensor, tau: torch.Tensor, rows: int
              ) -> tuple[torch.Tensor, torch.Tensor]:
     """(num [g, k, d], mass [g, k]) = (sum_i n_i A_ij x_i, sum_i n_i A_ij), float64 accumulated."""
@@ -60,7 +80,7 @@ def map_sums(x: torch.Tensor, n: Optional[torch.Tensor], c: torch.Tensor, tau: t
         if n is not None:
             inv.mul_(n[:, s])
         inv = inv.unsqueeze(-1)
-        acc += torch.bmm(e, torch.cat([x[:, s] * inv, inv], -1))
+        acc += contract_rows(e, torch.cat([x[:, s] * inv, inv], -1))
     return acc[..., :d], acc[..., d]
 
 
@@ -78,7 +98,7 @@ def map_sums_and_output(x: torch.Tensor, n: Optional[torch.Tensor], c: torch.Ten
         if n is not None:
             inv.mul_(n[:, s])
         inv = inv.unsqueeze(-1)
-        acc += torch.bmm(e, torch.cat([x[:, s] * inv, inv], -1))
+        acc += contract_rows(e, torch.cat([x[:, s] * inv, inv], -1))
     return acc[..., :d], acc[..., d], x_hat
 
 
