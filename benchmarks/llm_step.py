@@ -36,7 +36,8 @@ EVAL_REPEATS = 3  # eval forwards timed from the cache (and of the float model):
 
 # ---- child: one case ----------------------------------------------------------------------------
 def _find_gguf() -> Path:
-    for pattern in (os.environ.get("SMOLLM2_GGUF", ""), f"/tmp/smol/**/{GGUF_NAME}"):
+    local = str(ROOT / "outputs" / "llm" / "smollm2" / GGUF_NAME)  # where examples/llm_qat.py (make llm) unpacks it
+    for pattern in (os.environ.get("SMOLLM2_GGUF", ""), local, f"/tmp/smol/**/{GGUF_NAME}"):
         hits = glob.glob(pattern, recursive=True) if pattern else []
         if hits:
             return Path(hits[0])

@@ -30,11 +30,12 @@ import torch
 
 from .adjoint import (dense_matvec, jacobian_chunk, scale_jacobian, solve_adjoint, spectral_radius,
                       use_explicit_jacobian)
+from . import fused
 from .enums import Solver, Uniquify
 from .fixed_point import solve_fixed_point
 from .kernel import (attention_chunks, contract_clusters, contract_rows, map_sums, map_sums_and_output,
                      outer_rows)
-from .soft_step import chunk_rows, compute_dtype, empty_clusters, update_centroids
+from .soft_step import chunk_rows, compute_dtype, empty_clusters, exp_floor, row_chunks, update_centroids
 from .stats import SolveStats
 from .uniquify import gather_rows, grid_rows, scatter_rows, uniquify_rows
 from .window import SortedRows, sort_rows, use_window, window_map_sums
@@ -283,6 +284,11 @@ def _output_vjp_c(saved: _Saved, grad_rows: torch.Tensor, rows: int) -> torch.Te
     """v = (dO/dC)^T G for O = A(C) C. [g, k, d]."""
     c, tau = saved.c, saved.tau
     v = torch.zeros_like(c)
+    if saved.a is None and fused.use_fused(saved.x, c.shape[1]):
+        for s in row_chunks(saved.x.shape[1], rows):
+            v += fused.call(fused.output_vjp_chunk, saved.x[:, s].transpose(1, 2), c, tau,
+                            grad_rows[:, s].transpose(1, 2), exp_floor(c.dtype))
+        return v
     for s, a in _chunks(saved, rows):
         gr = grad_rows[:, s]
         e = _logit_vjp(a, outer_rows(c, gr))
@@ -304,6 +310,13 @@ def _fixed_point_vjp_c(saved: _Saved, u: torch.Tensor, rows: int) -> torch.Tenso
 def _input_grad(saved: _Saved, grad_rows: torch.Tensor, u_bar: torch.Tensor, rows: int) -> torch.Tensor:
     """dX = (dO/dX)^T G + (dF/dX)^T u, row by row. [g, m, d]."""
     dx = torch.empty_like(saved.x)
+    if saved.a is None and fused.use_fused(saved.x, saved.c.shape[1]):
+        for s in row_chunks(saved.x.shape[1], rows):
+            dx_t = fused.call(fused.input_grad_chunk, saved.x[:, s].transpose(1, 2),
+                              None if saved.n is None else saved.n[:, s].unsqueeze(1), saved.c, saved.tau,
+                              grad_rows[:, s].transpose(1, 2), u_bar, saved.f, exp_floor(saved.c.dtype))
+            dx[:, s] = dx_t.transpose(1, 2)
+        return dx
     for s, a in _chunks(saved, rows):
         n = None if saved.n is None else saved.n[:, s]  # row weights (no uniquification: one row, one weight)
         b = outer_rows(saved.c, grad_rows[:, s]) + _fixed_point_b(saved.x[:, s], n, u_bar, saved.f)
