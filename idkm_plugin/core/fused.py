@@ -58,6 +58,13 @@ def call(fn: Callable, *args):
     return fn(*args)
 
 
+def columns(rows: Optional[torch.Tensor], s: slice) -> Optional[torch.Tensor]:
+    """Rows s of x [g, r, 1] or of row weights [g, r] in the kernels' [g, 1, rows] layout (None stays None)."""
+    if rows is None:
+        return None
+    return rows[:, s].transpose(1, 2) if rows.dim() == 3 else rows[:, s].unsqueeze(1)
+
+
 def _attention(xt: torch.Tensor, c: torch.Tensor, tau: torch.Tensor, floor: float) -> torch.Tensor:
     """A^T [g, k, r]: softmax over k of -(x - c)^2 / tau, shifted logits floored at `floor` (kernel.shifted_exp)."""
     d2 = (xt - c).square()

@@ -286,8 +286,8 @@ def _output_vjp_c(saved: _Saved, grad_rows: torch.Tensor, rows: int) -> torch.Te
     v = torch.zeros_like(c)
     if saved.a is None and fused.use_fused(saved.x, c.shape[1]):
         for s in row_chunks(saved.x.shape[1], rows):
-            v += fused.call(fused.output_vjp_chunk, saved.x[:, s].transpose(1, 2), c, tau,
-                            grad_rows[:, s].transpose(1, 2), exp_floor(c.dtype))
+            v += fused.call(fused.output_vjp_chunk, fused.columns(saved.x, s), c, tau, fused.columns(grad_rows, s),
+                            exp_floor(c.dtype))
         return v
     for s, a in _chunks(saved, rows):
         gr = grad_rows[:, s]
@@ -312,9 +312,8 @@ def _input_grad(saved: _Saved, grad_rows: torch.Tensor, u_bar: torch.Tensor, row
     dx = torch.empty_like(saved.x)
     if saved.a is None and fused.use_fused(saved.x, saved.c.shape[1]):
         for s in row_chunks(saved.x.shape[1], rows):
-            dx_t = fused.call(fused.input_grad_chunk, saved.x[:, s].transpose(1, 2),
-                              None if saved.n is None else saved.n[:, s].unsqueeze(1), saved.c, saved.tau,
-                              grad_rows[:, s].transpose(1, 2), u_bar, saved.f, exp_floor(saved.c.dtype))
+            dx_t = fused.call(fused.input_grad_chunk, fused.columns(saved.x, s), fused.columns(saved.n, s), saved.c,
+                              saved.tau, fused.columns(grad_rows, s), u_bar, saved.f, exp_floor(saved.c.dtype))
             dx[:, s] = dx_t.transpose(1, 2)
         return dx
     for s, a in _chunks(saved, rows):

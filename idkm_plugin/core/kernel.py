@@ -77,13 +77,6 @@ def outer_rows(m: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return m * y.transpose(1, 2) if m.shape[-1] == 1 else torch.bmm(m, y.transpose(1, 2))
 
 
-def _t(rows: Optional[torch.Tensor], s: Optional[slice] = None) -> Optional[torch.Tensor]:
-    """Rows [g, r, 1] (or weights [g, r] with a slice) as the fused kernels' [g, 1, rows] layout."""
-    if rows is None:
-        return None
-    return rows.transpose(1, 2) if s is None else rows[:, s].unsqueeze(1)
-
-
 def map_sums(x: torch.Tensor, n: Optional[torch.Tensor], c: torch.Tensor, tau: torch.Tensor, rows: int
              ) -> tuple[torch.Tensor, torch.Tensor]:
     """(num [g, k, d], mass [g, k]) = (sum_i n_i A_ij x_i, sum_i n_i A_ij), float64 accumulated."""
@@ -91,7 +84,8 @@ def map_sums(x: torch.Tensor, n: Optional[torch.Tensor], c: torch.Tensor, tau: t
     acc = torch.zeros(g, c.shape[1], d + 1, dtype=torch.float64, device=x.device)
     if fused.use_fused(x, c.shape[1]):
         for s in row_chunks(r, rows):
-            acc += fused.call(fused.map_sums_chunk, _t(x[:, s]), _t(n, s), c, tau, exp_floor(x.dtype))
+            acc += fused.call(fused.map_sums_chunk, fused.columns(x, s), fused.columns(n, s), c, tau,
+                              exp_floor(x.dtype))
         return acc[..., :d], acc[..., d]
     for s in row_chunks(r, rows):
         e = shifted_exp(x[:, s], c, tau)
@@ -111,7 +105,8 @@ def map_sums_and_output(x: torch.Tensor, n: Optional[torch.Tensor], c: torch.Ten
     x_hat = torch.empty_like(x)
     if fused.use_fused(x, c.shape[1]):
         for s in row_chunks(r, rows):
-            part, x_hat_t = fused.call(fused.map_sums_output_chunk, _t(x[:, s]), _t(n, s), c, tau, exp_floor(x.dtype))
+            part, x_hat_t = fused.call(fused.map_sums_output_chunk, fused.columns(x, s), fused.columns(n, s), c, tau,
+                                       exp_floor(x.dtype))
             acc += part
             x_hat[:, s] = x_hat_t.transpose(1, 2)
         return acc[..., :d], acc[..., d], x_hat
