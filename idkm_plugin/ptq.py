@@ -23,7 +23,7 @@ from typing import Callable, Iterable, Optional
 import torch
 from torch import nn
 
-from .clusterer import WeightClusterer
+from .clusterer import WeightClusterer, _per_channel
 from .config import Method, ModelConfig
 from .core.prune import magnitude_mask, num_pruned
 from .core.soft_step import compute_dtype
@@ -82,7 +82,7 @@ def cluster_weight(clusterer: WeightClusterer, weight: torch.Tensor, fisher: Opt
     cfg = clusterer.config
     w = weight.detach().to(compute_dtype(weight.dtype))
     scale = clusterer.channel_scale(w) if cfg.per_channel_scale else None
-    normalized = w if scale is None else w / _per_row(scale, w)
+    normalized = w if scale is None else w / _per_channel(scale, w)
     x = clusterer.vectors(normalized)  # [g, m, d]
     g, m, d = x.shape
     if fisher is None:
@@ -195,8 +195,3 @@ def _fisher_of(fisher: Optional[Fisher], names: dict[int, str], module: nn.Modul
     if weight is not module.weight and weight.dim() == 2 and weight.stride() == module.weight.stride()[::-1]:
         f = f.t()  # a layer that clusters its weight transposed (Hugging Face's Conv1D)
     return f
-
-
-def _per_row(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """values [out] viewed to broadcast over a tensor [out, ...]."""
-    return values.view(-1, *([1] * (like.dim() - 1)))
