@@ -9,8 +9,8 @@ Every case runs in its own child process (one thread), so its peak RSS (the chil
 A case loads the model, prepares it through the torchao flow of the README
 (`quantize_(model, fqn_to_config(mc, model), filter_fn=None)`), then runs `--steps` training steps
 (forward + backward timed; an AdamW step, untimed, between them so the weights move as in training),
-then four eval-mode forwards (no_grad; the first clusters and caches). Step 1 includes the centroid init and a cold fixed point; the
-table's step time is the median of the later half of the steps (the steady state a long run sees: the first
+then four eval-mode forwards (no_grad; the first clusters and caches). Step 1 includes the centroid init
+and a cold fixed point; the table's step time is the median of the later half of the steps (the steady state a long run sees: the first
 steps' cold fixed points converge within a few steps), the first one is shown beside it.
 Writes benchmarks/results/llm_step.md and .json (--tiny: llm_step_tiny.*).
 """
