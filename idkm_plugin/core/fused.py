@@ -1,18 +1,20 @@
-"""Fused chunk kernels for scalar weights (d = 1): the attention and everything computed from it in one pass.
+"""Fused kernels for scalar weights (d = 1): the attention and everything computed from it in one pass.
 
 The eager chunk code (core.kernel, core.implicit) makes ~9 passes over a [g, k, rows] tensor per attention
 and ~25 more in the backward; with many LUT groups (an LLM's 16-row groups: 3,072 LUTs on SmolLM2's
-embedding) the per-weight work is what a step costs. Compiled with torch.compile (Inductor), the same
-functions run as a few fused loops: one thread, 3,072 groups x 16 centroids x 168 rows, the input-gradient
-chunk takes 19 ms against 175 ms eager.
+embedding) the per-weight work is what a step costs. Two fused backends compute the same functions:
+- native: the C++ ops `torch.ops.idkm_plugin.soft_kmeans_*` (csrc/soft_kmeans.cpp), one pass over the whole
+  problem with no [g, k, r] intermediate. One thread, AVX-512, 3,072 groups x 16 centroids x 200 rows:
+  0.31-0.36 ns per (row, centroid) pair (3.1-3.6 ms a pass); its portable scalar path ~5 ns;
+- compiled: the chunk functions below through torch.compile (Inductor), where the native ops are not built:
+  3.1-5.5 ns per pair (eager: 16-34 ns). Compiled once per process (~15 s per function, dynamic shapes);
+  a failure to compile warns once and stays eager.
 
-The functions below are the definitions; `call` runs them compiled when the problem is large enough to
-repay the one-time compilation (~15 s per function, shapes are dynamic) and eagerly otherwise, so the
-compiled path computes exactly what the eager one does (up to float rounding order). Any failure to
-compile (no C++ compiler, an unsupported platform) warns once and stays eager. IDKM_FUSED=0 turns the
-compiled path off, IDKM_FUSED=1 uses it at any size.
+`map_sums`, `output_vjp` and `input_grad` take the whole problem and pick the backend. They are used when a
+problem is large enough (`use_fused`), so small problems keep the eager code's rounding order. IDKM_FUSED=0
+turns the fused path off, IDKM_FUSED=1 uses it at any size.
 
-Shapes: xt [g, 1, r] rows (transposed), nt [g, 1, r] row weights or None, c [g, k, 1] centroids,
+Chunk shapes: xt [g, 1, r] rows (transposed), nt [g, 1, r] row weights or None, c [g, k, 1] centroids,
 tau [g, 1, 1], grt [g, 1, r] gradients of the output rows, u_bar / f [g, k, 1].
 """
 from __future__ import annotations
@@ -23,14 +25,18 @@ from typing import Callable, Optional
 
 import torch
 
-FUSED_MIN_ELEMENTS = 1 << 22  # g * r * k at or above which a solve / backward uses the compiled kernels
+from .. import native
+from .soft_step import row_chunks
+
+FUSED_MIN_ELEMENTS = 1 << 22  # g * r * k at or above which a solve / backward uses the fused kernels
+USE_NATIVE = True  # False: the compiled backend even where the native ops are built (tests compare the two)
 
 _compiled: dict = {}
 _failed = False
 
 
 def use_fused(x: torch.Tensor, k: int) -> bool:
-    """Whether the rows x [g, r, d] of a clustering with k centroids take the compiled kernels."""
+    """Whether the rows x [g, r, d] of a clustering with k centroids take the fused kernels."""
     mode = os.environ.get("IDKM_FUSED", "auto")
     if _failed or mode == "0" or x.shape[-1] != 1 or x.dtype != torch.float32 or x.device.type != "cpu":
         return False
@@ -111,3 +117,68 @@ def input_grad_chunk(xt: torch.Tensor, nt: Optional[torch.Tensor], c: torch.Tens
     e = a * (b - (a * b).sum(1, keepdim=True))
     pull = (a * u_bar).sum(1, keepdim=True)
     return (2 / tau) * (e * c).sum(1, keepdim=True) + (pull if nt is None else pull * nt)
+
+
+# ---- whole problems: x [g, r, 1], n [g, r] or None, c [g, k, 1], tau [g, 1, 1], grad_rows [g, r, 1] ----------
+
+def _native_ops():
+    """torch.ops.idkm_plugin where the soft k-means ops are built (and USE_NATIVE), else None."""
+    return torch.ops.idkm_plugin if USE_NATIVE and native.has_op("soft_kmeans_sums") else None
+
+
+def _flat(t: Optional[torch.Tensor], rows: int) -> Optional[torch.Tensor]:
+    """[g, rows] float32 contiguous view / copy of a [g, rows, ...] tensor (None stays None)."""
+    return None if t is None else t.reshape(t.shape[0], rows).to(torch.float32).contiguous()
+
+
+def map_sums(x: torch.Tensor, n: Optional[torch.Tensor], c: torch.Tensor, tau: torch.Tensor, rows: int,
+             floor: float, with_output: bool) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """(sums [g, k, 2] float64: sum_i n_i A_ij x_i and sum_i n_i A_ij; the output rows A(C) C [g, r, 1] or None)."""
+    g, r, _ = x.shape
+    k = c.shape[1]
+    ops = _native_ops()
+    if ops is not None:
+        sums, x_hat = ops.soft_kmeans_sums(_flat(x, r), _flat(n, r), _flat(c, k), _flat(tau, 1), floor, with_output)
+        return sums, (x_hat.view(g, r, 1) if with_output else None)
+    acc = torch.zeros(g, k, 2, dtype=torch.float64, device=x.device)
+    x_hat = torch.empty_like(x) if with_output else None
+    for s in row_chunks(r, rows):
+        if with_output:
+            part, x_hat_t = call(map_sums_output_chunk, columns(x, s), columns(n, s), c, tau, floor)
+            x_hat[:, s] = x_hat_t.transpose(1, 2)
+        else:
+            part = call(map_sums_chunk, columns(x, s), columns(n, s), c, tau, floor)
+        acc += part
+    return acc, x_hat
+
+
+def output_vjp(x: torch.Tensor, c: torch.Tensor, tau: torch.Tensor, grad_rows: torch.Tensor, rows: int,
+               floor: float) -> torch.Tensor:
+    """v = (dO/dC)^T G for O = A(C) C, [g, k, 1] (output_vjp_chunk over all rows)."""
+    g, r, _ = x.shape
+    k = c.shape[1]
+    ops = _native_ops()
+    if ops is not None:
+        v = ops.soft_kmeans_output_vjp(_flat(x, r), _flat(c, k), _flat(tau, 1), _flat(grad_rows, r), floor)
+        return v.view(g, k, 1).to(c.dtype)
+    v = torch.zeros_like(c)
+    for s in row_chunks(r, rows):
+        v += call(output_vjp_chunk, columns(x, s), c, tau, columns(grad_rows, s), floor)
+    return v
+
+
+def input_grad(x: torch.Tensor, n: Optional[torch.Tensor], c: torch.Tensor, tau: torch.Tensor,
+               grad_rows: torch.Tensor, u_bar: torch.Tensor, f: torch.Tensor, rows: int, floor: float) -> torch.Tensor:
+    """dX [g, r, 1] = (dO/dX)^T G + (dF/dX)^T u (input_grad_chunk over all rows)."""
+    g, r, _ = x.shape
+    k = c.shape[1]
+    ops = _native_ops()
+    if ops is not None:
+        dx = ops.soft_kmeans_input_grad(_flat(x, r), _flat(n, r), _flat(c, k), _flat(tau, 1), _flat(grad_rows, r),
+                                        _flat(u_bar, k), _flat(f, k), floor)
+        return dx.view(g, r, 1).to(x.dtype)
+    dx = torch.empty_like(x)
+    for s in row_chunks(r, rows):
+        dx[:, s] = call(input_grad_chunk, columns(x, s), columns(n, s), c, tau, columns(grad_rows, s), u_bar, f,
+                        floor).transpose(1, 2)
+    return dx

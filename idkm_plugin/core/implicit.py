@@ -283,12 +283,9 @@ def _fixed_point_b(x: torch.Tensor, n: Optional[torch.Tensor], u_bar: torch.Tens
 def _output_vjp_c(saved: _Saved, grad_rows: torch.Tensor, rows: int) -> torch.Tensor:
     """v = (dO/dC)^T G for O = A(C) C. [g, k, d]."""
     c, tau = saved.c, saved.tau
-    v = torch.zeros_like(c)
     if saved.a is None and fused.use_fused(saved.x, c.shape[1]):
-        for s in row_chunks(saved.x.shape[1], rows):
-            v += fused.call(fused.output_vjp_chunk, fused.columns(saved.x, s), c, tau, fused.columns(grad_rows, s),
-                            exp_floor(c.dtype))
-        return v
+        return fused.output_vjp(saved.x, c, tau, grad_rows, rows, exp_floor(c.dtype))
+    v = torch.zeros_like(c)
     for s, a in _chunks(saved, rows):
         gr = grad_rows[:, s]
         e = _logit_vjp(a, outer_rows(c, gr))
@@ -309,13 +306,10 @@ def _fixed_point_vjp_c(saved: _Saved, u: torch.Tensor, rows: int) -> torch.Tenso
 
 def _input_grad(saved: _Saved, grad_rows: torch.Tensor, u_bar: torch.Tensor, rows: int) -> torch.Tensor:
     """dX = (dO/dX)^T G + (dF/dX)^T u, row by row. [g, m, d]."""
-    dx = torch.empty_like(saved.x)
     if saved.a is None and fused.use_fused(saved.x, saved.c.shape[1]):
-        for s in row_chunks(saved.x.shape[1], rows):
-            dx_t = fused.call(fused.input_grad_chunk, fused.columns(saved.x, s), fused.columns(saved.n, s), saved.c,
-                              saved.tau, fused.columns(grad_rows, s), u_bar, saved.f, exp_floor(saved.c.dtype))
-            dx[:, s] = dx_t.transpose(1, 2)
-        return dx
+        return fused.input_grad(saved.x, saved.n, saved.c, saved.tau, grad_rows, u_bar, saved.f, rows,
+                                exp_floor(saved.c.dtype))
+    dx = torch.empty_like(saved.x)
     for s, a in _chunks(saved, rows):
         n = None if saved.n is None else saved.n[:, s]  # row weights (no uniquification: one row, one weight)
         b = outer_rows(saved.c, grad_rows[:, s]) + _fixed_point_b(saved.x[:, s], n, u_bar, saved.f)

@@ -80,13 +80,11 @@ def outer_rows(m: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 def map_sums(x: torch.Tensor, n: Optional[torch.Tensor], c: torch.Tensor, tau: torch.Tensor, rows: int
              ) -> tuple[torch.Tensor, torch.Tensor]:
     """(num [g, k, d], mass [g, k]) = (sum_i n_i A_ij x_i, sum_i n_i A_ij), float64 accumulated."""
+    if fused.use_fused(x, c.shape[1]):
+        acc, _ = fused.map_sums(x, n, c, tau, rows, exp_floor(x.dtype), with_output=False)
+        return acc[..., 0:1], acc[..., 1]
     g, r, d = x.shape
     acc = torch.zeros(g, c.shape[1], d + 1, dtype=torch.float64, device=x.device)
-    if fused.use_fused(x, c.shape[1]):
-        for s in row_chunks(r, rows):
-            acc += fused.call(fused.map_sums_chunk, fused.columns(x, s), fused.columns(n, s), c, tau,
-                              exp_floor(x.dtype))
-        return acc[..., :d], acc[..., d]
     for s in row_chunks(r, rows):
         e = shifted_exp(x[:, s], c, tau)
         inv = e.sum(1).reciprocal_()  # [g, rows]
@@ -100,16 +98,12 @@ def map_sums(x: torch.Tensor, n: Optional[torch.Tensor], c: torch.Tensor, tau: t
 def map_sums_and_output(x: torch.Tensor, n: Optional[torch.Tensor], c: torch.Tensor, tau: torch.Tensor,
                         rows: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """map_sums and the output A(C) C [g, r, d] (x's dtype) from one attention computation per chunk."""
+    if fused.use_fused(x, c.shape[1]):
+        acc, x_hat = fused.map_sums(x, n, c, tau, rows, exp_floor(x.dtype), with_output=True)
+        return acc[..., 0:1], acc[..., 1], x_hat
     g, r, d = x.shape
     acc = torch.zeros(g, c.shape[1], d + 1, dtype=torch.float64, device=x.device)
     x_hat = torch.empty_like(x)
-    if fused.use_fused(x, c.shape[1]):
-        for s in row_chunks(r, rows):
-            part, x_hat_t = fused.call(fused.map_sums_output_chunk, fused.columns(x, s), fused.columns(n, s), c, tau,
-                                       exp_floor(x.dtype))
-            acc += part
-            x_hat[:, s] = x_hat_t.transpose(1, 2)
-        return acc[..., :d], acc[..., d], x_hat
     ct = c.transpose(1, 2)
     for s in row_chunks(r, rows):
         e = shifted_exp(x[:, s], c, tau)

@@ -1,10 +1,13 @@
-"""The compiled (fused) d = 1 chunk kernels against the eager path they are compiled from."""
+"""The fused d = 1 kernels (native C++ ops and the compiled chunks) against the eager path and float64."""
 import warnings
 
 import pytest
 import torch
 
+from idkm_plugin import native
 from idkm_plugin.core import fused, kernel, soft_kmeans
+
+BACKENDS = ["compiled"] + (["native"] if native.has_op("soft_kmeans_sums") else [])
 
 
 def _problem(g=3, r=700, k=8, seed=0):
@@ -16,11 +19,13 @@ def _problem(g=3, r=700, k=8, seed=0):
     return x, c, tau, n
 
 
-@pytest.fixture
-def fused_mode(monkeypatch):
+@pytest.fixture(params=BACKENDS)
+def fused_mode(request, monkeypatch):
+    """set_mode("0") / set_mode("1"): eager / the fused backend of this parametrization."""
     def set_mode(mode):
         monkeypatch.setenv("IDKM_FUSED", mode)
     monkeypatch.setattr(fused, "_failed", False)
+    monkeypatch.setattr(fused, "USE_NATIVE", request.param == "native")
     return set_mode
 
 
@@ -71,6 +76,8 @@ def test_small_problems_stay_eager(monkeypatch):
 
 
 def test_compile_failure_warns_once_and_falls_back(fused_mode, monkeypatch):
+    monkeypatch.setattr(fused, "USE_NATIVE", False)  # without the native ops, fused means compiled
+
     def broken_compile(*args, **kwargs):
         raise RuntimeError("no compiler here")
     monkeypatch.setattr(fused, "_compiled", {})
@@ -87,3 +94,48 @@ def test_compile_failure_warns_once_and_falls_back(fused_mode, monkeypatch):
     assert not fused.use_fused(x, c.shape[1])  # after a failure every call takes the eager path
     for a, b, e in zip(first, second, eager):  # first: the uncompiled fused function (the same math, other rounding)
         assert _rel(a, e) < 1e-5 and torch.equal(b, e)
+
+
+@pytest.mark.skipif("native" not in BACKENDS, reason="the native ops are not built")
+@pytest.mark.parametrize("k,r", [(16, 37), (4, 100), (256, 33), (16, 1040)])
+def test_native_ops_match_float64(k, r):
+    """Every ISA of the C++ ops against the PyTorch definitions in float64: row counts off the 16-row vector
+    width, k from 2 to 8 bits, weighted sums, more rows than one float32 flush block."""
+    ops = torch.ops.idkm_plugin
+    gen = torch.Generator().manual_seed(k + r)
+    g = 5
+    x = torch.randn(g, 1, r, generator=gen) * 0.05
+    c = torch.sort(torch.randn(g, k, 1, generator=gen) * 0.05, 1)[0]
+    tau = torch.rand(g, 1, 1, generator=gen) * 1e-4 + 1e-5
+    n = torch.rand(g, 1, r, generator=gen) * 3
+    grad, u, f = torch.randn(g, 1, r, generator=gen), torch.randn(g, k, 1, generator=gen), torch.randn(g, k, 1, generator=gen)
+    floor = -36.0
+    f64 = [t.double() for t in (x, n, c, tau, grad, u, f)]
+    sums_ref, x_hat_ref = fused.map_sums_output_chunk(f64[0], f64[1], f64[2], f64[3], floor)
+    v_ref = fused.output_vjp_chunk(f64[0], f64[2], f64[3], f64[4], floor)[..., 0]
+    dx_ref = fused.input_grad_chunk(*f64, floor)[:, 0]
+    flat = dict(x=x[:, 0], n=n[:, 0], c=c[..., 0], tau=tau.view(-1), grad=grad[:, 0], u=u[..., 0], f=f[..., 0])
+    for isa in ops.soft_kmeans_isas():
+        sums, x_hat = ops.soft_kmeans_sums(flat["x"], flat["n"], flat["c"], flat["tau"], floor, True, isa)
+        v = ops.soft_kmeans_output_vjp(flat["x"], flat["c"], flat["tau"], flat["grad"], floor, isa)
+        dx = ops.soft_kmeans_input_grad(flat["x"], flat["n"], flat["c"], flat["tau"], flat["grad"], flat["u"],
+                                        flat["f"], floor, isa)
+        unweighted, _ = ops.soft_kmeans_sums(flat["x"], None, flat["c"], flat["tau"], floor, False, isa)
+        ones = torch.ones_like(f64[1])
+        assert _rel(sums, sums_ref) < 1e-6, isa
+        assert _rel(unweighted, fused.map_sums_chunk(f64[0], ones, f64[2], f64[3], floor)) < 1e-6, isa
+        assert _rel(x_hat, x_hat_ref[:, 0]) < 1e-6, isa
+        assert _rel(v, v_ref) < 1e-5, isa
+        assert _rel(dx, dx_ref) < 1e-5, isa
+
+
+@pytest.mark.skipif("native" not in BACKENDS, reason="the native ops are not built")
+def test_native_ops_reject_bad_input():
+    ops = torch.ops.idkm_plugin
+    x, c, tau = torch.zeros(2, 8), torch.zeros(2, 4), torch.ones(2)
+    with pytest.raises(RuntimeError, match="x must be a contiguous float32 CPU tensor"):
+        ops.soft_kmeans_sums(x.double(), None, c, tau, -36.0, False)
+    with pytest.raises(RuntimeError, match=r"expected x \[g, r\], c \[g, k\], tau \[g\]"):
+        ops.soft_kmeans_sums(x, None, torch.zeros(3, 4), tau, -36.0, False)
+    with pytest.raises(RuntimeError, match="unknown isa"):
+        ops.soft_kmeans_sums(x, None, c, tau, -36.0, False, 7)

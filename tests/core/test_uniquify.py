@@ -84,7 +84,9 @@ def test_grid_uniquified_idkm_is_close_to_exact_float32():
         out, c = soft_kmeans(xg, c0, method="idkm", uniquify=uniquify, max_iter=2000, tol=1e-6)
         (out * probe).sum().backward()
         results[uniquify] = (out.detach(), c, xg.grad)
-    for (exact, grid), bound in zip(zip(results["off"], results["grid"]), [1e-3, 1e-4, 3e-2]):
+    # centroids: each float32 solve is itself 2e-5 to 7e-5 from the float64 fixed point (tol 1e-6 is below
+    # float32's noise), so the two sit ~1e-4 apart
+    for (exact, grid), bound in zip(zip(results["off"], results["grid"]), [1e-3, 2e-4, 3e-2]):
         assert torch.linalg.norm(grid - exact) / torch.linalg.norm(exact) < bound
 
 
