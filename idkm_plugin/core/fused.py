@@ -10,8 +10,9 @@ embedding) the per-weight work is what a step costs. Two fused backends compute 
   3.1-5.5 ns per pair (eager: 16-34 ns). Compiled once per process (~15 s per function, dynamic shapes);
   a failure to compile warns once and stays eager.
 
-`map_sums`, `output_vjp` and `input_grad` take the whole problem and pick the backend. They are used when a
-problem is large enough (`use_fused`), so small problems keep the eager code's rounding order. IDKM_FUSED=0
+`map_sums`, `output_vjp` and `input_grad` take the whole problem and pick the backend (`use_fused`): the native
+ops for every problem with several LUT groups; otherwise (one LUT, or no native build) only problems large enough
+to repay a compilation, so a small per-tensor clustering keeps the eager code's rounding order. IDKM_FUSED=0
 turns the fused path off, IDKM_FUSED=1 uses it at any size.
 
 Chunk shapes: xt [g, 1, r] rows (transposed), nt [g, 1, r] row weights or None, c [g, k, 1] centroids,
@@ -42,6 +43,10 @@ def use_fused(x: torch.Tensor, k: int) -> bool:
         return False
     if torch.compiler.is_compiling():
         return False  # inside a user's torch.compile the surrounding graph is compiled anyway
+    if _native_ops() is not None and x.shape[0] > 1:
+        return True  # no compilation to repay: faster than the eager chunks at every size
+    # one LUT below the size bar keeps the eager rounding order: the tiny 2-bit Brevitas MNIST training
+    # (tests/integrations/brevitas) is sensitive to it (see kernel.contract_rows)
     return mode == "1" or x.shape[0] * x.shape[1] * k >= FUSED_MIN_ELEMENTS
 
 
@@ -108,7 +113,10 @@ def output_vjp_chunk(xt: torch.Tensor, c: torch.Tensor, tau: torch.Tensor, grt: 
 
 def input_grad_chunk(xt: torch.Tensor, nt: Optional[torch.Tensor], c: torch.Tensor, tau: torch.Tensor,
                      grt: torch.Tensor, u_bar: torch.Tensor, f: torch.Tensor, floor: float) -> torch.Tensor:
-    """dX rows [g, 1, r] = (dO/dX)^T G + (dF/dX)^T u (implicit._input_grad)."""
+    """dX rows [g, 1, r] = (dO/dX)^T G + (dF/dX)^T u (implicit._input_grad).
+
+    The logit term 2/tau sum_j E_j c_j is taken as 2/tau sum_j E_j (c_j - x_hat) (equal: sum_j E_j = 0), so that
+    G = 1, u = 0 gives the output Jacobian 2/tau sum_j A_j (c_j - x_hat)^2 without cancellation."""
     a = _attention(xt, c, tau, floor)
     fixed = u_bar * xt - (u_bar * f)
     if nt is not None:
@@ -116,7 +124,8 @@ def input_grad_chunk(xt: torch.Tensor, nt: Optional[torch.Tensor], c: torch.Tens
     b = c * grt + fixed
     e = a * (b - (a * b).sum(1, keepdim=True))
     pull = (a * u_bar).sum(1, keepdim=True)
-    return (2 / tau) * (e * c).sum(1, keepdim=True) + (pull if nt is None else pull * nt)
+    x_hat = (a * c).sum(1, keepdim=True)
+    return (2 / tau) * (e * (c - x_hat)).sum(1, keepdim=True) + (pull if nt is None else pull * nt)
 
 
 # ---- whole problems: x [g, r, 1], n [g, r] or None, c [g, k, 1], tau [g, 1, 1], grad_rows [g, r, 1] ----------

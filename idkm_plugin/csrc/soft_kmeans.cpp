@@ -5,8 +5,9 @@
 //   sums   [g, k, 2]: (sum_i w_i A_ij x_i, sum_i w_i A_ij), float64       x_hat [g, r]: sum_j A_ij c_j
 //   vjp    [g, k]:   v_j = 2/tau sum_i E_ij (x_i - c_j) + sum_i A_ij G_i,  E_ij = A_ij (B_ij - sum_l A_il B_il),
 //                    B_ij = c_j G_i                                         (output_vjp_chunk)
-//   dx     [g, r]:   2/tau sum_j E_ij c_j + w_i sum_j A_ij u_j,             B_ij = c_j G_i + w_i u_j (x_i - f_j)
-//                                                                           (input_grad_chunk)
+//   dx     [g, r]:   2/tau sum_j E_ij (c_j - x_hat_i) + w_i sum_j A_ij u_j, B_ij = c_j G_i + w_i u_j (x_i - f_j)
+//                    (input_grad_chunk; sum_j E_ij = 0, and centring on x_hat keeps G = 1, u = 0, the output
+//                    Jacobian 2/tau sum_j A_ij (c_j - x_hat_i)^2, free of cancellation)
 // Inputs: x [g, r] float32, w [g, r] float32 row weights or undefined (all ones), c [g, k], tau [g], G [g, r],
 // u, f [g, k]; floor the lowest shifted logit (soft_step.exp_floor).
 //
@@ -87,10 +88,11 @@ void group_portable(const Problem& p, Pass pass, int64_t gi, std::vector<float>&
     const float gr = p.grad[gi * p.r + i];
     const float* u = pass == kInputGrad ? p.u + gi * k : nullptr;
     const float* f = pass == kInputGrad ? p.f + gi * k : nullptr;
-    float sab = 0.0f;
+    float sab = 0.0f, xh = 0.0f;
     for (int64_t j = 0; j < k; ++j) {
       a[j] *= inv;
       sab += a[j] * (pass == kVjp ? c[j] * gr : c[j] * gr + wi * (u[j] * xi - u[j] * f[j]));
+      xh += a[j] * c[j];
     }
     if (pass == kVjp) {
       for (int64_t j = 0; j < k; ++j) {
@@ -102,7 +104,7 @@ void group_portable(const Problem& p, Pass pass, int64_t gi, std::vector<float>&
       float ec = 0.0f, pull = 0.0f;
       for (int64_t j = 0; j < k; ++j) {
         const float b = c[j] * gr + wi * (u[j] * xi - u[j] * f[j]);
-        ec += a[j] * (b - sab) * c[j];
+        ec += a[j] * (b - sab) * (c[j] - xh);
         pull += a[j] * u[j];
       }
       p.dx[gi * p.r + i] = 2.0f / p.tau[gi] * ec + pull * wi;
@@ -184,10 +186,11 @@ TARGET_AVX512 void group_avx512(const Problem& p, Pass pass, int64_t gi, float* 
       if (p.x_hat) _mm512_mask_storeu_ps(p.x_hat + gi * r + i0, live, xh);
     } else {
       const __m512 gv = _mm512_maskz_loadu_ps(live, grad + i0);
-      __m512 sab = _mm512_setzero_ps();
+      __m512 sab = _mm512_setzero_ps(), xh = _mm512_setzero_ps();
       for (int64_t j = 0; j < k; ++j) {
         const __m512 a = _mm512_mul_ps(_mm512_load_ps(buf + 16 * j), inv);
         _mm512_store_ps(buf + 16 * j, a);
+        xh = _mm512_fmadd_ps(a, _mm512_set1_ps(c[j]), xh);
         __m512 b = _mm512_mul_ps(_mm512_set1_ps(c[j]), gv);
         if (pass == kInputGrad) {
           const __m512 fixed = _mm512_sub_ps(_mm512_mul_ps(_mm512_set1_ps(u[j]), xv), _mm512_set1_ps(u[j] * f[j]));
@@ -210,7 +213,7 @@ TARGET_AVX512 void group_avx512(const Problem& p, Pass pass, int64_t gi, float* 
           const __m512 cj = _mm512_set1_ps(c[j]), uj = _mm512_set1_ps(u[j]);
           const __m512 fixed = _mm512_sub_ps(_mm512_mul_ps(uj, xv), _mm512_set1_ps(u[j] * f[j]));
           const __m512 b = _mm512_fmadd_ps(wv, fixed, _mm512_mul_ps(cj, gv));
-          ec = _mm512_fmadd_ps(_mm512_mul_ps(a, _mm512_sub_ps(b, sab)), cj, ec);
+          ec = _mm512_fmadd_ps(_mm512_mul_ps(a, _mm512_sub_ps(b, sab)), _mm512_sub_ps(cj, xh), ec);
           pull = _mm512_fmadd_ps(a, uj, pull);
         }
         _mm512_mask_storeu_ps(p.dx + gi * r + i0, live, _mm512_fmadd_ps(two_over_tau, ec, _mm512_mul_ps(pull, wv)));
