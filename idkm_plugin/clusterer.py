@@ -13,6 +13,7 @@ from .core.frozen import frozen_soft_assign
 from .core.init import init_centroids_masked
 from .core.prune import magnitude_mask, num_pruned, on_survivors, scatter_survivors
 from .core.vectors import vector_shape
+from .nn.channel_scale import scale_weight, unscale_weight
 from .nn.palettized_tensor import PaletteSpec, PalettizedTensor
 
 
@@ -124,6 +125,20 @@ class WeightClusterer(nn.Module):
     def check_weight(self, weight: torch.Tensor) -> None:
         """Raise ValueError (naming the layer) if this weight cannot be clustered with the config."""
         vector_shape(weight.shape, self.config.dim, self.group_size, self.name)
+        if self.config.per_channel_scale:
+            self._scale_block(weight)
+
+    def _scale_block(self, weight: torch.Tensor) -> int:
+        """Weights per scale in a row of `weight` [out, ...] (`config.scale_block`); raises where blocks of at
+        least half of scale_block_size do not divide the row."""
+        out = weight.shape[0] if weight.dim() else 1
+        row = weight.numel() // out if out else 0
+        block, n = self.config.scale_block(row), self.config.scale_block_size
+        if n and row > n and 2 * block < n:
+            raise ValueError(f"{self.name}: scale_block_size={n} is not allowed for rows of {row} weights: the "
+                             f"largest block <= {n} that divides {row} is {block}; use a divisor of the row "
+                             "length, or 0 for per-channel scales")
+        return block or 1
 
     def vectors(self, weight: torch.Tensor) -> torch.Tensor:
         """weight -> [groups, m, d]."""
@@ -158,13 +173,13 @@ class WeightClusterer(nn.Module):
             return self._masked(weight)
         self.check_finite(weight, "weight")
         scale = self.channel_scale(weight) if self.config.per_channel_scale else None
-        normalized = weight if scale is None else weight / _per_channel(scale, weight)
+        normalized = weight if scale is None else unscale_weight(weight, scale)
         x = self.vectors(normalized)
         self.initialize(weight)
         if self.lut_frozen:
             x_hat = self._frozen_assign(x)
             out = from_vectors(x_hat, weight.shape)
-            return out if scale is None else (out * _per_channel(scale, out)).to(weight.dtype)
+            return out if scale is None else scale_weight(out, scale).to(weight.dtype)
         stats = SolveStats()
         x_hat, c = self._soft_kmeans(x, stats, self._training_row_weights(weight, scale))
         self.last_stats = stats
@@ -173,7 +188,7 @@ class WeightClusterer(nn.Module):
             self.centroids.copy_(c)
         self._solved = weakref.ref(self.centroids)
         out = from_vectors(x_hat, weight.shape)
-        out = self._check_gradient(out if scale is None else (out * _per_channel(scale, out)).to(weight.dtype))
+        out = self._check_gradient(out if scale is None else scale_weight(out, scale).to(weight.dtype))
         if isinstance(weight, nn.Parameter) and out.requires_grad:
             # until backward, a second use of this same weight version reuses this output: a tied weight is
             # clustered once per step (the graph keeps this tensor alive for backward anyway)
@@ -380,11 +395,11 @@ class WeightClusterer(nn.Module):
         """Per-vector weights [groups, m] (mean 1 per group) from a per-weight importance [weight shape].
 
         The clustering sees the normalised weight w / s, whose error costs s**2 times as much in the layer's
-        weight, hence importance * s**2 (s: channel scales [out], or None); a d-vector weighs the sum of its
-        entries."""
+        weight, hence importance * s**2 (s: channel or block scales [out] / [out, blocks], or None); a d-vector
+        weighs the sum of its entries."""
         f = importance.to(compute_dtype(importance.dtype))
         if scale is not None:
-            f = f * _per_channel(scale.detach().to(f.dtype), f).square()
+            f = scale_weight(f, scale.detach().to(f.dtype).square())
         w = self.vectors(f).sum(-1)
         mean = w.mean(1, keepdim=True)
         return torch.where(mean > 0, w / torch.where(mean > 0, mean, torch.ones_like(mean)), torch.ones_like(w))
@@ -398,18 +413,21 @@ class WeightClusterer(nn.Module):
         return self.row_weights(self.importance.to(weight.device), scale)
 
     def channel_scale(self, weight: torch.Tensor) -> torch.Tensor:
-        """Per-output-channel scale [out] (float32; float64 for float64 weights) of a weight [out, ...]:
-        max |w| or the RMS of the channel (`config.per_channel_scale`), 1 for an all-zero channel, rounded to
-        `config.scale_dtype` (straight-through). Differentiable w.r.t. the weight."""
-        w = weight.to(compute_dtype(weight.dtype)).reshape(weight.shape[0] if weight.dim() else 1, -1)
+        """Scales (float32; float64 for float64 weights) of a weight [out, ...]: [out], one per output channel, or
+        [out, blocks] with `config.scale_block_size` (one per block of `config.scale_block(row)` consecutive
+        weights of a row). Each is max |w| or the RMS of its channel or block (`config.per_channel_scale`), 1
+        where all are zero, rounded to `config.scale_dtype` (straight-through). Differentiable w.r.t. the
+        weight."""
+        out = weight.shape[0] if weight.dim() else 1
+        w = weight.to(compute_dtype(weight.dtype)).reshape(out, -1, self._scale_block(weight))
         if self.config.per_channel_scale is ChannelScale.RMS:
             # sqrt after the all-zero test: sqrt's infinite slope at 0 would make the gradient NaN (a pruned channel)
-            square = w.square().mean(1)
+            square = w.square().mean(2)
             scale = torch.where(square > 0, square, torch.ones_like(square)).sqrt()
         else:
-            scale = w.abs().amax(1)
+            scale = w.abs().amax(2)
             scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-        return self._stored_precision(scale)
+        return self._stored_precision(scale if self.config.scale_block_size else scale.view(out))
 
     def _stored_precision(self, scale: torch.Tensor) -> torch.Tensor:
         """scale rounded to the stored scale dtype; the cast's gradient is the identity (straight-through)."""
@@ -428,7 +446,7 @@ class WeightClusterer(nn.Module):
         """The weight divided by its channel scales (unchanged without per_channel_scale)."""
         if not self.config.per_channel_scale:
             return weight
-        return weight / _per_channel(self.channel_scale(weight), weight)
+        return unscale_weight(weight, self.channel_scale(weight))
 
     def _rescale(self, out: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         """out [weight shape, weight dtype] times the channel scales of `weight`, exactly as the converted
@@ -436,7 +454,7 @@ class WeightClusterer(nn.Module):
         if not self.config.per_channel_scale:
             return out
         scale = self.channel_scale(weight.detach()).to(torch.float32)
-        return out * _per_channel(scale.to(out.dtype), out)
+        return scale_weight(out, scale.to(out.dtype))
 
     def lut(self) -> torch.Tensor:
         """The lookup table [groups, k, d] as the converted model decodes it, in the centroid dtype:
@@ -568,11 +586,6 @@ def _tensor_key(t: torch.Tensor) -> tuple:
 def _solved_dtype(parts: list, centroids: torch.Tensor) -> torch.dtype:
     """The dtype of the solved centroids among `parts` ((x_hat, c) or None), else the current centroids'."""
     return next((p[1].dtype for p in parts if p is not None), centroids.dtype)
-
-
-def _per_channel(scale: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """scale [out] viewed to broadcast over a weight [out, ...]."""
-    return scale.view(-1, *([1] * (like.dim() - 1)))
 
 
 def freeze_luts(model: nn.Module, frozen: bool = True) -> nn.Module:

@@ -90,6 +90,11 @@ class ClusterConfig:
             in every method; the converted layer stores the scales [out] beside the LUT (4 bytes per output
             channel, 2 with scale_dtype="float16"). Measured on the pretrained MNIST CNN's conv weights, max_abs
             clusters better (see tests/test_per_channel_scale.py and the README); it is coremltools' choice too.
+        scale_block_size: 0 (one scale per output channel) or n >= 1: one scale per block of consecutive weights
+            along each output channel's row (the input dimension of a Linear; any4's and GGUF's group-wise
+            scales), of the largest size <= n that divides the row length (`scale_block`): n=128 gives blocks
+            of 128 on 2048-wide rows and of 96 on SmolLM2's 576-wide ones. The converted layer stores the
+            scales [out, row / block]. Needs per_channel_scale (which says how each block's scale is computed).
         scale_dtype: "float32" or "float16" for the stored per-channel scales. "float16" halves their cost
             (2 bytes per output channel); the scales are rounded to float16 in training too (straight-through
             for the gradient, which stays float32), so converted == eval-mode QAT stays exact.
@@ -126,6 +131,7 @@ class ClusterConfig:
     solver: Solver | str = Solver.ANDERSON
     per_channel_scale: bool | ChannelScale | str = False
     scale_dtype: str = "float32"
+    scale_block_size: int = 0
     sparsity: float = 0.0
     prune_start: Optional[int] = None
     prune_steps: int = 0
@@ -160,6 +166,11 @@ class ClusterConfig:
         _check(_is_num(self.adjoint_tol) and self.adjoint_tol > 0, "adjoint_tol", self.adjoint_tol, "a float > 0")
         _check(self.lut_dtype in _LUT_DTYPES, "lut_dtype", self.lut_dtype, f"one of {sorted(_LUT_DTYPES)}")
         _check(self.scale_dtype in _SCALE_DTYPES, "scale_dtype", self.scale_dtype, f"one of {sorted(_SCALE_DTYPES)}")
+        _check(_is_int(self.scale_block_size) and self.scale_block_size >= 0, "scale_block_size",
+               self.scale_block_size, "an integer >= 0 (0: one scale per output channel)")
+        if self.scale_block_size and not self.per_channel_scale:
+            raise ValueError(f"ClusterConfig.scale_block_size={self.scale_block_size} is not allowed with "
+                             "per_channel_scale=False; set per_channel_scale='max_abs' (or 'rms') for block scales")
         _check(_is_int(self.start_step) and self.start_step >= 0, "start_step", self.start_step, "an integer >= 0")
         _check(_is_int(self.seed), "seed", self.seed, "an integer")
         _check(_is_num(self.sparsity) and 0 <= self.sparsity < 1, "sparsity", self.sparsity,
@@ -188,6 +199,13 @@ class ClusterConfig:
     def lut_group_size(self) -> int:
         """Output channels per LUT: 0 for one LUT per tensor."""
         return self.group_size if self.granularity is Granularity.PER_GROUPED_CHANNEL else 0
+
+    def scale_block(self, row_length: int) -> int:
+        """Weights per scale along a row of `row_length` weights: the row (per-channel scales, or
+        scale_block_size 0), else the largest divisor of row_length that is <= scale_block_size."""
+        if not self.scale_block_size or row_length <= self.scale_block_size:
+            return row_length
+        return next(b for b in range(self.scale_block_size, 0, -1) if row_length % b == 0)
 
     @property
     def pruning_start(self) -> int:
@@ -228,7 +246,9 @@ class ClusterConfig:
         codes = (numel // self.dim * self.bits + 7) // 8
         lut = luts * self.k * self.dim * self.lut_torch_dtype.itemsize
         lut_scales = 4 * luts if self.lut_quantized else 0
-        channel_scales = self.scale_torch_dtype.itemsize * out if self.per_channel_scale else 0
+        row = numel // out if out else 0
+        scales_per_channel = row // self.scale_block(row) if row else 1
+        channel_scales = self.scale_torch_dtype.itemsize * out * scales_per_channel if self.per_channel_scale else 0
         mask = (numel // self.dim + 7) // 8 if self.sparsity > 0 else 0
         return codes + lut + lut_scales + channel_scales + mask
 
@@ -257,6 +277,9 @@ def _is_num(v: Any) -> bool:
 
 # ModelConfig.llm: the LM head (tied to the embedding in most small LLMs), by its Hugging Face name
 LLM_HEAD = r"re:(.*\.)?lm_head"
+# ModelConfig.llm: weights per scale (at most) in the decoder's Linears and in the embedding / head
+LLM_SCALE_BLOCK = 128
+LLM_EMBEDDING_SCALE_BLOCK = 32
 
 _SKIP = "skip"  # marker in dicts / YAML for "leave this layer float"
 
@@ -350,20 +373,22 @@ class ModelConfig:
     def llm(cls, bits: int = 4, method: Method | str = Method.IDKM_JFB) -> "ModelConfig":
         """The recommended configuration for decoder LLMs (Llama, SmolLM, Qwen, Mistral and the like).
 
-        - Every Linear of the decoder: `bits` per weight, one float16 LUT per tensor, and a float16 per-output-
-          channel scale (max |w| of the row): rows are normalised, so one LUT fits them all and sensitivity-weighted
-          k-means (`idkm_plugin.ptq`) can spend its levels where the loss needs them across rows. On SmolLM2-135M
-          this measured better than one LUT per pair of rows at a larger size (docs/llm.md).
-        - The token embedding and the LM head: `bits + 1`, same form. They are the first and the last layer and
-          usually one tied Parameter; both resolve to this one config (a tie must), and a tied weight is
-          clustered, stored and counted once. A head named other than `lm_head` needs the same config in by_name.
+        - Every Linear of the decoder: `bits` per weight, one float16 LUT per tensor, and a float16 max |w| scale
+          per block of at most 128 weights along each row (`scale_block_size=128`: 128 on 2048-wide rows, 96 on
+          SmolLM2's 576-wide ones; any4's and GGUF's group-wise scales). Blocks are normalised, so one LUT fits
+          them all and sensitivity-weighted k-means (`idkm_plugin.ptq`) spends its levels where the loss needs
+          them across the whole tensor. On SmolLM2-135M this measured better than one scale per row, or one LUT
+          per pair of rows (docs/llm.md).
+        - The token embedding and the LM head: the same, with a scale per 32 weights. They are the first and the
+          last layer and usually one tied Parameter; both resolve to this one config (a tie must), and a tied
+          weight is clustered, stored and counted once. A head named other than `lm_head` needs the same config
+          in by_name.
         - Norms, biases and rotary tables stay float (nothing of theirs is clustered).
         - A layer the config cannot cluster is left float with a warning (`skip_unclusterable`).
 
         Bits per weight, LUTs and scales counted, the tie counted once, measured with `idkm_plugin.plan` on
-        SmolLM2-135M (134.5M weights, 21% of them in the tied embedding): 4.235 for bits=4, 3.235 for bits=3,
-        2.235 for bits=2 (bits + 0.025 for the scales + 0.21 for the embedding's extra bit). Models whose
-        embedding is a smaller share pay less for it.
+        SmolLM2-135M (134.5M weights, 21% of them in the tied embedding): bits + 0.229 (4.229 for bits=4; the
+        decoder's scales cost 0.124, the embedding's 0.105). Models whose embedding is a smaller share pay less.
 
         `method` is the QAT method (`idkm_jfb`: time and memory independent of the iterations).
         """
@@ -371,12 +396,12 @@ class ModelConfig:
             raise ValueError(f"ModelConfig.llm(bits={bits!r}) is not allowed; expected an integer in 2..8 "
                              "(bits per code of every decoder Linear)")
 
-        def layer(b: int) -> ClusterConfig:
-            return ClusterConfig(method=method, bits=b, lut_dtype="float16", per_channel_scale=ChannelScale.MAX_ABS,
-                                 scale_dtype="float16")
+        def layer(scale_block_size: int) -> ClusterConfig:
+            return ClusterConfig(method=method, bits=bits, lut_dtype="float16", per_channel_scale=ChannelScale.MAX_ABS,
+                                 scale_dtype="float16", scale_block_size=scale_block_size)
 
-        ends = layer(bits + 1)
-        return cls(default=layer(bits), by_type={"Embedding": ends}, by_name={LLM_HEAD: ends},
+        ends = layer(LLM_EMBEDDING_SCALE_BLOCK)
+        return cls(default=layer(LLM_SCALE_BLOCK), by_type={"Embedding": ends}, by_name={LLM_HEAD: ends},
                    skip_unclusterable=True)
 
     def to_dict(self) -> dict[str, Any]:

@@ -23,12 +23,13 @@ from typing import Callable, Iterable, Optional
 import torch
 from torch import nn
 
-from .clusterer import WeightClusterer, _per_channel
+from .clusterer import WeightClusterer
 from .config import Method, ModelConfig
 from .core.prune import magnitude_mask, num_pruned
 from .core.soft_step import compute_dtype
 from .core.weighted_kmeans import weighted_kmeans, weighted_quantile_init
 from .layers import ConfigLike, as_model_config, kind_of, palettize_module, resolve_layers
+from .nn.channel_scale import unscale_weight
 
 __all__ = ["cluster_weight", "fisher_information", "init_luts", "palettize"]
 
@@ -82,7 +83,7 @@ def cluster_weight(clusterer: WeightClusterer, weight: torch.Tensor, fisher: Opt
     cfg = clusterer.config
     w = weight.detach().to(compute_dtype(weight.dtype))
     scale = clusterer.channel_scale(w) if cfg.per_channel_scale else None
-    normalized = w if scale is None else w / _per_channel(scale, w)
+    normalized = w if scale is None else unscale_weight(w, scale)
     x = clusterer.vectors(normalized)  # [g, m, d]
     g, m, d = x.shape
     if fisher is None:

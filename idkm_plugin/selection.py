@@ -239,6 +239,7 @@ class Plan:
                     cfg += f", LUT per {c.lut_group_size} ch"
                 if c.per_channel_scale:
                     cfg += f", scale {c.per_channel_scale.value}" + ("" if c.scale_dtype == "float32" else f" {c.scale_dtype}")
+                    cfg += f" per <= {c.scale_block_size} weights" if c.scale_block_size else ""
                 if c.lut_dtype != "float32":
                     cfg += f", {c.lut_dtype} LUT"
                 if c.sparsity:

@@ -4,6 +4,7 @@ The scale is a function of the weight inside the clusterer, so (1) the gradient 
 method (float64 gradcheck), (2) eval-mode QAT and the converted model agree bit for bit in every flow,
 (3) the scales and int8 LUTs survive save / load exactly and are counted by the size report.
 """
+import math
 import warnings
 
 import pytest
@@ -143,6 +144,9 @@ CONFIGS = {
     "rms scale + int8 LUT + grouped": ClusterConfig(bits=2, max_iter=5, per_channel_scale="rms", lut_dtype="int8",
                                                     granularity="per_grouped_channel", group_size=2),
     "float16 scale": ClusterConfig(bits=2, max_iter=5, per_channel_scale="max_abs", scale_dtype="float16"),
+    # blocks of 4 weights per scale (3 in conv2's 18-weight rows)
+    "float16 block scales": ClusterConfig(bits=2, max_iter=5, per_channel_scale="max_abs", scale_dtype="float16",
+                                          scale_block_size=4),
 }
 
 
@@ -264,8 +268,9 @@ def test_save_load_round_trip_is_exact_and_size_counts_scales(tmp_path, name):
     report = size_report(model)
     for layer in report.layers:
         m = model.get_submodule(layer.name).weight
-        assert layer.scale_bytes == (cfg.scale_torch_dtype.itemsize * m.weight_shape[0] * bool(cfg.per_channel_scale)
-                                     + 4 * m.groups_lut * cfg.lut_quantized)
+        row = math.prod(m.weight_shape[1:])
+        scales = m.weight_shape[0] * row // cfg.scale_block(row) * bool(cfg.per_channel_scale)
+        assert layer.scale_bytes == cfg.scale_torch_dtype.itemsize * scales + 4 * m.groups_lut * cfg.lut_quantized
         assert layer.lut_bytes == m.lut.numel() * (1 if cfg.lut_quantized else 4)
         # the plan's arithmetic is the converted module's
         assert layer.code_bytes + layer.lut_bytes + layer.scale_bytes == cfg.palettized_nbytes(m.weight_shape)
@@ -273,7 +278,7 @@ def test_save_load_round_trip_is_exact_and_size_counts_scales(tmp_path, name):
     assert report.total_bytes == stored
 
 
-@pytest.mark.parametrize("name", ["rms scale + int8 LUT + grouped", "float16 scale"])
+@pytest.mark.parametrize("name", ["rms scale + int8 LUT + grouped", "float16 scale", "float16 block scales"])
 def test_torch_export_decode_applies_the_scales(name):
     from idkm_plugin.export.executorch_export import export_program
 
@@ -336,7 +341,7 @@ def test_tied_weight_scales_are_stored_once_and_tied_again(tmp_path):
     assert torch.equal(loaded(ids), model(ids))
 
 
-@pytest.mark.parametrize("name", ["rms scale + int8 LUT + grouped", "float16 scale"])
+@pytest.mark.parametrize("name", ["rms scale + int8 LUT + grouped", "float16 scale", "float16 block scales"])
 def test_executorch_program_applies_the_scales(tmp_path, name):
     pytest.importorskip("executorch.runtime")
     from executorch.runtime import Runtime
@@ -385,3 +390,88 @@ def test_float16_scale_overflow_names_the_layer():
         clusterer.channel_scale(torch.full((2, 3), 1e5))
     with pytest.raises(ValueError, match="scale_dtype"):
         ClusterConfig(scale_dtype="bfloat16")
+
+
+# ---- block scales (scale_block_size) ----------------------------------------------------------------------------
+def test_scale_block_is_the_largest_divisor_not_above_the_size():
+    cfg = ClusterConfig(per_channel_scale="max_abs", scale_block_size=128)
+    assert [cfg.scale_block(n) for n in (2048, 1536, 576, 100)] == [128, 128, 96, 100]
+    assert ClusterConfig(per_channel_scale="max_abs").scale_block(576) == 576  # 0: the whole row
+    with pytest.raises(ValueError, match="scale_block_size=32 is not allowed with per_channel_scale=False"):
+        ClusterConfig(scale_block_size=32)
+    with pytest.raises(ValueError, match="scale_block_size=-1"):
+        ClusterConfig(per_channel_scale="max_abs", scale_block_size=-1)
+
+
+@pytest.mark.parametrize("kind", ["max_abs", "rms"])
+def test_block_scales_are_the_max_or_rms_of_each_block(kind):
+    w = _uneven((3, 12)).float()
+    clusterer = WeightClusterer(ClusterConfig(bits=2, per_channel_scale=kind, scale_block_size=4), "fc")
+    scale = clusterer.channel_scale(w)
+    blocks = w.view(3, 3, 4)
+    expected = blocks.abs().amax(2) if kind == "max_abs" else blocks.square().mean(2).sqrt()
+    assert scale.shape == (3, 3) and torch.allclose(scale, expected)
+    assert clusterer.scales(w)["channel_scale"].shape == (3, 3)
+
+
+def test_a_row_without_a_usable_block_names_the_layer():
+    clusterer = WeightClusterer(ClusterConfig(bits=2, per_channel_scale="max_abs", scale_block_size=32), "model.fc")
+    with pytest.raises(ValueError, match=r"model\.fc: scale_block_size=32 is not allowed for rows of 37 weights"):
+        clusterer(torch.randn(4, 37))
+
+
+@pytest.mark.parametrize("method", ["dkm", "idkm"])
+def test_clustered_weight_is_differentiable_through_the_block_scales(method):
+    cfg = ClusterConfig(method=method, bits=2, tau=0.3, max_iter=200 if method != "dkm" else 4, tol=1e-13,
+                        per_channel_scale="max_abs", scale_block_size=3, uniquify="off", adjoint_tol=1e-12,
+                        adjoint_max_iter=500)
+    c0 = torch.tensor([[[-0.8], [-0.2], [0.3], [0.9]]], dtype=torch.float64)
+
+    def clustered(w):
+        clusterer = WeightClusterer(cfg)
+        clusterer.centroids = c0.clone()
+        return clusterer(w)
+
+    w = _uneven((3, 6)).requires_grad_()
+    assert torch.autograd.gradcheck(clustered, (w,), eps=1e-6, atol=1e-5, rtol=1e-4, check_undefined_grad=False,
+                                    nondet_tol=1e-9)
+
+
+def test_block_scales_cluster_better_than_channel_scales():
+    # rows whose halves differ in scale by 100x: one scale per row wastes the LUT on the large half
+    w = torch.randn(16, 64, generator=torch.Generator().manual_seed(0))
+    w[:, 32:] *= 0.01
+    errors = []
+    for block in (0, 32):
+        clusterer = WeightClusterer(ClusterConfig(bits=2, max_iter=20, per_channel_scale="max_abs",
+                                                  scale_block_size=block), "fc")
+        clusterer(w)
+        errors.append(float((clusterer.eval()(w) - w)[:, 32:].norm()))
+    assert errors[1] < 0.2 * errors[0]
+
+
+def test_lut_linear_with_block_scales_equals_the_decoded_weight():
+    from idkm_plugin.nn.lut_linear import lut_linear
+
+    model = _palettized_net(CONFIGS["float16 block scales"])
+    w = model.fc.weight
+    x = torch.randn(3, w.shape[1])
+    expected = F.linear(x, w.dequantize(), model.fc.bias)
+    got = lut_linear(x, w.codes, w.lut, w.bits, w.shape[0], w.shape[1], channel_scale=w.channel_scale,
+                     bias=model.fc.bias)
+    assert torch.equal(got, expected)
+
+
+def test_palettized_tensor_rejects_scales_of_another_layout():
+    w = _palettized_net(CONFIGS["float16 block scales"]).fc.weight
+    with pytest.raises(ValueError, match=r"channel_scale \[16, 3\] does not match a \[16, 140\] weight"):
+        PalettizedTensor.build(w.codes, w.lut, w.spec, torch.ones(16, 3))
+
+
+def test_coreml_export_of_block_scales_is_refused_by_name():
+    pytest.importorskip("coremltools", reason="coremltools is not installed (extra: coreml)")
+    from idkm_plugin.export import to_coreml
+
+    model = _palettized_net(CONFIGS["float16 block scales"])
+    with pytest.raises(ValueError, match=r"emb: block scales \[10, 2\] \(scale_block_size\) have no Core ML export"):
+        to_coreml(model, _inputs())

@@ -266,8 +266,9 @@ def test_llm_recipe_resolves_the_tied_embedding_and_head_to_one_config():
     model = transformers.LlamaForCausalLM(config)
     mc = ModelConfig.llm(4)
     head, embed = mc.resolve("lm_head", model.lm_head), mc.resolve("model.embed_tokens", model.model.embed_tokens)
-    assert head == embed and head.bits == 5 and head.per_channel_scale
-    assert mc.resolve("model.layers.0.mlp.down_proj", model.model.layers[0].mlp.down_proj).bits == 4
+    assert head == embed and head.bits == 4 and head.per_channel_scale and head.scale_block_size == 32
+    down = mc.resolve("model.layers.0.mlp.down_proj", model.model.layers[0].mlp.down_proj)
+    assert down.bits == 4 and down.scale_block_size == 128
     deployed = ptq.palettize(model, mc, iters=5)
     assert deployed.lm_head.weight is deployed.model.embed_tokens.weight  # still one (palettized) Parameter
 

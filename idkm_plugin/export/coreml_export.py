@@ -102,14 +102,25 @@ def with_coreml_metadata(model: nn.Module) -> nn.Module:
             layer.register_buffer("_COREML_/weight/compression_type", torch.tensor([_PALETTIZATION]))
             if vector_axis is not None:
                 layer.register_buffer("_COREML_/weight/vector_axis", torch.tensor(vector_axis))
-            if weight.channel_scale is not None:  # per-output-channel scale: constexpr_blockwise_shift_scale after
-                scale = weight.channel_scale.detach().float().view(-1, *([1] * (len(weight.weight_shape) - 1)))
+            if weight.channel_scale is not None:  # per-channel / per-block scale: constexpr_blockwise_shift_scale
+                scale = _coreml_scale(name, weight)
                 layer.register_buffer("_COREML_/weight/palettization_scale", scale)
             if not name:
                 return _with_version(layer)
             parent, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent) if parent else model, child, layer)
     return _with_version(model)
+
+
+def _coreml_scale(name: str, weight) -> torch.Tensor:
+    """The per-channel scales as coremltools' torch frontend takes them: [out, 1, ...], the weight's rank."""
+    scale = weight.channel_scale.detach().float()
+    if scale.dim() != 1:
+        # the frontend divides the dense weight by the scale with broadcasting: it takes no block layout
+        raise ValueError(f"{name}: block scales {list(scale.shape)} (scale_block_size) have no Core ML export; "
+                         "use per-channel scales (scale_block_size=0) for a model bound for Core ML, or export "
+                         "it with to_executorch")
+    return scale.view(-1, *([1] * (len(weight.weight_shape) - 1)))
 
 
 def _with_version(model: nn.Module) -> nn.Module:

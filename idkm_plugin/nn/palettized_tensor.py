@@ -4,7 +4,7 @@
 
     codes:  uint8 [ceil(num_codes * bits / 8)]   the packed code of every d-vector (`pack_codes`),
     lut:    [groups, 2**bits, d]                  the lookup table(s), in the LUT dtype (int8: times lut_scale),
-    channel_scale: [out] or None                  per-output-channel scale (float32 or float16),
+    channel_scale: [out], [out, blocks] or None   per-output-channel (or per-block of a row) scale, float32 / float16,
     lut_scale: float32 [groups] or None           an int8 LUT's per-LUT scale,
     mask:   uint8 [ceil(num_codes / 8)] or None   pruning mask, 1 bit per d-vector (1 = kept; pruned codes are 0),
 
@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils._pytree import tree_map
 
+from .channel_scale import check_scale_shape, scale_weight
 from .dequantize import apply_packed_mask, dequantize_packed
 from .lut_linear import lut_linear, prefers_lut_kernel
 from .packing import pack_codes, packed_nbytes, unpack_codes
@@ -139,8 +140,9 @@ class PalettizedTensor(torch.Tensor):
               mask: Optional[torch.Tensor] = None, cache_weight: bool = True) -> "PalettizedTensor":
         """Check and pack. codes: integer [lut_groups, num_codes / lut_groups] (any shape of num_codes values in
         code order) or the packed uint8 [packed_nbytes(num_codes, bits)]; lut [lut_groups, 2**bits, dim];
-        channel_scale [out]; lut_scale [lut_groups] (required for an int8 LUT); mask bool (num_codes values,
-        True = kept) or packed uint8 [packed_nbytes(num_codes, 1)]; pruned vectors' codes are set to 0."""
+        channel_scale [out] or [out, blocks] (per block of a row); lut_scale [lut_groups] (required for an int8
+        LUT); mask bool (num_codes values, True = kept) or packed uint8 [packed_nbytes(num_codes, 1)]; pruned
+        vectors' codes are set to 0."""
         n, k = spec.num_codes, 1 << spec.bits
         if list(lut.shape) != [spec.lut_groups, k, spec.dim]:
             raise ValueError(f"lut {list(lut.shape)} does not match bits={spec.bits}, dim={spec.dim}, "
@@ -153,11 +155,8 @@ class PalettizedTensor(torch.Tensor):
             raise ValueError(f"codes {codes.dtype} {list(codes.shape)} do not hold the {n} codes of {spec.bits} bits "
                              f"of a {list(spec.shape)} weight with dim={spec.dim}: expected {n} integer codes or "
                              f"packed uint8 [{packed_nbytes(n, spec.bits)}]")
-        out = spec.shape[0]
         if channel_scale is not None:
-            if channel_scale.dim() != 1 or channel_scale.shape[0] != out:
-                raise ValueError(f"channel_scale {list(channel_scale.shape)} does not match a {list(spec.shape)} "
-                                 f"weight: expected [{out}] (one per output channel)")
+            check_scale_shape(channel_scale, spec.shape)
             dtype = torch.float16 if channel_scale.dtype == torch.float16 else torch.float32
             channel_scale = channel_scale.detach().to(dtype).clone()
         if lut.dtype == torch.int8:
@@ -254,7 +253,9 @@ class PalettizedTensor(torch.Tensor):
         self._cache = None
 
     def __repr__(self, *, tensor_contents=None) -> str:
-        extra = f", lut_dtype={self.lut.dtype}" + (", per_channel_scale=True" if self.channel_scale is not None else "")
+        scale = self.channel_scale
+        extra = f", lut_dtype={self.lut.dtype}" + ("" if scale is None else ", per_channel_scale=True" if scale.dim() == 1
+                                                    else f", scales={list(scale.shape)}")
         extra += f", sparsity={self.sparsity:.4f}" if self.mask is not None else ""
         return (f"PalettizedTensor(shape={list(self.shape)}, bits={self.bits}, dim={self.cluster_dim}, "
                 f"luts={self.groups_lut}{extra}, dtype={self.dtype}, cache_weight={self.cache_weight})")
@@ -314,7 +315,7 @@ def decode(spec: PaletteSpec, codes: torch.Tensor, lut: torch.Tensor, channel_sc
     if mask is not None:  # pruned vectors: exactly 0
         weight = (apply_packed_mask_portable if portable else apply_packed_mask)(weight, mask, spec.num_codes)
     if channel_scale is not None:
-        weight = weight * channel_scale.to(weight.dtype).view(-1, *([1] * (weight.dim() - 1)))
+        weight = scale_weight(weight, channel_scale.to(weight.dtype))
     return weight.t() if spec.transposed else weight
 
 
