@@ -414,8 +414,8 @@ class WeightClusterer(nn.Module):
 
     def channel_scale(self, weight: torch.Tensor) -> torch.Tensor:
         """Scales (float32; float64 for float64 weights) of a weight [out, ...]: [out], one per output channel, or
-        [out, blocks] with `config.scale_block_size` (one per block of `config.scale_block(row)` consecutive
-        weights of a row). Each is max |w| or the RMS of its channel or block (`config.per_channel_scale`), 1
+        [out, blocks] where `config.scale_block_size` splits a row (one per block of `config.scale_block(row)`
+        consecutive weights). Each is max |w| or the RMS of its channel or block (`config.per_channel_scale`), 1
         where all are zero, rounded to `config.scale_dtype` (straight-through). Differentiable w.r.t. the
         weight."""
         out = weight.shape[0] if weight.dim() else 1
@@ -427,7 +427,7 @@ class WeightClusterer(nn.Module):
         else:
             scale = w.abs().amax(2)
             scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-        return self._stored_precision(scale if self.config.scale_block_size else scale.view(out))
+        return self._stored_precision(scale if scale.shape[1] > 1 else scale.view(out))  # one block: per channel
 
     def _stored_precision(self, scale: torch.Tensor) -> torch.Tensor:
         """scale rounded to the stored scale dtype; the cast's gradient is the identity (straight-through)."""

@@ -412,6 +412,9 @@ def test_block_scales_are_the_max_or_rms_of_each_block(kind):
     expected = blocks.abs().amax(2) if kind == "max_abs" else blocks.square().mean(2).sqrt()
     assert scale.shape == (3, 3) and torch.allclose(scale, expected)
     assert clusterer.scales(w)["channel_scale"].shape == (3, 3)
+    whole_rows = WeightClusterer(ClusterConfig(bits=2, per_channel_scale=kind, scale_block_size=16), "fc")
+    assert torch.equal(whole_rows.channel_scale(w), WeightClusterer(clusterer.config.replace(scale_block_size=0),
+                                                                    "fc").channel_scale(w))  # [out]: per channel
 
 
 def test_a_row_without_a_usable_block_names_the_layer():
