@@ -5,7 +5,8 @@
 //   lut    [G, 2**bits, d] float32 / float16 / bfloat16, or int8 with lut_scale float32 [G];
 //          LUT g serves the out / G consecutive rows g * out / G ...;
 //   mask   optional uint8, 1 bit per d-vector in code order (1 = kept, pruned vectors are 0);
-//   channel_scale optional [out], bias optional [out].
+//   channel_scale optional: [out], or [out, blocks] (one per in / blocks consecutive weights of a row); bias
+//          optional [out].
 //
 // Paths (one per ISA, chosen at run time; `isa` forces one for tests):
 //   AVX-512 / AVX2: per 16 (8) weights, the codes are pulled out of a 16-byte window of the stream by one byte
@@ -59,6 +60,8 @@ struct Problem {
   at::ScalarType lut_dtype;
   const float* lut_scale;      // [groups] or nullptr
   const float* channel_scale;  // [out] or nullptr
+  const float* block_scale;    // [out, in / scale_block] or nullptr (then channel_scale is nullptr)
+  int64_t scale_block;         // weights per block scale
   const float* bias;           // [out] or nullptr
   const float* partial;        // partial sums [batch, groups, m, k] or nullptr (T-MAC path)
 };
@@ -154,6 +157,7 @@ void rows_partial_sums(const Problem& p, int64_t begin, int64_t end) {
 void rows_portable(const Problem& p, int64_t begin, int64_t end) {
   std::vector<float> buf(p.k * p.dim);
   std::vector<float> acc(p.batch);
+  std::vector<float> scaled(p.dim);
   const uint32_t kmask = static_cast<uint32_t>(p.k - 1);
   int64_t current = -1;
   const float* table = nullptr;
@@ -162,9 +166,14 @@ void rows_portable(const Problem& p, int64_t begin, int64_t end) {
     if (g != current) table = group_table(p, g, buf.data()), current = g;
     std::fill(acc.begin(), acc.end(), 0.f);
     const int64_t first = o * p.m;
+    const float* bs = p.block_scale == nullptr ? nullptr : p.block_scale + o * (p.in / p.scale_block);
     for (int64_t j = 0; j < p.m; ++j) {
       if (p.mask != nullptr && !(read_bits16(p.mask, p.mask_nbytes, first + j) & 1u)) continue;
       const float* v = table + (read_bits16(p.codes, p.codes_nbytes, (first + j) * p.bits) & kmask) * p.dim;
+      if (bs != nullptr) {  // a d-vector may straddle two blocks: scale weight by weight
+        for (int64_t t = 0; t < p.dim; ++t) scaled[t] = v[t] * bs[(j * p.dim + t) / p.scale_block];
+        v = scaled.data();
+      }
       for (int64_t b = 0; b < p.batch; ++b) {
         const float* xs = p.x + b * p.ldx + j * p.dim;
         float s = 0.f;
@@ -225,6 +234,15 @@ inline uint32_t kept_lanes(const Problem& p, int64_t pos, int count) {
   return lanes;
 }
 
+// The block scale of each `lanes`-weight vector of row o into `buf` (in / lanes floats; scale_block is a multiple of
+// lanes, see vector_blocks_ok); nullptr without block scales.
+inline const float* vector_scales(const Problem& p, int64_t o, int64_t lanes, std::vector<float>& buf) {
+  if (p.block_scale == nullptr) return nullptr;
+  const float* bs = p.block_scale + o * (p.in / p.scale_block);
+  for (int64_t v = 0; v < p.in / lanes; ++v) buf[v] = bs[v * lanes / p.scale_block];
+  return buf.data();
+}
+
 // ---- AVX-512 ------------------------------------------------------------------------------------------------
 // LUT entries (k * d) -> how 16 indices become 16 weights: one permute of 1 register, a two-register permute,
 // a tree of two-register permutes + blends on the next index bits (up to 256 entries in 16 registers), or a
@@ -268,9 +286,10 @@ constexpr int64_t kPrefetchBytes = 1024;
 #endif
 constexpr bool PREFETCH = IDKM_LUT_PREFETCH;
 
+// vs: nullptr, or the block scale of each 16-weight vector of the row (in / 16 floats).
 template <int NB, int LOOKUP, int U, bool MASKED, bool DIM1>
 TARGET_AVX512 void row_avx512(const Problem& p, const Plans& plans, const __m512* t, const float* table, int64_t o,
-                              int64_t b0, float* result) {
+                              int64_t b0, float* result, const float* vs) {
   __m512 acc[U][NB];
   for (int u = 0; u < U; ++u)
     for (int b = 0; b < NB; ++b) acc[u][b] = _mm512_setzero_ps();
@@ -290,10 +309,11 @@ TARGET_AVX512 void row_avx512(const Problem& p, const Plans& plans, const __m512
     #pragma GCC unroll 8
     for (int u = 0; u < U; ++u) {
       const int s = static_cast<int>(bitpos & 7);
-      const __m512 w = same_plan
+      __m512 w = same_plan
           ? decode16<LOOKUP, DIM1>(p, bitpos, ctrl0, shift0, kmask, log2d, lane_off, t, table)
           : decode16<LOOKUP, DIM1>(p, bitpos, _mm512_load_si512(plans.ctrl[s]), _mm512_load_si512(plans.shift[s]),
                                    kmask, log2d, lane_off, t, table);
+      if (vs != nullptr) w = _mm512_mul_ps(w, _mm512_set1_ps(vs[col / 16 + u]));
       if (MASKED) {
         const __mmask16 lm = static_cast<__mmask16>(kept_lanes(p, mpos, per_vec));
         #pragma GCC unroll 8
@@ -309,8 +329,9 @@ TARGET_AVX512 void row_avx512(const Problem& p, const Plans& plans, const __m512
   }
   for (; col < p.in; col += 16, bitpos += plans.step_bits, mpos += per_vec) {  // the rest, lane-masked
     const int s = static_cast<int>(bitpos & 7);
-    const __m512 w = decode16<LOOKUP, DIM1>(p, bitpos, _mm512_load_si512(plans.ctrl[s]),
-                                            _mm512_load_si512(plans.shift[s]), kmask, log2d, lane_off, t, table);
+    __m512 w = decode16<LOOKUP, DIM1>(p, bitpos, _mm512_load_si512(plans.ctrl[s]),
+                                      _mm512_load_si512(plans.shift[s]), kmask, log2d, lane_off, t, table);
+    if (vs != nullptr) w = _mm512_mul_ps(w, _mm512_set1_ps(vs[col / 16]));
     uint32_t lanes = p.in - col >= 16 ? 0xFFFFu : (1u << (p.in - col)) - 1u;
     if (MASKED) lanes &= kept_lanes(p, mpos, static_cast<int>(std::min<int64_t>(per_vec, (p.in - col) / p.dim)));
     const __mmask16 lm = static_cast<__mmask16>(lanes);
@@ -329,7 +350,7 @@ TARGET_AVX512 void row_avx512(const Problem& p, const Plans& plans, const __m512
 // stay inside the stream, no pruning mask, in % (16 * U) == 0. Pointer increments only, one plan for all vectors.
 template <int NB, int LOOKUP, int U, bool DIM1>
 TARGET_AVX512 void row_avx512_aligned(const Problem& p, const Plans& plans, const __m512* t, const float* table,
-                                      int64_t o, int64_t b0, float* result) {
+                                      int64_t o, int64_t b0, float* result, const float* vs) {
   __m512 acc[U][NB];
   for (int u = 0; u < U; ++u)
     for (int b = 0; b < NB; ++b) acc[u][b] = _mm512_setzero_ps();
@@ -348,7 +369,8 @@ TARGET_AVX512 void row_avx512_aligned(const Problem& p, const Plans& plans, cons
       __m512i idx = _mm512_srlv_epi32(_mm512_shuffle_epi8(window, ctrl), shift);
       if (LOOKUP == kGather) idx = _mm512_and_si512(idx, kmask);
       if (!DIM1) idx = _mm512_or_si512(_mm512_sll_epi32(idx, log2d), lane_off);
-      const __m512 w = lookup16<LOOKUP>(idx, t, table);
+      __m512 w = lookup16<LOOKUP>(idx, t, table);
+      if (vs != nullptr) w = _mm512_mul_ps(w, _mm512_set1_ps(vs[col / 16 + u]));
       #pragma GCC unroll 8
       for (int b = 0; b < NB; ++b) acc[u][b] = _mm512_fmadd_ps(w, _mm512_loadu_ps(x + b * ldx + 16 * u), acc[u][b]);
     }
@@ -446,7 +468,7 @@ TARGET_AVX512 void rows_avx512_bytes(const Problem& p, const float* xp, int64_t 
 
 // Whether rows_avx512_bytes takes this problem, and x permuted for it ([batch, in]).
 bool bytes_path_applies(const Problem& p) {
-  return p.dim == 1 && p.mask == nullptr && (p.bits == 1 || p.bits == 2 || p.bits == 4) &&
+  return p.dim == 1 && p.mask == nullptr && p.block_scale == nullptr && (p.bits == 1 || p.bits == 2 || p.bits == 4) &&
          p.in % (16 * (8 / p.bits)) == 0;
 }
 
@@ -462,6 +484,7 @@ template <int LOOKUP, bool MASKED, bool DIM1>
 TARGET_AVX512 void rows_avx512_lookup(const Problem& p, const Plans& plans, int64_t begin, int64_t end) {
   constexpr int nregs = lookup_registers(LOOKUP);
   std::vector<float> buf(std::max<int64_t>(p.k * p.dim, 16), 0.f);
+  std::vector<float> vscale(p.block_scale == nullptr ? 0 : p.in / 16);
   __m512 t[nregs > 0 ? nregs : 1];
   float result[8];
   int64_t current = -1;
@@ -478,26 +501,27 @@ TARGET_AVX512 void rows_avx512_lookup(const Problem& p, const Plans& plans, int6
       }
       current = g;
     }
+    const float* vs = vector_scales(p, o, 16, vscale);
     // the tight loop: rows on byte boundaries, whole bytes per vector, whole unrolled blocks, windows in the stream
     const bool aligned = !MASKED && plans.step_bits % 8 == 0 && (p.m * p.bits) % 8 == 0 && p.in % 64 == 0 &&
                          ((o + 1) * p.m * p.bits) / 8 + 16 <= p.codes_nbytes;
     for (int64_t b0 = 0; b0 < p.batch && aligned;) {
       const int64_t left = p.batch - b0;
       int nb;
-      if (left >= 8) row_avx512_aligned<8, LOOKUP, 1, DIM1>(p, plans, t, table, o, b0, result), nb = 8;
-      else if (left >= 4) row_avx512_aligned<4, LOOKUP, 2, DIM1>(p, plans, t, table, o, b0, result), nb = 4;
-      else if (left >= 2) row_avx512_aligned<2, LOOKUP, 4, DIM1>(p, plans, t, table, o, b0, result), nb = 2;
-      else row_avx512_aligned<1, LOOKUP, 4, DIM1>(p, plans, t, table, o, b0, result), nb = 1;
+      if (left >= 8) row_avx512_aligned<8, LOOKUP, 1, DIM1>(p, plans, t, table, o, b0, result, vs), nb = 8;
+      else if (left >= 4) row_avx512_aligned<4, LOOKUP, 2, DIM1>(p, plans, t, table, o, b0, result, vs), nb = 4;
+      else if (left >= 2) row_avx512_aligned<2, LOOKUP, 4, DIM1>(p, plans, t, table, o, b0, result, vs), nb = 2;
+      else row_avx512_aligned<1, LOOKUP, 4, DIM1>(p, plans, t, table, o, b0, result, vs), nb = 1;
       for (int b = 0; b < nb; ++b) p.y[(b0 + b) * p.out + o] = finish(p, o, result[b]);
       b0 += nb;
     }
     for (int64_t b0 = 0; b0 < p.batch && !aligned;) {
       const int64_t left = p.batch - b0;
       int nb;
-      if (left >= 8) row_avx512<8, LOOKUP, 1, MASKED, DIM1>(p, plans, t, table, o, b0, result), nb = 8;
-      else if (left >= 4) row_avx512<4, LOOKUP, 2, MASKED, DIM1>(p, plans, t, table, o, b0, result), nb = 4;
-      else if (left >= 2) row_avx512<2, LOOKUP, 4, MASKED, DIM1>(p, plans, t, table, o, b0, result), nb = 2;
-      else row_avx512<1, LOOKUP, 4, MASKED, DIM1>(p, plans, t, table, o, b0, result), nb = 1;
+      if (left >= 8) row_avx512<8, LOOKUP, 1, MASKED, DIM1>(p, plans, t, table, o, b0, result, vs), nb = 8;
+      else if (left >= 4) row_avx512<4, LOOKUP, 2, MASKED, DIM1>(p, plans, t, table, o, b0, result, vs), nb = 4;
+      else if (left >= 2) row_avx512<2, LOOKUP, 4, MASKED, DIM1>(p, plans, t, table, o, b0, result, vs), nb = 2;
+      else row_avx512<1, LOOKUP, 4, MASKED, DIM1>(p, plans, t, table, o, b0, result, vs), nb = 1;
       for (int b = 0; b < nb; ++b) p.y[(b0 + b) * p.out + o] = finish(p, o, result[b]);
       b0 += nb;
     }
@@ -535,7 +559,7 @@ enum Lookup2 { kPerm8 = 0, kPerm16x2 = 1, kGather8 = 2 };
 
 template <int NB, int LOOKUP>
 TARGET_AVX2 void row_avx2(const Problem& p, const Plans& plans, const float* table, int64_t o, int64_t b0,
-                          float* result) {
+                          float* result, const float* vs) {
   __m256 acc[NB];
   for (int b = 0; b < NB; ++b) acc[b] = _mm256_setzero_ps();
   __m256 t0 = _mm256_setzero_ps(), t1 = t0;
@@ -567,6 +591,7 @@ TARGET_AVX2 void row_avx2(const Problem& p, const Plans& plans, const float* tab
     } else {
       w = _mm256_i32gather_ps(table, idx, 4);
     }
+    if (vs != nullptr) w = _mm256_mul_ps(w, _mm256_set1_ps(vs[col / 8]));
     uint32_t lanes = p.in - col >= 8 ? 0xFFu : (1u << (p.in - col)) - 1u;
     if (p.mask != nullptr) lanes &= kept_lanes(p, mpos, std::min<int64_t>(per_vec, (p.in - col + p.dim - 1) / p.dim));
     const __m256i lm = _mm256_cmpeq_epi32(_mm256_and_si256(_mm256_set1_epi32(static_cast<int>(lanes)), lane_bit),
@@ -584,11 +609,13 @@ TARGET_AVX2 void row_avx2(const Problem& p, const Plans& plans, const float* tab
 template <int LOOKUP>
 TARGET_AVX2 void rows_avx2_lookup(const Problem& p, const Plans& plans, int64_t begin, int64_t end) {
   std::vector<float> buf(std::max<int64_t>(p.k * p.dim, 16), 0.f);
+  std::vector<float> vscale(p.block_scale == nullptr ? 0 : p.in / 8);
   float result[8];
   int64_t current = -1;
   const float* table = nullptr;
   for (int64_t o = begin; o < end; ++o) {
     const int64_t g = o / p.rows_per_group;
+    const float* vs = vector_scales(p, o, 8, vscale);
     if (g != current) {
       table = group_table(p, g, buf.data());
       if (LOOKUP != kGather8 && table != buf.data()) {  // registers load 8/16 entries: pad the table
@@ -600,10 +627,10 @@ TARGET_AVX2 void rows_avx2_lookup(const Problem& p, const Plans& plans, int64_t 
     for (int64_t b0 = 0; b0 < p.batch;) {
       const int64_t left = p.batch - b0;
       int nb;
-      if (left >= 8) row_avx2<8, LOOKUP>(p, plans, table, o, b0, result), nb = 8;
-      else if (left >= 4) row_avx2<4, LOOKUP>(p, plans, table, o, b0, result), nb = 4;
-      else if (left >= 2) row_avx2<2, LOOKUP>(p, plans, table, o, b0, result), nb = 2;
-      else row_avx2<1, LOOKUP>(p, plans, table, o, b0, result), nb = 1;
+      if (left >= 8) row_avx2<8, LOOKUP>(p, plans, table, o, b0, result, vs), nb = 8;
+      else if (left >= 4) row_avx2<4, LOOKUP>(p, plans, table, o, b0, result, vs), nb = 4;
+      else if (left >= 2) row_avx2<2, LOOKUP>(p, plans, table, o, b0, result, vs), nb = 2;
+      else row_avx2<1, LOOKUP>(p, plans, table, o, b0, result, vs), nb = 1;
       for (int b = 0; b < nb; ++b) p.y[(b0 + b) * p.out + o] = finish(p, o, result[b]);
       b0 += nb;
     }
@@ -628,10 +655,11 @@ bool cpu_has(Isa isa) {
   return isa == kPortable;
 }
 
-// The vector paths handle d in {1, 2, 4, 8} (and 16 for AVX-512): a vector of weights holds whole d-vectors.
-bool vector_dim_ok(Isa isa, int64_t dim) {
+// The vector paths handle d in {1, 2, 4, 8} (and 16 for AVX-512): a vector of weights holds whole d-vectors; with
+// block scales, a vector lies in one block (scale_block a multiple of the lanes).
+bool vector_dim_ok(Isa isa, int64_t dim, int64_t scale_block) {
   const int64_t lanes = isa == kAvx512 ? 16 : 8;
-  return dim <= lanes && (dim & (dim - 1)) == 0;
+  return dim <= lanes && (dim & (dim - 1)) == 0 && scale_block % lanes == 0;
 }
 
 // T-MAC partial sums: each code then costs one table lookup instead of d multiply-adds, for a per-call table of
@@ -640,7 +668,7 @@ bool vector_dim_ok(Isa isa, int64_t dim) {
 // cost one permute + one FMA per 16 weights). Partial sums vs register decode on the vector paths for d >= 4 is
 // not measured yet (deploy.py measures d = 1).
 bool use_partial_sums(const Problem& p, Isa isa) {
-  if (p.dim < 4) return false;
+  if (p.dim < 4 || p.block_scale != nullptr) return false;
   if (isa == kPortable) return p.batch * p.groups * p.k <= p.out * p.dim / 2;
   return false;
 }
@@ -682,9 +710,17 @@ at::Tensor lut_linear_cpu(const at::Tensor& x, const at::Tensor& codes, const at
     scale_f = lut_scale->to(at::kFloat).contiguous();
     TORCH_CHECK(scale_f.numel() == groups, "lut_linear: lut_scale must be [", groups, "]");
   }
+  int64_t scale_blocks = 0;  // 0: one scale per row (or none)
   if (channel_scale) {
     cs_f = channel_scale->to(at::kFloat).contiguous();
-    TORCH_CHECK(cs_f.numel() == out_features, "lut_linear: channel_scale must be [", out_features, "]");
+    if (channel_scale->dim() == 2) {
+      scale_blocks = channel_scale->size(1);
+      TORCH_CHECK(channel_scale->size(0) == out_features && scale_blocks >= 1 && in_features % scale_blocks == 0,
+                  "lut_linear: channel_scale must be [", out_features, "] or [", out_features,
+                  ", blocks] with blocks dividing in_features=", in_features, ", got ", channel_scale->sizes());
+    } else {
+      TORCH_CHECK(cs_f.numel() == out_features, "lut_linear: channel_scale must be [", out_features, "]");
+    }
   }
   if (bias) {
     bias_f = bias->to(at::kFloat).contiguous();
@@ -708,14 +744,17 @@ at::Tensor lut_linear_cpu(const at::Tensor& x, const at::Tensor& codes, const at
   p.groups = groups, p.rows_per_group = out_features / groups, p.k = int64_t{1} << bits;
   p.lut = lut_c.data_ptr(), p.lut_dtype = lut_c.scalar_type();
   p.lut_scale = lut_scale ? scale_f.data_ptr<float>() : nullptr;
-  p.channel_scale = channel_scale ? cs_f.data_ptr<float>() : nullptr;
+  p.channel_scale = channel_scale && scale_blocks == 0 ? cs_f.data_ptr<float>() : nullptr;
+  p.block_scale = scale_blocks > 0 ? cs_f.data_ptr<float>() : nullptr;
+  p.scale_block = scale_blocks > 0 ? in_features / scale_blocks : in_features;
   p.bias = bias ? bias_f.data_ptr<float>() : nullptr;
   if (p.batch == 0 || out_features == 0) return y.to(x.scalar_type());
 
   Isa chosen = static_cast<Isa>(isa < 0 ? best_isa() : isa);
   TORCH_CHECK(chosen >= kPortable && chosen <= kAvx512, "lut_linear: isa=", isa, " is not one of -1, 0, 1, 2");
   TORCH_CHECK(cpu_has(chosen), "lut_linear: this CPU (or build) has no isa=", isa);
-  if (chosen != kPortable && !vector_dim_ok(chosen, dim)) chosen = kPortable;
+  if (chosen != kPortable && !vector_dim_ok(chosen, dim, p.block_scale == nullptr ? 16 : p.scale_block))
+    chosen = kPortable;
 
   at::Tensor partial;
   if (in_features > 0 && use_partial_sums(p, chosen)) {

@@ -102,7 +102,7 @@ def with_coreml_metadata(model: nn.Module) -> nn.Module:
             layer.register_buffer("_COREML_/weight/compression_type", torch.tensor([_PALETTIZATION]))
             if vector_axis is not None:
                 layer.register_buffer("_COREML_/weight/vector_axis", torch.tensor(vector_axis))
-            if weight.channel_scale is not None:  # per-channel / per-block scale: constexpr_blockwise_shift_scale
+            if weight.channel_scale is not None:  # per-channel scale: constexpr_blockwise_shift_scale after the LUT
                 scale = _coreml_scale(name, weight)
                 layer.register_buffer("_COREML_/weight/palettization_scale", scale)
             if not name:

@@ -85,8 +85,8 @@ def lut_linear(x: torch.Tensor, codes: torch.Tensor, lut: torch.Tensor, bits: in
 
     codes: uint8 [packed_nbytes(out * in / d, bits)], `pack_codes` of the codes [groups, out / groups * in / d]
         (row-major over (row, in / d)); lut: [groups, 2**bits, d] float32 / float16 / bfloat16, or int8 with
-        lut_scale float32 [groups]; channel_scale [out] multiplies row o of W ([out, blocks]: each block of a
-        row by its own scale; decoded by the PyTorch path); mask: uint8
+        lut_scale float32 [groups]; channel_scale [out] multiplies row o of W ([out, blocks]: each block of
+        in / blocks weights of a row by its own scale); mask: uint8
         [packed_nbytes(out * in / d, 1)], 1 bit per d-vector (1 = kept); bias [out].
     Not differentiable (converted models are for inference). Uses the native op on CPU tensors when it is built
     and nothing requires grad, else `lut_linear_reference`.
@@ -94,8 +94,7 @@ def lut_linear(x: torch.Tensor, codes: torch.Tensor, lut: torch.Tensor, bits: in
     op = _native_op()
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (x, lut, channel_scale, lut_scale, bias))
-    block_scales = channel_scale is not None and channel_scale.dim() == 2
-    if op is None or needs_grad or block_scales or x.device.type != "cpu" or torch.compiler.is_compiling():
+    if op is None or needs_grad or x.device.type != "cpu" or torch.compiler.is_compiling():
         return lut_linear_reference(x, codes, lut, bits, out_features, in_features, channel_scale=channel_scale,
                                     lut_scale=lut_scale, mask=mask, bias=bias)
     _check(x, codes, lut, bits, out_features, in_features)

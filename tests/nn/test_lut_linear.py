@@ -24,11 +24,13 @@ def isas() -> list[int]:
     return list(torch.ops.idkm_plugin.lut_linear_isas()) if HAS_OP else []
 
 
-def make_layer(bits: int, dim: int, groups: int, lut_dtype: torch.dtype, scaled: bool, pruned: bool, seed: int = 0):
-    """A random palettized [OUT, M * dim] weight in the stored layout -> (kwargs for lut_linear, dense W float64)."""
+def make_layer(bits: int, dim: int, groups: int, lut_dtype: torch.dtype, scaled: bool, pruned: bool, seed: int = 0,
+               in_features: int = 0):
+    """A random palettized [OUT, in_features or M * dim] weight in the stored layout -> (kwargs for lut_linear,
+    dense W float64)."""
     gen = torch.Generator().manual_seed(seed)
-    out, inp = OUT, M * dim
-    count = out * M
+    out, inp = OUT, in_features or M * dim
+    count = out * inp // dim
     codes = torch.randint(0, 1 << bits, (groups, count // groups), generator=gen)
     keep = torch.rand(groups, count // groups, generator=gen) > 0.3
     mask = None
@@ -90,6 +92,36 @@ def test_every_kernel_matches_the_dense_reference(bits, dim):
                 what = f"isa={isa} bits={bits} dim={dim} groups={groups} lut={lut_dtype} scale={scaled} " \
                        f"mask={pruned} batch={batch}"
                 close(native_op(x, kw, isa), expected, what)
+
+
+@needs_op
+@pytest.mark.parametrize("bits", [1, 2, 3, 4, 5, 8])
+@pytest.mark.parametrize("dim", [1, 2, 4, 3])
+@pytest.mark.parametrize("block", [96, 32, 16, 12, 8])  # 12 (and d = 3) is not a whole vector: the portable kernel
+def test_block_scales_match_the_dense_reference_on_every_kernel(bits, dim, block):
+    """channel_scale [out, blocks]: each block of `block` weights of a row times its own scale."""
+    gen = torch.Generator().manual_seed(bits * 100 + dim * 10 + block)
+    inp = 192 * dim  # 192: divisible by every block above
+    for groups, lut_dtype, pruned in itertools.product((1, OUT), (torch.float32, torch.int8), (False, True)):
+        kw, weight = make_layer(bits, dim, groups, lut_dtype, False, pruned, seed=bits + dim, in_features=inp)
+        scale = (torch.rand(OUT, inp // block, generator=gen) + 0.5).to(torch.float16)
+        kw["channel_scale"] = scale
+        weight = weight * scale.double().repeat_interleave(block, 1)
+        for batch in (1, 3, 13):
+            x = torch.randn(batch, inp, generator=gen)
+            expected = dense_reference(x, weight, kw["bias"])
+            for isa in isas():
+                close(native_op(x, kw, isa), expected, f"isa={isa} groups={groups} lut={lut_dtype} mask={pruned} "
+                                                       f"batch={batch}")
+            close(call(x, kw), expected, "lut_linear")
+
+
+@needs_op
+def test_block_scales_of_another_layout_are_refused():
+    kw, _ = make_layer(4, 1, 1, torch.float32, False, False)
+    kw["channel_scale"] = torch.ones(OUT, 4)  # 4 does not divide in_features = 69
+    with pytest.raises(RuntimeError, match="blocks dividing in_features=69"):
+        native_op(torch.randn(1, M), kw, -1)
 
 
 @pytest.mark.parametrize("bits,dim,groups", [(1, 1, 1), (3, 1, OUT), (4, 2, 2), (5, 4, 1), (8, 1, 2), (7, 3, OUT)])
