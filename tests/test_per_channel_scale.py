@@ -462,7 +462,7 @@ def test_lut_linear_with_block_scales_equals_the_decoded_weight():
     expected = F.linear(x, w.dequantize(), model.fc.bias)
     got = lut_linear(x, w.codes, w.lut, w.bits, w.shape[0], w.shape[1], channel_scale=w.channel_scale,
                      bias=model.fc.bias)
-    assert torch.equal(got, expected)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)  # the native kernel sums in its own order
 
 
 def test_palettized_tensor_rejects_scales_of_another_layout():
