@@ -196,7 +196,7 @@ def model_config(args, bits: int) -> ModelConfig:
     if args.method == "dkm":
         overrides["uniquify"] = "off"  # uniquification needs the implicit backward
     if args.bits_config:
-        return ModelConfig.from_yaml(args.bits_config, overrides=overrides)
+        return ModelConfig.from_yaml(args.bits_config).with_overrides(**overrides)
     return ModelConfig.llm(bits).with_overrides(**overrides)
 
 

@@ -70,3 +70,19 @@ def test_bits_per_weight_counts_the_tied_weight_once():
     head = next(r for r in plan.rows if r.name == "lm_head")
     assert weights == sum(r.weights for r in plan.rows) - head.weights
     assert nbytes == plan.nbytes - head.nbytes
+
+
+@pytest.mark.parametrize("name,bits_per_weight", [("llm_4bit_row_scales.yaml", 4.235), ("llm_4bit_block32.yaml", 4.500)])
+def test_bits_config_yamls_load_with_the_method_override(name, bits_per_weight):
+    from idkm_plugin import ModelConfig
+
+    path = os.path.join(os.path.dirname(llm_qat.__file__), name)
+    mc = llm_qat.model_config(llm_qat.parse_args(["--bits-config", path, "--method", "idkm"]), 4)
+    assert mc == ModelConfig.from_yaml(path).with_overrides(method="idkm")
+    # SmolLM2-135M's shapes: the bits per weight docs/llm.md gives for each layout
+    decoder = [(576, 576), (192, 576), (192, 576), (576, 576), (1536, 576), (1536, 576), (576, 1536)]
+    embedding = (49152, 576)
+    weights = 30 * sum(o * i for o, i in decoder) + embedding[0] * embedding[1]
+    ends = mc.by_type.get("Embedding", mc.default)
+    nbytes = 30 * sum(mc.default.palettized_nbytes(s) for s in decoder) + ends.palettized_nbytes(embedding)
+    assert 8 * nbytes / weights == pytest.approx(bits_per_weight, abs=5e-4)
