@@ -478,3 +478,14 @@ def test_coreml_export_of_block_scales_is_refused_by_name():
     model = _palettized_net(CONFIGS["float16 block scales"])
     with pytest.raises(ValueError, match=r"emb: block scales \[10, 2\] \(scale_block_size\) have no Core ML export"):
         to_coreml(model, _inputs())
+
+
+@pytest.mark.parametrize("codec", ["raw", "huffman"])
+def test_block_scales_survive_both_codecs_exactly(tmp_path, codec):
+    model = _palettized_net(CONFIGS["float16 block scales"])
+    save_palettized(model, tmp_path / "m.safetensors", codec=codec)
+    loaded = load_palettized(tmp_path / "m.safetensors", Net())
+    for name in ("emb", "conv1", "conv2", "fc", "head"):
+        ours, theirs = model.get_submodule(name).weight, loaded.get_submodule(name).weight
+        assert ours.channel_scale.dim() == 2 and torch.equal(theirs.channel_scale, ours.channel_scale), name
+    assert torch.equal(loaded(*_inputs()), model(*_inputs()))
