@@ -11,7 +11,8 @@ Injector attribute <- ClusterConfig field (the `weight_` prefix selects the weig
     bit_width <- bits          cluster_dim <- dim          cluster_method <- method
     cluster_init <- init       every other field keeps its name: tau, max_iter, tol,
     granularity, group_size, uniquify, chunk_size, adjoint_max_iter, adjoint_tol, lut_dtype,
-    start_step, seed, solver, per_channel_scale, scale_dtype, sparsity, prune_start, prune_steps.
+    start_step, seed, solver, per_channel_scale, scale_dtype, scale_block_size, sparsity, prune_start,
+    prune_steps.
     layer_name names the layer in error messages. e.g. weight_sparsity=0.9 prunes 90% of the weights.
 
 `ClusterWeightQuant.cluster_config` (a `@value`) builds the ClusterConfig from them, so the
@@ -60,6 +61,7 @@ class ClusterWeightQuant(ExtendedInjector):
     solver = _DEFAULT.solver.value
     per_channel_scale = _DEFAULT.per_channel_scale
     scale_dtype = _DEFAULT.scale_dtype
+    scale_block_size = _DEFAULT.scale_block_size
     sparsity = _DEFAULT.sparsity
     prune_start = _DEFAULT.prune_start
     prune_steps = _DEFAULT.prune_steps
@@ -67,14 +69,15 @@ class ClusterWeightQuant(ExtendedInjector):
     @value
     def cluster_config(cluster_method, bit_width, cluster_dim, tau, max_iter, tol, cluster_init, granularity,
                        group_size, uniquify, chunk_size, adjoint_max_iter, adjoint_tol, lut_dtype, start_step,
-                       seed, solver, per_channel_scale, scale_dtype, sparsity, prune_start, prune_steps):
+                       seed, solver, per_channel_scale, scale_dtype, scale_block_size, sparsity, prune_start,
+                       prune_steps):
         bits = int(bit_width) if isinstance(bit_width, float) and bit_width.is_integer() else bit_width
         return ClusterConfig(method=cluster_method, bits=bits, dim=cluster_dim, tau=tau, max_iter=max_iter, tol=tol,
                              init=cluster_init, granularity=granularity, group_size=group_size, uniquify=uniquify,
                              chunk_size=chunk_size, adjoint_max_iter=adjoint_max_iter, adjoint_tol=adjoint_tol,
                              lut_dtype=lut_dtype, start_step=start_step, seed=seed, solver=solver,
-                             per_channel_scale=per_channel_scale, scale_dtype=scale_dtype, sparsity=sparsity,
-                             prune_start=prune_start,
+                             per_channel_scale=per_channel_scale, scale_dtype=scale_dtype,
+                             scale_block_size=scale_block_size, sparsity=sparsity, prune_start=prune_start,
                              prune_steps=prune_steps)
 
 

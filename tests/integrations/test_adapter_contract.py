@@ -186,7 +186,8 @@ def test_every_cluster_config_field_is_reachable_from_the_brevitas_injector():
                    "init": "linear", "granularity": "per_grouped_channel", "group_size": 4, "uniquify": "off",
                    "chunk_size": 64, "adjoint_max_iter": 9, "adjoint_tol": 1e-3, "lut_dtype": "float16",
                    "start_step": 3, "seed": 5, "per_channel_scale": "rms", "scale_dtype": "float16", "sparsity": 0.75,
-                   "prune_start": 4, "prune_steps": 10}
+                   "prune_start": 4, "prune_steps": 10, "scale_block_size": 8}
+    needs = {"scale_block_size": {"per_channel_scale": "max_abs"}}  # fields valid only beside another
     default = ClusterConfig(group_size=2)  # valid with either granularity
     for f in dataclasses.fields(ClusterConfig):
         value = non_default.get(f.name)
@@ -195,6 +196,6 @@ def test_every_cluster_config_field_is_reachable_from_the_brevitas_injector():
             others = [m for m in type(current)] if hasattr(type(current), "__members__") else []
             assert others, f"add a non-default value for ClusterConfig.{f.name} to this test"
             value = next(m.value for m in others if m != current)
-        cfg = dataclasses.replace(default, **{f.name: value})
+        cfg = dataclasses.replace(default, **{f.name: value, **needs.get(f.name, {})})
         layer = qnn.QuantLinear(16, 4, weight_quant=ib.IDKMWeightQuant, **ib.weight_quant_kwargs(cfg))
         assert layer.weight_quant.cluster_config == cfg, f.name
