@@ -347,10 +347,11 @@ TARGET_AVX512 void row_avx512(const Problem& p, const Plans& plans, const __m512
 
 // The common case, tight: every row starts on a byte and a vector's codes fill whole bytes (in * bits / d a multiple
 // of 8 and 16 / d codes per vector a whole number of bytes: d = 1 with in % 8 == 0, for instance), the row's windows
-// stay inside the stream, no pruning mask, in % (16 * U) == 0. Pointer increments only, one plan for all vectors.
+// stay inside the stream, no pruning mask, no block scales, in % (16 * U) == 0. Pointer increments only, one plan for
+// all vectors.
 template <int NB, int LOOKUP, int U, bool DIM1>
 TARGET_AVX512 void row_avx512_aligned(const Problem& p, const Plans& plans, const __m512* t, const float* table,
-                                      int64_t o, int64_t b0, float* result, const float* vs) {
+                                      int64_t o, int64_t b0, float* result) {
   __m512 acc[U][NB];
   for (int u = 0; u < U; ++u)
     for (int b = 0; b < NB; ++b) acc[u][b] = _mm512_setzero_ps();
@@ -369,8 +370,7 @@ TARGET_AVX512 void row_avx512_aligned(const Problem& p, const Plans& plans, cons
       __m512i idx = _mm512_srlv_epi32(_mm512_shuffle_epi8(window, ctrl), shift);
       if (LOOKUP == kGather) idx = _mm512_and_si512(idx, kmask);
       if (!DIM1) idx = _mm512_or_si512(_mm512_sll_epi32(idx, log2d), lane_off);
-      __m512 w = lookup16<LOOKUP>(idx, t, table);
-      if (vs != nullptr) w = _mm512_mul_ps(w, _mm512_set1_ps(vs[col / 16 + u]));
+      const __m512 w = lookup16<LOOKUP>(idx, t, table);
       #pragma GCC unroll 8
       for (int b = 0; b < NB; ++b) acc[u][b] = _mm512_fmadd_ps(w, _mm512_loadu_ps(x + b * ldx + 16 * u), acc[u][b]);
     }
@@ -503,15 +503,15 @@ TARGET_AVX512 void rows_avx512_lookup(const Problem& p, const Plans& plans, int6
     }
     const float* vs = vector_scales(p, o, 16, vscale);
     // the tight loop: rows on byte boundaries, whole bytes per vector, whole unrolled blocks, windows in the stream
-    const bool aligned = !MASKED && plans.step_bits % 8 == 0 && (p.m * p.bits) % 8 == 0 && p.in % 64 == 0 &&
+    const bool aligned = !MASKED && vs == nullptr && plans.step_bits % 8 == 0 && (p.m * p.bits) % 8 == 0 && p.in % 64 == 0 &&
                          ((o + 1) * p.m * p.bits) / 8 + 16 <= p.codes_nbytes;
     for (int64_t b0 = 0; b0 < p.batch && aligned;) {
       const int64_t left = p.batch - b0;
       int nb;
-      if (left >= 8) row_avx512_aligned<8, LOOKUP, 1, DIM1>(p, plans, t, table, o, b0, result, vs), nb = 8;
-      else if (left >= 4) row_avx512_aligned<4, LOOKUP, 2, DIM1>(p, plans, t, table, o, b0, result, vs), nb = 4;
-      else if (left >= 2) row_avx512_aligned<2, LOOKUP, 4, DIM1>(p, plans, t, table, o, b0, result, vs), nb = 2;
-      else row_avx512_aligned<1, LOOKUP, 4, DIM1>(p, plans, t, table, o, b0, result, vs), nb = 1;
+      if (left >= 8) row_avx512_aligned<8, LOOKUP, 1, DIM1>(p, plans, t, table, o, b0, result), nb = 8;
+      else if (left >= 4) row_avx512_aligned<4, LOOKUP, 2, DIM1>(p, plans, t, table, o, b0, result), nb = 4;
+      else if (left >= 2) row_avx512_aligned<2, LOOKUP, 4, DIM1>(p, plans, t, table, o, b0, result), nb = 2;
+      else row_avx512_aligned<1, LOOKUP, 4, DIM1>(p, plans, t, table, o, b0, result), nb = 1;
       for (int b = 0; b < nb; ++b) p.y[(b0 + b) * p.out + o] = finish(p, o, result[b]);
       b0 += nb;
     }
