@@ -5,6 +5,8 @@ per block of row_length / blocks consecutive weights of each output channel, in 
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 __all__ = ["check_scale_shape", "scale_weight", "unscale_weight"]
@@ -32,9 +34,7 @@ def unscale_weight(weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
 def check_scale_shape(scale: torch.Tensor, weight_shape: tuple[int, ...], what: str = "channel_scale") -> None:
     """Raise ValueError unless `scale` is [out] or [out, blocks] with blocks dividing the row length."""
     out = weight_shape[0] if len(weight_shape) else 1
-    row = 1
-    for n in weight_shape[1:]:
-        row *= n
+    row = math.prod(weight_shape[1:])
     ok = (scale.dim() == 1 and scale.shape[0] == out) or (
         scale.dim() == 2 and scale.shape[0] == out and scale.shape[1] >= 1 and row % scale.shape[1] == 0)
     if not ok:
