@@ -61,7 +61,7 @@ struct Problem {
   const float* lut_scale;      // [groups] or nullptr
   const float* channel_scale;  // [out] or nullptr
   const float* block_scale;    // [out, in / scale_block] or nullptr (then channel_scale is nullptr)
-  int64_t scale_block;         // weights per block scale
+  int64_t scale_block;         // weights per block scale (0: no block scales)
   const float* bias;           // [out] or nullptr
   const float* partial;        // partial sums [batch, groups, m, k] or nullptr (T-MAC path)
 };
@@ -235,7 +235,7 @@ inline uint32_t kept_lanes(const Problem& p, int64_t pos, int count) {
 }
 
 // The block scale of each `lanes`-weight vector of row o into `buf` (in / lanes floats; scale_block is a multiple of
-// lanes, see vector_blocks_ok); nullptr without block scales.
+// lanes, see vector_dim_ok); nullptr without block scales.
 inline const float* vector_scales(const Problem& p, int64_t o, int64_t lanes, std::vector<float>& buf) {
   if (p.block_scale == nullptr) return nullptr;
   const float* bs = p.block_scale + o * (p.in / p.scale_block);
@@ -503,7 +503,8 @@ TARGET_AVX512 void rows_avx512_lookup(const Problem& p, const Plans& plans, int6
     }
     const float* vs = vector_scales(p, o, 16, vscale);
     // the tight loop: rows on byte boundaries, whole bytes per vector, whole unrolled blocks, windows in the stream
-    const bool aligned = !MASKED && vs == nullptr && plans.step_bits % 8 == 0 && (p.m * p.bits) % 8 == 0 && p.in % 64 == 0 &&
+    const bool aligned = !MASKED && vs == nullptr && plans.step_bits % 8 == 0 && (p.m * p.bits) % 8 == 0 &&
+                         p.in % 64 == 0 &&
                          ((o + 1) * p.m * p.bits) / 8 + 16 <= p.codes_nbytes;
     for (int64_t b0 = 0; b0 < p.batch && aligned;) {
       const int64_t left = p.batch - b0;
@@ -656,7 +657,7 @@ bool cpu_has(Isa isa) {
 }
 
 // The vector paths handle d in {1, 2, 4, 8} (and 16 for AVX-512): a vector of weights holds whole d-vectors; with
-// block scales, a vector lies in one block (scale_block a multiple of the lanes).
+// block scales (scale_block > 0), a vector lies in one block (scale_block a multiple of the lanes).
 bool vector_dim_ok(Isa isa, int64_t dim, int64_t scale_block) {
   const int64_t lanes = isa == kAvx512 ? 16 : 8;
   return dim <= lanes && (dim & (dim - 1)) == 0 && scale_block % lanes == 0;
@@ -746,15 +747,14 @@ at::Tensor lut_linear_cpu(const at::Tensor& x, const at::Tensor& codes, const at
   p.lut_scale = lut_scale ? scale_f.data_ptr<float>() : nullptr;
   p.channel_scale = channel_scale && scale_blocks == 0 ? cs_f.data_ptr<float>() : nullptr;
   p.block_scale = scale_blocks > 0 ? cs_f.data_ptr<float>() : nullptr;
-  p.scale_block = scale_blocks > 0 ? in_features / scale_blocks : in_features;
+  p.scale_block = scale_blocks > 0 ? in_features / scale_blocks : 0;
   p.bias = bias ? bias_f.data_ptr<float>() : nullptr;
   if (p.batch == 0 || out_features == 0) return y.to(x.scalar_type());
 
   Isa chosen = static_cast<Isa>(isa < 0 ? best_isa() : isa);
   TORCH_CHECK(chosen >= kPortable && chosen <= kAvx512, "lut_linear: isa=", isa, " is not one of -1, 0, 1, 2");
   TORCH_CHECK(cpu_has(chosen), "lut_linear: this CPU (or build) has no isa=", isa);
-  if (chosen != kPortable && !vector_dim_ok(chosen, dim, p.block_scale == nullptr ? 16 : p.scale_block))
-    chosen = kPortable;
+  if (chosen != kPortable && !vector_dim_ok(chosen, dim, p.scale_block)) chosen = kPortable;
 
   at::Tensor partial;
   if (in_features > 0 && use_partial_sums(p, chosen)) {
